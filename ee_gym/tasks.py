@@ -1,0 +1,732 @@
+"""Classification tasks: what each one is, and how to load its splits.
+
+A :class:`TaskSpec` names a task's labels, its primary metric and where its data lives. The built-in
+tasks are seven GLUE tasks (``rte``, ``mrpc``, ``sst2``, ``cola``, ``qnli``, ``qqp``, ``mnli``) whose
+label ids follow the Hugging Face ``nyu-mll/glue`` dataset, so that a local copy and the hub give the
+same ids. :func:`load_split` reads one split into memory as :class:`Examples`:
+
+- from ``<data>/glue/<DIR>/<split file>`` when a data folder is set (``data_dir=`` or ``$EE_GYM_DATA``,
+  see :mod:`ee_gym.paths`);
+- from the Hugging Face hub otherwise.
+
+Your own data joins with :func:`task_from_files` (CSV, TSV or JSON lines) or :func:`task_from_hub`
+(any ``datasets`` name); both register the task so that every name-taking function knows it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+
+from ee_gym import paths
+
+__all__ = [
+    "DEFAULT_HUB_SPLITS",
+    "DEFAULT_SPLIT_FILES",
+    "METRICS",
+    "Examples",
+    "TableFormat",
+    "TaskSpec",
+    "UnknownTaskError",
+    "compute_metrics",
+    "get_task",
+    "load_split",
+    "primary_metric",
+    "register_task",
+    "task_from_files",
+    "task_from_hub",
+    "task_names",
+]
+
+METRICS = ("accuracy", "f1", "matthews")
+DEFAULT_SPLIT_FILES: Mapping[str, str] = MappingProxyType({"train": "train.tsv", "dev": "dev.tsv"})
+DEFAULT_HUB_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "dev": "validation"})
+# Other names accepted for a split, tried when the name itself is not one of the task's splits.
+_SPLIT_ALIASES = {"validation": "dev", "val": "dev", "validation_matched": "dev"}
+_GLUE_HUB = "nyu-mll/glue"
+
+
+class UnknownTaskError(KeyError):
+    """A task name that is not registered."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"Unknown task {name!r}. Known tasks: {', '.join(task_names())}. "
+            "Add your own with register_task(TaskSpec(...)), task_from_files(...) or task_from_hub(...)."
+        )
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    """Where a task's local files keep texts and labels.
+
+    ``text_columns`` and ``label_column`` are header names, or 0-based field indices when the file
+    has no header (``header=False``). ``label_kind`` says whether label values are label names
+    (``"entailment"``) or label ids (``"0"``, ``"1"``). ``delimiter`` None picks by file suffix:
+    ``.tsv`` tab (read with quoting disabled), ``.csv`` comma, ``.jsonl`` / ``.json`` JSON records.
+    """
+
+    text_columns: tuple[str | int, ...]
+    label_column: str | int
+    header: bool = True
+    label_kind: Literal["name", "id"] = "name"
+    delimiter: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_columns", _as_tuple(self.text_columns))
+        if self.label_kind not in ("name", "id"):
+            raise ValueError(f"label_kind must be 'name' or 'id', not {self.label_kind!r}")
+        columns = (*self.text_columns, self.label_column)
+        if not self.header and not all(isinstance(c, int) and c >= 0 for c in columns):
+            raise ValueError("a file without a header needs 0-based integer column indices")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One classification task.
+
+    Where :func:`load_split` reads it: with ``glue_dir`` set, from ``<data>/glue/<glue_dir>/`` plus the
+    file named in ``split_files`` when a data folder is configured, else from the hub dataset ``hub``
+    using ``hub_splits``. With ``glue_dir`` None, from the paths in ``split_files`` as given (tasks
+    made by :func:`task_from_files`, which set ``local_format``), else from the hub.
+    """
+
+    name: str  # canonical lower-case id, e.g. "rte"
+    labels: tuple[str, ...]  # label names in label-id order
+    metric: str  # primary metric: "accuracy" | "f1" | "matthews"
+    text_columns: tuple[str, ...]  # 1 or 2 canonical names, also the hub's column names
+    glue_dir: str | None = None  # folder under <data>/glue/, e.g. "SST-2"
+    hub: tuple[str, str | None] | None = None  # (dataset, config), e.g. ("nyu-mll/glue", "rte")
+    split_files: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SPLIT_FILES), hash=False)
+    hub_splits: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_HUB_SPLITS), hash=False)
+    hub_label_column: str = "label"
+    local_format: TableFormat | None = field(default=None, repr=False)
+    title: str | None = None  # the name in gym ids; default derived from `name`
+
+    def __post_init__(self) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "name", self.name.strip().lower())
+        setattr_(self, "labels", tuple(str(label) for label in _as_tuple(self.labels)))
+        setattr_(self, "text_columns", _as_tuple(self.text_columns))
+        setattr_(self, "split_files", dict(self.split_files))
+        setattr_(self, "hub_splits", dict(self.hub_splits))
+        if self.hub is not None:
+            setattr_(self, "hub", tuple(self.hub))
+        if not _key(self.name):
+            raise ValueError(f"task name {self.name!r} needs at least one letter or digit")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(
+                f"task {self.name!r}: labels must be at least two distinct names, got {self.labels}"
+            )
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: metric must be one of {METRICS}, not {self.metric!r}")
+        if len(self.text_columns) not in (1, 2):
+            raise ValueError(f"task {self.name!r}: needs 1 or 2 text columns, got {self.text_columns}")
+        if self.local_format and len(self.local_format.text_columns) != len(self.text_columns):
+            raise ValueError(
+                f"task {self.name!r}: local_format must name {len(self.text_columns)} text column(s)"
+            )
+        if self.hub is not None and len(self.hub) != 2:
+            raise ValueError(f"task {self.name!r}: hub must be (dataset, config), got {self.hub!r}")
+
+    @property
+    def num_labels(self) -> int:
+        """How many classes."""
+        return len(self.labels)
+
+    @property
+    def env_name(self) -> str:
+        """The task's part of gym ids, as in ``ConsistentEE-<env_name>-v0``."""
+        if self.title:
+            return self.title
+        return "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", self.name) if part)
+
+    @property
+    def is_pair(self) -> bool:
+        """True for sentence-pair tasks."""
+        return len(self.text_columns) == 2
+
+
+@dataclass(repr=False)
+class Examples:
+    """One split of one task, in memory."""
+
+    text_a: list[str]
+    text_b: list[str] | None  # None for single-sentence tasks
+    labels: np.ndarray  # int64 label ids
+
+    def __post_init__(self) -> None:
+        self.text_a = list(self.text_a)
+        if self.text_b is not None:
+            self.text_b = list(self.text_b)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {self.labels.shape}")
+        lengths = {len(self.text_a), len(self.labels)} | (
+            {len(self.text_b)} if self.text_b is not None else set()
+        )
+        if len(lengths) != 1:
+            raise ValueError(f"text_a, text_b and labels differ in length: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.labels).tolist() if len(self) else []
+        return f"Examples(n={len(self)}, pair={self.text_b is not None}, label_counts={counts})"
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> Examples:
+        """The examples at ``indices`` (integer positions, or a boolean mask), in that order."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise ValueError(f"a boolean mask needs shape ({len(self)},), got {idx.shape}")
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = idx.astype(np.int64)
+        elif not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"indices must be integers or a boolean mask, got dtype {idx.dtype}")
+        idx = idx.reshape(-1)
+        labels = self.labels[idx]  # raises IndexError on an out-of-range index
+        text_b = None if self.text_b is None else [self.text_b[i] for i in idx]
+        return Examples([self.text_a[i] for i in idx], text_b, labels)
+
+    def head(self, n: int | None) -> Examples:
+        """The first ``n`` examples (all of them when ``n`` is None or larger than the split)."""
+        if n is None:
+            return self.select(np.arange(len(self)))
+        if n < 0:
+            raise ValueError(f"n must be >= 0 or None, got {n}")
+        return self.select(np.arange(min(n, len(self))))
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def _key(name: str) -> str:
+    """Registry key: case-insensitive, ignoring '-', '_', '.' and spaces ("SST-2" == "sst2")."""
+    return re.sub(r"[\s_.\-]+", "", name.strip().lower())
+
+
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """The registered task called ``name`` (any case; "SST-2", "sst_2" and "sst2" are the same).
+
+    A :class:`TaskSpec` is returned as it is. Unknown names raise :class:`UnknownTaskError`.
+    """
+    if isinstance(name, TaskSpec):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"task must be a name or a TaskSpec, not {type(name).__name__}")
+    spec = _REGISTRY.get(_key(name))
+    if spec is None:
+        raise UnknownTaskError(name)
+    return spec
+
+
+def task_names() -> list[str]:
+    """The names of all registered tasks, sorted."""
+    return sorted(spec.name for spec in _REGISTRY.values())
+
+
+def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
+    """Add ``spec`` to the registry under ``spec.name`` and return it.
+
+    Registering the same spec twice is harmless; replacing a different spec of that name needs
+    ``overwrite=True``.
+    """
+    if not isinstance(spec, TaskSpec):
+        raise TypeError(f"register_task takes a TaskSpec, not {type(spec).__name__}")
+    key = _key(spec.name)
+    old = _REGISTRY.get(key)
+    if old is not None and old != spec and not overwrite:
+        raise ValueError(
+            f"a different task is already registered as {old.name!r}; pass overwrite=True to replace it"
+        )
+    _REGISTRY[key] = spec
+    return spec
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_split(
+    task: str | TaskSpec,
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+) -> Examples:
+    """Load one split of a task into memory (the first ``limit`` examples when given).
+
+    The data comes from the folder ``data_dir`` or ``$EE_GYM_DATA`` when either is set, else from the
+    Hugging Face hub (see :class:`TaskSpec` for the details). Splits are the task's ``split_files``
+    (local) or ``hub_splits`` (hub) keys, usually ``"train"`` and ``"dev"``; ``"validation"`` is
+    accepted for ``"dev"``.
+    """
+    spec = get_task(task)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    source, root = _source(spec, data_dir)
+    split = _resolve_split(spec, split, spec.hub_splits if source == "hub" else spec.split_files)
+    if source == "hub":
+        examples = _load_hub(spec, split)
+    else:
+        if source == "files":
+            path = Path(spec.split_files[split])
+        else:
+            path = root / "glue" / spec.glue_dir / spec.split_files[split]
+        if not path.is_file():
+            raise FileNotFoundError(_missing_file_message(spec, split, path, source, root))
+        examples = _read_file(spec, path)
+    return examples.head(limit)
+
+
+def _source(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """("glue", folder), ("files", None) or ("hub", None)."""
+    if spec.glue_dir is None:
+        if spec.local_format is not None and spec.split_files:
+            return "files", None
+        if spec.hub is not None:
+            return "hub", None
+        raise ValueError(f"task {spec.name!r} names neither local files nor a hub dataset")
+    root = paths.data_dir(data_dir)
+    if root is not None:
+        return "glue", root
+    if spec.hub is None:
+        raise FileNotFoundError(
+            f"task {spec.name!r} has no hub dataset: set {paths.DATA_ENV} or pass data_dir= to a folder "
+            f"holding glue/{spec.glue_dir}/{spec.split_files.get('train', 'train.tsv')}"
+        )
+    return "hub", None
+
+
+def _resolve_split(spec: TaskSpec, split: str, valid: Mapping[str, str]) -> str:
+    name = split.strip().lower() if isinstance(split, str) else split
+    if name in valid:
+        return name
+    alias = _SPLIT_ALIASES.get(name)
+    if alias in valid:
+        return alias
+    raise ValueError(f"Unknown split {split!r} for task {spec.name!r}; valid splits: {', '.join(valid)}")
+
+
+def _missing_file_message(spec: TaskSpec, split: str, path: Path, source: str, root: Path | None) -> str:
+    if source == "files":
+        return (
+            f"task {spec.name!r}: its {split} file {str(path)!r} does not exist any more; "
+            "make it again with task_from_files(...) pointing at the files"
+        )
+    where = f"glue/{spec.glue_dir}/{spec.split_files[split]}"
+    folder = (
+        "" if (root / "glue" / spec.glue_dir).is_dir() else f" (there is no glue/{spec.glue_dir}/ folder)"
+    )
+    message = (
+        f"task {spec.name!r}: expected the {split} file {str(path)!r}, which does not exist{folder}. Either set "
+        f"{paths.DATA_ENV} / pass data_dir= to a folder holding {where}"
+    )
+    if spec.hub is not None:
+        dataset, config = spec.hub
+        message += f", or leave both unset to download {dataset!r} ({config}) from the Hugging Face hub"
+    return message + "."
+
+
+def _read_file(spec: TaskSpec, path: Path) -> Examples:
+    fmt = spec.local_format or TableFormat(spec.text_columns, spec.hub_label_column)
+    return _to_examples(spec, _iter_table(path, fmt), path, fmt.label_kind)
+
+
+def _load_hub(spec: TaskSpec, split: str) -> Examples:
+    import datasets
+
+    dataset, config = spec.hub
+    hub_split = spec.hub_splits[split]
+    ds = datasets.load_dataset(dataset, config, split=hub_split)
+    columns = [*spec.text_columns, spec.hub_label_column]
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{dataset} ({config}) split {hub_split!r} has no column(s) {missing}; it has {ds.column_names}"
+        )
+    feature = ds.features[spec.hub_label_column]
+    data = ds.select_columns(columns).to_dict()
+    raw_labels = data[spec.hub_label_column]
+    if isinstance(feature, datasets.ClassLabel):  # ids -> names; unlabelled rows (-1) stay and fail below
+        names = feature.names
+        raw_labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in raw_labels]
+    texts = [data[c] for c in spec.text_columns]
+    rows = (("row", i, [*(col[i] for col in texts), label]) for i, label in enumerate(raw_labels))
+    return _to_examples(spec, rows, f"{dataset} ({config}) split {hub_split!r}", "name")
+
+
+def _to_examples(
+    spec: TaskSpec, rows: Iterator[tuple[str, int, list[Any]]], origin: Path | str, label_kind: str
+) -> Examples:
+    """Build Examples from (unit, position, [text..., label]) rows, checking every label."""
+    n_text = len(spec.text_columns)
+    texts: list[list[str]] = [[] for _ in range(n_text)]
+    ids: list[int] = []
+    index = {name: i for i, name in enumerate(spec.labels)}
+    for unit, pos, values in rows:
+        for column, value in zip(texts, values[:n_text], strict=True):
+            if not isinstance(value, str):
+                raise ValueError(f"{origin}, {unit} {pos}: text {value!r} is not a string")
+            column.append(value.rstrip())
+        key = _label_key(values[-1])
+        if label_kind == "id":
+            label_id = int(key) if key.isdigit() and int(key) < spec.num_labels else None
+        else:
+            label_id = index.get(key)
+        if label_id is None:
+            expected = f"ids 0..{spec.num_labels - 1}" if label_kind == "id" else f"names {list(spec.labels)}"
+            raise ValueError(
+                f"{origin}, {unit} {pos}: label {values[-1]!r} is not one of task {spec.name!r}'s label {expected}"
+            )
+        ids.append(label_id)
+    return Examples(texts[0], texts[1] if n_text == 2 else None, np.asarray(ids, dtype=np.int64))
+
+
+def _label_key(value: Any) -> str:
+    """A label value as the string compared with label names (1, 1.0 and "1" all give "1")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None:
+        return ""
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _file_kind(path: Path, delimiter: str | None) -> str:
+    """The delimiter of a delimited file, or "json"."""
+    if delimiter is not None:
+        return delimiter
+    suffix = path.suffix.lower()
+    kinds = {".tsv": "\t", ".tab": "\t", ".csv": ",", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
+    if suffix not in kinds:
+        raise ValueError(
+            f"{path}: cannot tell the format from the suffix {suffix!r}; use .csv, .tsv or .jsonl, or pass delimiter="
+        )
+    return kinds[suffix]
+
+
+def _iter_table(path: Path, fmt: TableFormat) -> Iterator[tuple[str, int, list[Any]]]:
+    """Yield ("line" | "record", position, [text..., label]) for each row of a local file."""
+    kind = _file_kind(path, fmt.delimiter)
+    if kind == "json":
+        yield from _iter_json(path, fmt)
+        return
+    # Tab-separated files hold bare double quotes, so quoting is off for them; CSV keeps its quoting.
+    quoting = csv.QUOTE_NONE if kind == "\t" else csv.QUOTE_MINIMAL
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: MRPC starts with a BOM
+        reader = csv.reader(handle, delimiter=kind, quoting=quoting)
+        columns = [*fmt.text_columns, fmt.label_column]
+        width: int | None = None
+        if fmt.header:
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise ValueError(f"{path}: the file is empty; expected a header row")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise ValueError(f"{path}: no column(s) {missing} in the header; it has {header}")
+            columns = [header.index(c) for c in columns]
+            width = len(header)
+        needed = max(columns) + 1
+        for row in reader:
+            if not row:  # blank line
+                continue
+            if (width is not None and len(row) != width) or len(row) < needed:
+                expected = width if width is not None else f"at least {needed}"
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: expected {expected} fields, found {len(row)}"
+                )
+            yield "line", reader.line_num, [row[i] for i in columns]
+
+
+def _iter_json(path: Path, fmt: TableFormat) -> Iterator[tuple[str, int, list[Any]]]:
+    text = path.read_text(encoding="utf-8-sig")
+    records: list[tuple[str, int, Any]] | None = None
+    if path.suffix.lower() == ".json":  # a JSON array of records (or {"data": [...]}); else JSON lines
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if isinstance(data, list):
+            records = [("record", i + 1, record) for i, record in enumerate(data)]
+    if records is None:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(("line", number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    columns = [*fmt.text_columns, fmt.label_column]
+    for unit, pos, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {unit} {pos}: expected a JSON object, got {type(record).__name__}")
+        missing = [c for c in columns if c not in record]
+        if missing:
+            raise ValueError(f"{path}, {unit} {pos}: no field(s) {missing}; it has {sorted(record)}")
+        yield unit, pos, [record[c] for c in columns]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def primary_metric(task: str | TaskSpec) -> str:
+    """The task's headline metric: "accuracy", "f1" or "matthews"."""
+    return get_task(task).metric
+
+
+def compute_metrics(task: str | TaskSpec, predictions: Any, labels: Any) -> dict[str, float]:
+    """Score predicted label ids against true ones.
+
+    The primary metric comes first; accuracy is always included. F1 is the positive class's (label
+    id 1) for two-label tasks, macro-averaged otherwise; Matthews correlation is sklearn's.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    spec = get_task(task)
+    y_pred = np.asarray(predictions)
+    y_true = np.asarray(labels)
+    if y_pred.ndim != 1 or y_true.ndim != 1 or len(y_pred) != len(y_true):
+        raise ValueError(
+            f"predictions and labels must be 1-D and equally long, got {y_pred.shape} and {y_true.shape}"
+        )
+    if len(y_true) == 0:
+        raise ValueError("cannot score an empty set of predictions")
+    for what, values in (("predictions", y_pred), ("labels", y_true)):
+        if not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() >= spec.num_labels:
+            raise ValueError(f"{what} must be label ids 0..{spec.num_labels - 1} of task {spec.name!r}")
+    scores: dict[str, float] = {}
+    if spec.metric == "f1":
+        average = "binary" if spec.num_labels == 2 else "macro"
+        scores["f1"] = float(
+            f1_score(y_true, y_pred, labels=list(range(spec.num_labels)), average=average, zero_division=0.0)
+        )
+    elif spec.metric == "matthews":
+        scores["matthews"] = float(matthews_corrcoef(y_true, y_pred))
+    scores["accuracy"] = float(accuracy_score(y_true, y_pred))
+    return scores
+
+
+# --------------------------------------------------------------------------- user tasks
+
+
+def task_from_files(
+    name: str,
+    *,
+    train: str | os.PathLike[str],
+    dev: str | os.PathLike[str] | None = None,
+    text_columns: str | Sequence[str],
+    label_column: str,
+    labels: Sequence[str | int] | None = None,
+    metric: str = "accuracy",
+    delimiter: str | None = None,
+) -> TaskSpec:
+    """Make, register and return a task from your own classification files.
+
+    Files are CSV, TSV or JSON lines, told apart by suffix (``.csv``, ``.tsv``, ``.jsonl`` / ``.json``)
+    unless ``delimiter`` is given, with a header (or JSON keys) naming 1-2 ``text_columns`` and a
+    ``label_column``. Label values may be strings or ints; ``labels`` fixes their id order, else it is
+    the sorted distinct values of the training file (numeric order when all are integers). The files
+    are checked now; a task of the same name made before is replaced, but a built-in is never shadowed.
+    """
+    fmt = TableFormat(
+        _as_tuple(text_columns), label_column, header=True, label_kind="name", delimiter=delimiter
+    )
+    files: dict[str, Path] = {}
+    for split, file in (("train", train), ("dev", dev)):
+        if file is None:
+            continue
+        path = Path(file).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"task {name!r}: the {split} file {str(path)!r} does not exist")
+        _file_kind(path, delimiter)
+        files[split] = path
+    if labels is None:
+        labels = _sorted_labels([values[-1] for _, _, values in _iter_table(files["train"], fmt)])
+        if len(labels) < 2:
+            raise ValueError(f"{files['train']}: found only the label(s) {labels}; a task needs two or more")
+    spec = TaskSpec(
+        name=name,
+        labels=tuple(_label_key(label) for label in labels),
+        metric=metric,
+        text_columns=tuple(str(c) for c in fmt.text_columns),
+        split_files={split: str(path) for split, path in files.items()},
+        hub_splits={},
+        local_format=fmt,
+        title=_title(name),
+    )
+    for path in files.values():  # surface bad rows and unknown labels now, naming file and row
+        _read_file(spec, path)
+    return _register_user_task(spec)
+
+
+def task_from_hub(
+    name: str,
+    dataset: str,
+    *,
+    config: str | None = None,
+    text_columns: str | Sequence[str],
+    label_column: str = "label",
+    labels: Sequence[str | int] | None = None,
+    metric: str = "accuracy",
+    splits: Mapping[str, str] = DEFAULT_HUB_SPLITS,
+) -> TaskSpec:
+    """Make, register and return a task read from a Hugging Face ``datasets`` dataset.
+
+    ``splits`` maps this project's split names to the dataset's. Without ``labels`` the names come
+    from the label column's ``ClassLabel`` feature, which asks the hub now. Label values are matched
+    to label names (ClassLabel ids through their names). It always reads from the hub, whatever
+    ``$EE_GYM_DATA`` says.
+    """
+    if labels is None:
+        labels = _hub_label_names(dataset, config, label_column)
+    spec = TaskSpec(
+        name=name,
+        labels=tuple(_label_key(label) for label in labels),
+        metric=metric,
+        text_columns=_as_tuple(text_columns),
+        hub=(dataset, config),
+        split_files={},
+        hub_splits=dict(splits),
+        hub_label_column=label_column,
+        title=_title(name),
+    )
+    return _register_user_task(spec)
+
+
+def _register_user_task(spec: TaskSpec) -> TaskSpec:
+    builtin = _BUILTIN_KEYS.get(_key(spec.name))
+    if builtin is not None:
+        raise ValueError(f"{spec.name!r} is the built-in task {builtin!r}; give your task another name")
+    return register_task(spec, overwrite=True)
+
+
+def _hub_label_names(dataset: str, config: str | None, label_column: str) -> tuple[str, ...]:
+    import datasets
+
+    feature = datasets.load_dataset_builder(dataset, config).info.features[label_column]
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError(
+            f"{dataset} ({config}): column {label_column!r} is not a ClassLabel; pass labels=[...]"
+        )
+    return tuple(feature.names)
+
+
+def _sorted_labels(values: list[Any]) -> tuple[str, ...]:
+    keys = {_label_key(v) for v in values}
+    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return tuple(sorted(keys, key=int))
+    return tuple(sorted(keys))
+
+
+def _title(name: str) -> str | None:
+    """Keep a user's name as typed in gym ids when it is plain letters and digits ("IMDB")."""
+    name = name.strip()
+    return name if re.fullmatch(r"[A-Za-z0-9]+", name) else None
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return (value,) if isinstance(value, (str, int)) else tuple(value)
+
+
+# --------------------------------------------------------------------------- built-in tasks
+
+
+BUILTIN_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec(
+        name="rte",
+        labels=("entailment", "not_entailment"),
+        metric="accuracy",
+        text_columns=("sentence1", "sentence2"),
+        glue_dir="RTE",
+        hub=(_GLUE_HUB, "rte"),
+        local_format=TableFormat(("sentence1", "sentence2"), "label"),
+        title="RTE",
+    ),
+    TaskSpec(
+        name="mrpc",
+        labels=("not_equivalent", "equivalent"),
+        metric="f1",
+        text_columns=("sentence1", "sentence2"),
+        glue_dir="MRPC",
+        hub=(_GLUE_HUB, "mrpc"),
+        local_format=TableFormat(("#1 String", "#2 String"), "Quality", label_kind="id"),
+        title="MRPC",
+    ),
+    TaskSpec(
+        name="sst2",
+        labels=("negative", "positive"),
+        metric="accuracy",
+        text_columns=("sentence",),
+        glue_dir="SST-2",
+        hub=(_GLUE_HUB, "sst2"),
+        local_format=TableFormat(("sentence",), "label", label_kind="id"),
+        title="SST2",
+    ),
+    TaskSpec(
+        name="cola",
+        labels=("unacceptable", "acceptable"),
+        metric="matthews",
+        text_columns=("sentence",),
+        glue_dir="CoLA",
+        hub=(_GLUE_HUB, "cola"),
+        # No header; the fields are: source, label, original-label mark, sentence.
+        local_format=TableFormat((3,), 1, header=False, label_kind="id"),
+        title="CoLA",
+    ),
+    TaskSpec(
+        name="qnli",
+        labels=("entailment", "not_entailment"),
+        metric="accuracy",
+        text_columns=("question", "sentence"),
+        glue_dir="QNLI",
+        hub=(_GLUE_HUB, "qnli"),
+        local_format=TableFormat(("question", "sentence"), "label"),
+        title="QNLI",
+    ),
+    TaskSpec(
+        name="qqp",
+        labels=("not_duplicate", "duplicate"),
+        metric="f1",
+        text_columns=("question1", "question2"),
+        glue_dir="QQP",
+        hub=(_GLUE_HUB, "qqp"),
+        local_format=TableFormat(("question1", "question2"), "is_duplicate", label_kind="id"),
+        title="QQP",
+    ),
+    TaskSpec(
+        name="mnli",
+        labels=("entailment", "neutral", "contradiction"),
+        metric="accuracy",
+        text_columns=("premise", "hypothesis"),
+        glue_dir="MNLI",
+        hub=(_GLUE_HUB, "mnli"),
+        split_files={"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"},
+        hub_splits={"train": "train", "dev": "validation_matched", "dev_mismatched": "validation_mismatched"},
+        local_format=TableFormat(("sentence1", "sentence2"), "gold_label"),
+        title="MNLI",
+    ),
+)
+"""The GLUE tasks, with label ids in the order of the hub's ``nyu-mll/glue``."""
+
+_BUILTIN_KEYS = {_key(spec.name): spec.name for spec in BUILTIN_TASKS}
+for _spec in BUILTIN_TASKS:
+    register_task(_spec)
+del _spec

@@ -1,0 +1,292 @@
+"""Stage 1: fine-tune backbone, pooler and every exit head with the depth-weighted loss.
+
+    loss1 = sum_l l * CE(C_l(s_l), y) / sum_l l            (METHOD.md, weights 1..L as PABEE)
+
+AdamW with linear warm-up and decay, gradient clipping, dynamic padding, per-layer dev metrics after
+each epoch, and a checkpoint after each epoch that a re-run resumes from. The loop is written for
+``accelerate``: under ``accelerate launch`` every process trains on its share of each batch and only
+the main process writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ee_gym import paths
+from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.batching import TokenizedSplit, all_exit_logits, shuffled_batches, tokenize_examples
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.tasks import compute_metrics, get_task, load_split
+
+#: Per-task defaults, chosen for the small embedded backbone on a 2-core CPU (see the README).
+TASK_DEFAULTS: dict[str, dict] = {
+    "rte": {"learning_rate": 5e-5, "epochs": 5, "max_length": 128, "batch_size": 16},
+    "mrpc": {"learning_rate": 5e-5, "epochs": 5, "max_length": 128, "batch_size": 16},
+    "sst2": {"learning_rate": 3e-5, "epochs": 1, "max_length": 64, "batch_size": 32},
+    "cola": {"learning_rate": 5e-5, "epochs": 4, "max_length": 64, "batch_size": 16},
+    "qnli": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
+    "qqp": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
+    "mnli": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
+}
+GENERIC_DEFAULTS = {"learning_rate": 3e-5, "epochs": 3, "max_length": 128, "batch_size": 16}
+
+
+@dataclass
+class Stage1Config:
+    """Arguments of stage 1. ``None`` fields take the task's defaults from ``TASK_DEFAULTS``."""
+
+    task: str = "rte"
+    backbone: str = DEFAULT_BACKBONE
+    output_dir: str | None = None  # default: $EE_GYM_HOME/checkpoints/<task>-<backbone>-stage1
+    data_dir: str | None = None
+    epochs: int | None = None
+    learning_rate: float | None = None
+    head_learning_rate: float | None = None  # pooler and heads; None: same as learning_rate
+    batch_size: int | None = None
+    max_length: int | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    head_dropout: float = 0.1
+    pooling: str | None = None  # None: as the backbone was pre-trained
+    seed: int = 42
+    train_limit: int | None = None  # use only the first N training rows
+    dev_limit: int | None = None
+    eval_batch_size: int = 64
+    progress: bool = True
+
+    def resolved(self) -> Stage1Config:
+        """A copy with every default filled in (what a run folder records)."""
+        task = get_task(self.task)
+        defaults = TASK_DEFAULTS.get(task.name, GENERIC_DEFAULTS)
+        filled = {k: (defaults[k] if getattr(self, k) is None else getattr(self, k)) for k in defaults}
+        output_dir = self.output_dir or str(default_stage1_dir(task.name, self.backbone))
+        return dataclasses.replace(self, task=task.name, output_dir=output_dir, **filled)
+
+
+def default_stage1_dir(task: str, backbone: str) -> Path:
+    """Where stage 1 for (task, backbone) lives unless told otherwise."""
+    slug = str(backbone).strip("/").replace("/", "--")
+    return paths.home() / "checkpoints" / f"{get_task(task).name}-{slug}-stage1"
+
+
+def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_l l * CE(logits[:, l-1], y) / sum_l l for logits [B, L, K] and labels [B]."""
+    num_layers = logits.shape[1]
+    per_layer = torch.stack([F.cross_entropy(logits[:, i], labels) for i in range(num_layers)])
+    weights = torch.arange(1, num_layers + 1, dtype=per_layer.dtype, device=per_layer.device)
+    return (weights * per_layer).sum() / weights.sum()
+
+
+def layer_metrics(task, logits: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
+    """The task metric of every exit, from logits [N, L, K]."""
+    predictions = logits.argmax(-1)
+    return [compute_metrics(task, predictions[:, i], labels) for i in range(logits.shape[1])]
+
+
+def evaluate_exits(model: MultiExitModel, split: TokenizedSplit, task, batch_size: int = 64) -> list[dict]:
+    """Per-layer dev metrics of a multi-exit model."""
+    return layer_metrics(task, all_exit_logits(model, split, batch_size), split.labels)
+
+
+@dataclass
+class Stage1Result:
+    model: MultiExitModel
+    model_dir: Path
+    history: list[dict]  # one record per epoch, as in metrics.jsonl
+
+
+def train_stage1(
+    config: Stage1Config | None = None, model: MultiExitModel | None = None, **overrides
+) -> Stage1Result:
+    """Run (or resume, or reuse) stage 1 and return the trained model.
+
+    The run folder holds ``config.json``, ``metrics.jsonl``, ``checkpoint/`` (weights and optimizer
+    after the last finished epoch) and, once done, ``model/``. Calling again with the same config
+    resumes after the last finished epoch, or returns the finished model at once. ``model`` starts
+    from an existing multi-exit model (a random tiny one in tests) instead of ``config.backbone``.
+    """
+    config = dataclasses.replace(config or Stage1Config(), **overrides)
+    if model is not None:
+        config.backbone = model.config.backbone
+    config = config.resolved()
+    task = get_task(config.task)
+    run_dir = Path(config.output_dir)
+    final_dir, ckpt_dir = run_dir / "model", run_dir / "checkpoint"
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    _check_run_config(run_dir, config)
+
+    if (final_dir / "fingerprint").is_file():
+        return Stage1Result(MultiExitModel.from_pretrained(final_dir), final_dir, _read_history(run_dir))
+
+    torch.manual_seed(config.seed)
+    if (ckpt_dir / "trainer_state.pt").is_file():
+        model = MultiExitModel.from_pretrained(ckpt_dir).train()
+    elif model is None:
+        model = MultiExitModel.from_backbone(
+            config.backbone,
+            num_labels=task.num_labels,
+            pooling=config.pooling,
+            head_dropout=config.head_dropout,
+            labels=list(task.labels),
+            task=task.name,
+        )
+    tokenizer = model.tokenizer
+    train = tokenize_examples(
+        load_split(task, "train", config.data_dir, config.train_limit), tokenizer, config.max_length
+    )
+    dev = tokenize_examples(
+        load_split(task, "dev", config.data_dir, config.dev_limit), tokenizer, config.max_length
+    )
+
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, config.weight_decay, config.learning_rate, config.head_learning_rate)
+    )
+    steps_per_epoch = math.ceil(len(train) / (config.batch_size * accelerator.num_processes))
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
+    start_epoch = 0
+    if (ckpt_dir / "trainer_state.pt").is_file():
+        state = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    history = _read_history(run_dir)[:start_epoch]
+    for epoch in range(start_epoch, config.epochs):
+        began = time.perf_counter()
+        model.train()
+        batches = shuffled_batches(
+            len(train),
+            config.batch_size,
+            config.seed + epoch,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        bar = tqdm(
+            batches,
+            desc=f"stage 1 [{task.name}] epoch {epoch + 1}/{config.epochs}",
+            disable=not (config.progress and main),
+            unit="batch",
+        )
+        losses = []
+        for rows in bar:
+            batch = train.batch(rows, tokenizer, accelerator.device)
+            labels = batch.pop("labels")
+            loss = weighted_exit_loss(model(**batch).logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+
+        unwrapped = accelerator.unwrap_model(model)
+        dev_metrics = evaluate_exits(unwrapped, dev, task, config.eval_batch_size)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "dev": dev_metrics,
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+        history.append(record)
+        if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
+            _write_history(run_dir, history)
+            _save_checkpoint(unwrapped, ckpt_dir, optimizer, scheduler, epoch + 1)
+            if config.progress:
+                print(format_layer_metrics(task, dev_metrics, prefix=f"epoch {epoch + 1} dev"))
+        accelerator.wait_for_everyone()
+
+    model = accelerator.unwrap_model(model).eval()
+    if main:
+        model.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+    return Stage1Result(model, final_dir, history)
+
+
+def format_layer_metrics(task, metrics: list[dict], prefix: str = "") -> str:
+    """One line: the primary metric of each exit, in percent."""
+    name = next(iter(metrics[0]))
+    values = " ".join(f"{100 * m[name]:.1f}" for m in metrics)
+    return f"{prefix} {get_task(task).name} {name} by layer: {values}".strip()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _parameter_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, head_lr: float | None
+) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights, as usual for BERT
+    fine-tuning; the exits (pooler and heads) may learn at their own rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        is_exit = name.startswith(("pooler.", "heads."))
+        decays = not (param.ndim < 2 or "LayerNorm" in name)
+        groups.setdefault((is_exit, decays), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr": (head_lr or lr) if is_exit else lr,
+        }
+        for (is_exit, decays), params in sorted(groups.items())
+    ]
+
+
+def _save_checkpoint(model, folder: Path, optimizer, scheduler, epochs_done: int) -> None:
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epochs_done,
+    }
+    model.save_pretrained(folder, extra=lambda tmp: torch.save(state, tmp / "trainer_state.pt"))
+
+
+def _check_run_config(run_dir: Path, config: Stage1Config) -> None:
+    """Refuse to resume a run folder that was started with different settings."""
+    saved_file = run_dir / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    current = dataclasses.asdict(config)
+    ignore = {"progress", "eval_batch_size", "output_dir", "data_dir"}
+    differing = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    if differing:
+        raise ValueError(
+            f"{run_dir} holds a stage-1 run with other settings ({', '.join(differing)}). "
+            "Pass another output_dir (--output-dir), or delete that folder to start over."
+        )
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(run_dir / "metrics.jsonl")

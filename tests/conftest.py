@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models built from a config, tiny data written to a temp folder."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from ee_gym.backbones import load_tokenizer
+from ee_gym.multiexit import MultiExitModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "excellent"]
+NEGATIVE = ["bad", "awful", "poor", "dreadful", "terrible", "boring"]
+FILLER = ["the", "film", "was", "really", "quite", "a", "story", "and", "plot", "acting"]
+
+
+def tiny_bert_config(num_layers: int = 4) -> BertConfig:
+    """A 4-layer, 32-wide BERT sharing the embedded backbone's vocabulary (and so its tokenizer)."""
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("minilm-l6")
+
+
+@pytest.fixture
+def tiny_model(tokenizer) -> MultiExitModel:
+    torch.manual_seed(0)
+    return MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer).eval()
+
+
+def _sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tiny_glue(root: Path, n_train: int = 64, n_dev: int = 32) -> Path:
+    """A GLUE-layout folder with tiny SST-2 (learnable by word) and RTE (pairs) splits."""
+    for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
+        sst = root / "glue" / "SST-2"
+        sst.mkdir(parents=True, exist_ok=True)
+        lines = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in _sentiment_rows(n, seed)]
+        (sst / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        rte = root / "glue" / "RTE"
+        rte.mkdir(parents=True, exist_ok=True)
+        names = ["entailment", "not_entailment"]
+        lines = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{s}\tit was {'good' if y else 'bad'}\t{names[1 - y]}"
+            for i, (s, y) in enumerate(_sentiment_rows(n, seed + 10))
+        ]
+        (rte / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_tiny_glue(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch) -> Path:
+    """Checkpoints and caches of every test go to a temp folder, never to ~/.cache."""
+    home = tmp_path / "ee_gym_home"
+    monkeypatch.setenv("EE_GYM_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real GLUE copy beside the checkout (integration tests)."""
+    folder = Path(os.environ.get("EE_GYM_DATA", SHARED_DATA))
+    if not (folder / "glue" / "RTE" / "train.tsv").is_file():
+        pytest.skip(f"no GLUE data at {folder}: set EE_GYM_DATA to the shared data folder")
+    return folder

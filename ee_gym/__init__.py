@@ -25,3 +25,6 @@ __all__ = [
     "task_names",
     "train_stage1",
 ]
+
+# Registers ConsistentEE-<Task>-v0 for every task (one loop, at import).
+from ee_gym import envs  # noqa: E402,F401

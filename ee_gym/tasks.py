@@ -19,7 +19,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +40,7 @@ __all__ = [
     "compute_metrics",
     "get_task",
     "load_split",
+    "on_register",
     "primary_metric",
     "register_task",
     "task_from_files",
@@ -216,6 +217,12 @@ class Examples:
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, TaskSpec] = {}
+_LISTENERS: list[Callable[[TaskSpec], Any]] = []  # called with every task registered (env ids)
+
+
+def on_register(listener: Callable[[TaskSpec], Any]) -> None:
+    """Call ``listener(spec)`` for every task registered from now on (ee_gym.envs adds env ids)."""
+    _LISTENERS.append(listener)
 
 
 def _key(name: str) -> str:
@@ -258,6 +265,8 @@ def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
             f"a different task is already registered as {old.name!r}; pass overwrite=True to replace it"
         )
     _REGISTRY[key] = spec
+    for listener in _LISTENERS:
+        listener(spec)
     return spec
 
 

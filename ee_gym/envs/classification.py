@@ -1,0 +1,278 @@
+"""ConsistentEE-<Task>-v0: one input per episode, one layer per step.
+
+reset() shows layer 1 of an input; each step takes 0 (CONTINUE) or 1 (EXIT). The episode ends at the
+first EXIT or at layer L, whatever the action there, and pays its one reward then (ee_gym.rewards).
+Inputs are drawn with the env's seeded generator on the training split, walked in order on other
+splits, or chosen with ``reset(options={"index": i})``.
+
+Two sources for the layers: ``mode="cached"`` replays the per-layer cache; ``mode="live"`` runs the
+multi-exit model one layer at a time, so exiting early really skips the remaining layers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.batching import tokenize_examples
+from ee_gym.envs.observations import ObservationEncoder
+from ee_gym.envs.prepare import default_max_length, load_model, load_table
+from ee_gym.envs.table import ExitTable, log_softmax, softmax
+from ee_gym.hardness import memorized_layer
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.rewards import default_alpha, get_reward
+from ee_gym.tasks import get_task, load_split
+
+CONTINUE, EXIT = 0, 1
+MODES = ("cached", "live")
+
+
+class EpisodeOverError(RuntimeError):
+    """step() was called after the episode ended."""
+
+
+def check_action(action: Any) -> int:
+    """The action as an int, or a clear error."""
+    try:
+        value = int(action)
+        valid = value == action and value in (CONTINUE, EXIT)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"invalid action {action!r}: use 0 (CONTINUE) or 1 (EXIT)")
+    return value
+
+
+class ConsistentEEEnv(gym.Env):
+    """Early exit as a Gymnasium env (see the module docstring).
+
+    Args:
+        task: a registered task name (``rte``, ``sst2``, ... or your own).
+        split: which split's inputs episodes draw from (``train`` or ``dev``).
+        model: a :class:`MultiExitModel` or a checkpoint folder; default: stage 1 of ``backbone`` on
+            ``task``, trained on first use and reused afterwards.
+        backbone: the backbone stage 1 starts from when ``model`` is not given.
+        reward: ``hardness`` (ConsistentEE), ``plain``, ``ce`` or ``accuracy``.
+        alpha: price of one layer; default ``ee_gym.rewards.default_alpha(task, L)``.
+        obs_mode: ``state``, ``state+layer``, ``stats`` or ``full`` (ee_gym.envs.observations).
+        data_dir, cache_dir: where the data and the cache are (default: ``$EE_GYM_DATA``, and a
+            folder under ``$EE_GYM_HOME`` named by the model's fingerprint).
+        max_inputs: use only the first N inputs of the split.
+        max_length: tokens per input (default: the task's stage-1 setting).
+        mode: ``cached`` or ``live``.
+        render_mode: ``ansi`` for a text line per step.
+        table: an :class:`ExitTable` to replay instead of a cache (synthetic tests and agents).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 30}
+
+    def __init__(
+        self,
+        task: str = "rte",
+        split: str = "train",
+        *,
+        model: MultiExitModel | str | os.PathLike | None = None,
+        backbone: str = DEFAULT_BACKBONE,
+        reward: str = "hardness",
+        alpha: float | None = None,
+        obs_mode: str = "state+layer",
+        data_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_inputs: int | None = None,
+        max_length: int | None = None,
+        mode: str = "cached",
+        render_mode: str | None = None,
+        progress: bool = True,
+        table: ExitTable | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose 'cached' or 'live'")
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
+        self.reward_fn = get_reward(reward)
+        self.task = get_task(task).name if table is None else table.task
+        self.split, self.mode, self.render_mode, self.reward_name = split, mode, render_mode, reward
+        self.max_length = max_length or (default_max_length(self.task) if table is None else 0)
+
+        self.model: MultiExitModel | None = None
+        if table is None:
+            self.model = load_model(
+                self.task, model=model, backbone=backbone, data_dir=data_dir, progress=progress
+            )
+            if mode == "cached":
+                table = load_table(
+                    self.model,
+                    self.task,
+                    split,
+                    data_dir=data_dir,
+                    cache_dir=cache_dir,
+                    max_inputs=max_inputs,
+                    max_length=self.max_length,
+                    progress=progress,
+                )
+        elif mode == "live":
+            raise ValueError("live mode runs a model: pass model=..., not table=...")
+        self.table = table
+        if mode == "live":
+            self._live = _LiveInputs(self.model, self.task, split, data_dir, max_inputs, self.max_length)
+            num_layers, hidden = self.model.num_layers, self.model.hidden_size
+            num_labels, self.num_inputs = self.model.num_labels, len(self._live)
+        else:
+            num_layers, hidden, num_labels = table.num_layers, table.hidden_size, table.num_labels
+            self.num_inputs = table.num_inputs
+
+        self.num_layers = num_layers
+        self.alpha = default_alpha(self.task, num_layers) if alpha is None else float(alpha)
+        self.encoder = ObservationEncoder(obs_mode, num_layers, hidden, num_labels)
+        self.observation_space = self.encoder.space
+        self.action_space = spaces.Discrete(2)
+        self._index = -1
+        self._layer = 0
+        self._done = True
+        self._next_in_order = 0
+        self._trace: list[str] = []
+
+    # -- Gymnasium API -----------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
+            self._next_in_order = 0
+        if options and "index" in options:
+            index = int(options["index"])
+            if not 0 <= index < self.num_inputs:
+                raise IndexError(f"index {index} out of range for {self.num_inputs} inputs")
+        elif self.split == "train":
+            index = int(self.np_random.integers(self.num_inputs))
+        else:
+            index = self._next_in_order
+            self._next_in_order = (index + 1) % self.num_inputs
+        self._index, self._layer, self._done = index, 1, False
+        if self.mode == "live":
+            self._live.begin(index)
+        self._trace = []
+        return self._observation(), {"index": index, "layer": 1}
+
+    def step(self, action):
+        if self._done:
+            raise EpisodeOverError(
+                "step() called after the episode ended (or before reset()): call reset() first"
+            )
+        action = check_action(action)
+        self._record_trace(action)
+        if action == CONTINUE and self._layer < self.num_layers:
+            self._layer += 1
+            if self.mode == "live":
+                self._live.advance()
+            return self._observation(), 0.0, False, False, {"layer": self._layer}
+        self._done = True
+        info = self._exit_info()
+        reward = float(
+            self.reward_fn(
+                info["cross_entropy"],
+                info["correct"],
+                self._layer,
+                info["memorized_layer"],
+                self.num_layers,
+                self.alpha,
+            )
+        )
+        return self._observation(), reward, True, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return "\n".join(self._trace) + "\n"
+        return None
+
+    # -- internals ---------------------------------------------------------------------------
+    def _logits_so_far(self) -> np.ndarray:
+        if self.mode == "live":
+            return self._live.logits
+        return self.table.logits[self._index, : self._layer]
+
+    def _observation(self):
+        if self.mode == "cached":
+            return self.encoder.at(self.table, self._index, self._layer)
+        state = self._live.state if self.encoder.uses_state else None
+        return self.encoder.single(state, self._live.logits)
+
+    def _exit_info(self) -> dict[str, Any]:
+        logits = self._logits_so_far()[-1].astype(np.float64)
+        if self.mode == "live":
+            label, memorized = self._live.label, self._live.memorized()
+        else:
+            label, memorized = int(self.table.labels[self._index]), int(self.table.memorized[self._index])
+        prediction = int(logits.argmax())
+        return {
+            "index": self._index,
+            "exit_layer": self._layer,
+            "prediction": prediction,
+            "label": label,
+            "correct": prediction == label,
+            "memorized_layer": memorized,
+            "cross_entropy": float(-log_softmax(logits)[label]),
+        }
+
+    def _record_trace(self, action: int) -> None:
+        if self.render_mode != "ansi":
+            return
+        probs = softmax(self._logits_so_far()[-1])
+        word = "EXIT" if action == EXIT or self._layer == self.num_layers else "continue"
+        self._trace.append(
+            f"input {self._index:5d} layer {self._layer:2d}/{self.num_layers}: predicts "
+            f"{int(probs.argmax())} (p={probs.max():.3f}) -> {word}"
+        )
+
+
+class _LiveInputs:
+    """Runs the model layer by layer for one input at a time (live mode)."""
+
+    def __init__(self, model: MultiExitModel, task: str, split: str, data_dir, max_inputs, max_length):
+        self.model = model.eval()
+        self.split = tokenize_examples(
+            load_split(task, split, data_dir, max_inputs), model.tokenizer, max_length
+        )
+        self._memorized: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @torch.no_grad()
+    def begin(self, index: int) -> None:
+        self.index = index
+        self.label = int(self.split.labels[index])
+        batch = self.split.batch([index], self.model.tokenizer, self.model.device)
+        batch.pop("labels")
+        self._batch = batch
+        self._state = self.model.start(**batch)
+        self._states: list[np.ndarray] = []
+        self._logits: list[np.ndarray] = []
+        self.advance()
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        self._state = self.model.advance(self._state)
+        out = self.model.exit_outputs(self._state)
+        self._states.append(out.states[0].float().cpu().numpy())
+        self._logits.append(out.logits[0].float().cpu().numpy())
+
+    @property
+    def state(self) -> np.ndarray:
+        return self._states[-1]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return np.stack(self._logits)
+
+    @torch.no_grad()
+    def memorized(self) -> int:
+        """m(x) needs every head's prediction: one full pass per input, remembered."""
+        if self.index not in self._memorized:
+            logits = self.model(**self._batch).logits[0].argmax(-1).cpu().numpy()
+            self._memorized[self.index] = int(memorized_layer(logits[None], np.array([self.label]))[0])
+        return self._memorized[self.index]

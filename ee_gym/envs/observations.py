@@ -1,0 +1,179 @@
+"""Observation modes: what an exit policy sees at layer l.
+
+    state         s_l, the pooled state (what the paper's per-layer policy sees)   Box [-1, 1]^d
+    state+layer   s_l followed by a one-hot of l (one network for all layers)      Box [-1, 1]^(d+L)
+    stats         the head's view, enough for every classic rule (below)          Box [0, 1]^S
+    full          {"state": s_l, "stats": the stats vector}                        Dict
+
+The stats vector, S = K + L + L*K + L values in [0, 1]:
+    probs            p_l, the head's softmax at layer l                    (K)
+    layer            one-hot of l                                          (L)
+    pred_history     one-hot of argmax p_j for j = 1..l, zeros after l     (L x K)
+    entropy_history  H(p_j) / log K for j = 1..l, zeros after l            (L)
+:class:`StatsView` reads those parts back, for rules and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gymnasium import spaces
+
+from ee_gym.envs.table import ExitTable, normalized_entropy, softmax
+
+OBS_MODES = ("state", "state+layer", "stats", "full")
+
+
+def stats_size(num_layers: int, num_labels: int) -> int:
+    return num_labels + num_layers + num_layers * num_labels + num_layers
+
+
+def stats_features(logits: np.ndarray, num_layers: int) -> np.ndarray:
+    """The stats vector at every layer of a logits prefix: [N, l, K] -> [N, l, S] float32."""
+    n, depth, k = logits.shape
+    probs = softmax(logits.astype(np.float32))
+    one_hot = np.eye(k, dtype=np.float32)[probs.argmax(-1)]  # [N, l, K]
+    entropy = normalized_entropy(probs).astype(np.float32)  # [N, l]
+    out = np.zeros((n, depth, stats_size(num_layers, k)), dtype=np.float32)
+    view = StatsView(out, num_layers, k)
+    view.probs[:] = probs
+    for layer in range(depth):
+        view.layer[:, layer, layer] = 1.0
+        view.pred_history[:, layer, : layer + 1] = one_hot[:, : layer + 1]
+        view.entropy_history[:, layer, : layer + 1] = entropy[:, : layer + 1]
+    return out
+
+
+class StatsView:
+    """Named views into stats vectors (any leading shape)."""
+
+    def __init__(self, stats: np.ndarray, num_layers: int, num_labels: int):
+        k, big_l = num_labels, num_layers
+        lead = stats.shape[:-1]
+        self.probs = stats[..., :k]
+        self.layer = stats[..., k : k + big_l]
+        self.pred_history = stats[..., k + big_l : k + big_l + big_l * k].reshape(*lead, big_l, k)
+        self.entropy_history = stats[..., k + big_l + big_l * k :]
+
+    @property
+    def layer_number(self) -> np.ndarray:
+        """l, 1-based."""
+        return self.layer.argmax(-1) + 1
+
+
+def gather(source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = source[rows] without a temporary when the dtypes agree."""
+    if source.dtype == out.dtype:
+        # mode="clip" writes straight into out (mode="raise" buffers); rows are valid by construction.
+        np.take(source, rows, axis=0, out=out, mode="clip")
+    else:
+        out[:] = source[rows]
+
+
+@dataclass
+class ObservationEncoder:
+    """Builds observations of one mode, one at a time (single env) or by batch (vector env)."""
+
+    mode: str
+    num_layers: int
+    hidden_size: int
+    num_labels: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in OBS_MODES:
+            raise ValueError(f"unknown observation mode {self.mode!r}; choose one of {', '.join(OBS_MODES)}")
+        d, big_l, s = self.hidden_size, self.num_layers, stats_size(self.num_layers, self.num_labels)
+        state = spaces.Box(-1.0, 1.0, (d,), np.float32)
+        stats = spaces.Box(0.0, 1.0, (s,), np.float32)
+        self.space: spaces.Space = {
+            "state": state,
+            "state+layer": spaces.Box(-1.0, 1.0, (d + big_l,), np.float32),
+            "stats": stats,
+            "full": spaces.Dict({"state": state, "stats": stats}),
+        }[self.mode]
+
+    @property
+    def uses_state(self) -> bool:
+        return self.mode != "stats"
+
+    @property
+    def uses_stats(self) -> bool:
+        return self.mode in ("stats", "full")
+
+    # -- one observation from the episode so far (single env, cached or live) ------------------
+    def single(self, state: np.ndarray | None, logits_so_far: np.ndarray):
+        """Observation at layer l = len(logits_so_far) from s_l and the logits of layers 1..l."""
+        layer = logits_so_far.shape[0]
+        if self.uses_stats:
+            stats = stats_features(logits_so_far[None], self.num_layers)[0, -1]
+        if self.mode == "stats":
+            return stats
+        state = np.clip(np.asarray(state, dtype=np.float32), -1.0, 1.0)
+        if self.mode == "state":
+            return state
+        if self.mode == "full":
+            return {"state": state, "stats": stats}
+        one_hot = np.zeros(self.num_layers, dtype=np.float32)
+        one_hot[layer - 1] = 1.0
+        return np.concatenate([state, one_hot])
+
+    # -- a batch from the table (vector env) -----------------------------------------------------
+    def allocate(self, batch: int):
+        """Preallocated output buffers for ``batch`` observations."""
+        if isinstance(self.space, spaces.Dict):
+            return {key: np.zeros((batch, *sub.shape), np.float32) for key, sub in self.space.items()}
+        return np.zeros((batch, *self.space.shape), np.float32)
+
+    def batch(self, table: ExitTable, index: np.ndarray, layer: np.ndarray, out) -> None:
+        """Write the observations of inputs ``index`` at layers ``layer`` (1-based) into ``out``."""
+        rows = index * self.num_layers + (layer - 1)  # into the [N * L, ...] flattened tables
+        if self.mode == "state":
+            gather(self._flat_states(table), rows, out)
+        elif self.mode == "state+layer":
+            joined = self._flat_state_layer(table)
+            if joined is not None:
+                gather(joined, rows, out)
+            else:  # too big to precompute: states, then the one-hot
+                d = self.hidden_size
+                gather(self._flat_states(table), rows, out[:, :d])
+                out[:, d:] = 0.0
+                out[np.arange(len(rows)), d + layer - 1] = 1.0
+        elif self.mode == "stats":
+            gather(self._flat_stats(table), rows, out)
+        else:
+            gather(self._flat_states(table), rows, out["state"])
+            gather(self._flat_stats(table), rows, out["stats"])
+
+    def _flat_states(self, table: ExitTable) -> np.ndarray:
+        states = table.states
+        return states.reshape(-1, states.shape[-1])
+
+    def at(self, table: ExitTable, index: int, layer: int):
+        """One observation from the table (the single env in cached mode)."""
+        out = self.allocate(1)
+        self.batch(table, np.array([index]), np.array([layer]), out)
+        if isinstance(out, dict):
+            return {key: value[0] for key, value in out.items()}
+        return out[0]
+
+    def _flat_state_layer(self, table: ExitTable) -> np.ndarray | None:
+        """[N * L, d + L]: s_l with the layer one-hot appended, so that a step is one gather.
+
+        None when that table would exceed 1 GiB; ``batch`` then appends the one-hot itself.
+        """
+        n, big_l, d = table.states.shape
+        if n * big_l * (d + big_l) * 4 > 2**30:
+            return None
+        if "state+layer" not in table.derived:
+            joined = np.zeros((n, big_l, d + big_l), dtype=np.float32)
+            joined[..., :d] = table.states
+            joined[..., d:] = np.eye(big_l, dtype=np.float32)
+            table.derived["state+layer"] = joined.reshape(n * big_l, d + big_l)
+        return table.derived["state+layer"]
+
+    def _flat_stats(self, table: ExitTable) -> np.ndarray:
+        if "stats" not in table.derived:  # computed on first use, once per table
+            stats = stats_features(table.logits, self.num_layers)
+            table.derived["stats"] = stats.reshape(-1, stats.shape[-1])
+        return table.derived["stats"]

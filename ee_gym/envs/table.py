@@ -1,0 +1,93 @@
+"""What an env reads for each (input, layer), held in memory and derived once from a cache.
+
+The cache stores states and logits; the env also needs, at every (input, layer), the head's
+probabilities, its prediction, its cross-entropy against the label and whether it is right. They are
+computed here once, so that a step is an array lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ee_gym.cache import ExitCache
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+    """H(p) / log K in [0, 1] (natural log; FastBERT's uncertainty)."""
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
+    return np.clip(entropy / np.log(probs.shape[-1]), 0.0, 1.0)
+
+
+@dataclass
+class ExitTable:
+    """Per-(input, layer) arrays for one split: N inputs, L layers, d state size, K classes."""
+
+    states: np.ndarray  # [N, L, d] pooled states, float32 or float16
+    logits: np.ndarray  # [N, L, K] float32
+    labels: np.ndarray  # [N] int64
+    memorized: np.ndarray  # [N] int64 memorized layer, 1..L
+    task: str = "custom"
+    split: str = "train"
+    #: tables derived for observation modes, built on first use and shared by every env on this table
+    derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n, num_layers, k = self.logits.shape
+        if self.states.shape[:2] != (n, num_layers) or self.labels.shape != (n,):
+            raise ValueError(
+                f"inconsistent shapes: states {self.states.shape}, logits {self.logits.shape}, "
+                f"labels {self.labels.shape}"
+            )
+        self.logits = np.ascontiguousarray(self.logits, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.memorized = np.asarray(self.memorized, dtype=np.int64)
+        self.probs = softmax(self.logits)
+        self.predictions = self.logits.argmax(-1)
+        self.correct = self.predictions == self.labels[:, None]
+        self.cross_entropy = -np.take_along_axis(
+            log_softmax(self.logits.astype(np.float64)), self.labels[:, None, None], axis=-1
+        )[..., 0]
+
+    @classmethod
+    def from_cache(cls, cache: ExitCache) -> ExitTable:
+        """Load a cache's arrays into memory (float32 states when they fit in 2 GiB)."""
+        states = np.asarray(cache.states)
+        if states.nbytes * (4 // states.itemsize) <= 2 * 2**30:
+            states = states.astype(np.float32)
+        return cls(
+            states=np.ascontiguousarray(states),
+            logits=np.asarray(cache.logits),
+            labels=cache.labels,
+            memorized=cache.memorized,
+            task=cache.manifest["task"],
+            split=cache.manifest["split"],
+        )
+
+    @property
+    def num_inputs(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_labels(self) -> int:
+        return self.logits.shape[2]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.states.shape[2]

@@ -1,0 +1,65 @@
+"""ConsistentEE's reward and its named variants (METHOD.md, stage 2).
+
+Every reward is paid once, at the exit layer t (1..L), from the cross-entropy of the exit's head,
+whether it was right, the input's memorized layer m and the price alpha of one layer:
+
+    hardness  R = -CE - alpha * t * (1 - m / L)     easy inputs pay the full price per layer
+    plain     R = -CE - alpha * t
+    ce        R = -CE                               what the authors' released code runs
+    accuracy  R = 1[correct] - alpha * t
+
+All functions take numpy arrays (or scalars) and broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+#: alpha for a 12-layer model per task; the authors' code notes 0.035 for RTE.
+BASE_ALPHA: dict[str, float] = {"rte": 0.035}
+GENERIC_BASE_ALPHA = 0.035
+REFERENCE_DEPTH = 12
+
+
+def default_alpha(task: str, num_layers: int) -> float:
+    """The per-layer price for a model of ``num_layers`` layers.
+
+    Scaled by 12 / L so that going through the whole network costs what it costs a 12-layer
+    BERT-base in the paper (alpha * L stays the same).
+    """
+    return BASE_ALPHA.get(task, GENERIC_BASE_ALPHA) * REFERENCE_DEPTH / num_layers
+
+
+def hardness(ce, correct, t, m, num_layers: int, alpha: float):
+    return -ce - alpha * t * (1.0 - m / num_layers)
+
+
+def plain(ce, correct, t, m, num_layers: int, alpha: float):
+    return -ce - alpha * t
+
+
+def cross_entropy_only(ce, correct, t, m, num_layers: int, alpha: float):
+    return -np.asarray(ce, dtype=np.float64)
+
+
+def accuracy(ce, correct, t, m, num_layers: int, alpha: float):
+    return np.asarray(correct, dtype=np.float64) - alpha * t
+
+
+RewardFn = Callable[..., np.ndarray]
+REWARDS: dict[str, RewardFn] = {
+    "hardness": hardness,
+    "plain": plain,
+    "ce": cross_entropy_only,
+    "accuracy": accuracy,
+}
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward function called ``name``; unknown names list the valid ones."""
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}") from None

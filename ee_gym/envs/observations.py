@@ -33,7 +33,7 @@ def stats_features(logits: np.ndarray, num_layers: int) -> np.ndarray:
     """The stats vector at every layer of a logits prefix: [N, l, K] -> [N, l, S] float32."""
     n, depth, k = logits.shape
     probs = softmax(logits.astype(np.float32))
-    one_hot = np.eye(k, dtype=np.float32)[probs.argmax(-1)]  # [N, l, K]
+    one_hot = np.eye(k, dtype=np.float32)[logits.argmax(-1)]  # the prediction the env scores
     entropy = normalized_entropy(probs).astype(np.float32)  # [N, l]
     out = np.zeros((n, depth, stats_size(num_layers, k)), dtype=np.float32)
     view = StatsView(out, num_layers, k)
@@ -109,7 +109,7 @@ class ObservationEncoder:
             stats = stats_features(logits_so_far[None], self.num_layers)[0, -1]
         if self.mode == "stats":
             return stats
-        state = np.clip(np.asarray(state, dtype=np.float32), -1.0, 1.0)
+        state = np.array(state, dtype=np.float32)  # a copy: callers may keep observations
         if self.mode == "state":
             return state
         if self.mode == "full":

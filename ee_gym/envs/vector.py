@@ -88,7 +88,7 @@ class ConsistentEEVectorEnv(VectorEnv):
         self.table, self.split, self.task = table, split, table.task
         self.num_envs = int(num_envs)
         self.num_layers = table.num_layers
-        self.reward_fn = get_reward(reward)
+        self.reward_fn, self.reward_name = get_reward(reward), reward
         self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else float(alpha)
         self.encoder = ObservationEncoder(obs_mode, table.num_layers, table.hidden_size, table.num_labels)
         self.single_observation_space = self.encoder.space

@@ -1,0 +1,387 @@
+"""REINFORCE: ConsistentEE's own exit-policy learner (METHOD.md, stage 2), on the native vector env.
+
+One small network per layer, pi_l(s_l) = sigmoid(W2 gelu(W1 s_l)) with W1: d -> 32 and W2: 32 -> 1,
+gives the probability of EXIT at layer l. Training follows METHOD.md exactly:
+
+* each batch of B inputs (a seeded shuffle of the table, every epoch) is replicated K times and
+  played in one :class:`~ee_gym.envs.ConsistentEEVectorEnv` of B*K sub-envs, reset onto those inputs;
+  every row plays until its first exit (at most L steps); rows that exited are masked out, the new
+  episodes the env starts for them (SAME_STEP autoreset) are ignored;
+* log pi(tau) = sum_{l<t} log(1 - p_l) + log p_t; an input forced out at L by the env after the
+  policy said CONTINUE adds log(1 - p_L) instead (:func:`trajectory_log_prob`);
+* the reward is the env's own (``env.reward_fn``, ``env.alpha``), paid once at the exit; the baseline
+  b(x) is the mean reward of the K replicas of the same input (:func:`group_baseline`); no discount,
+  no entropy bonus; loss = -mean (R - b(x)) log pi(tau); Adam.
+
+Two rollout modes (``rollout=``):
+
+* ``"sample"``: actions drawn from Bernoulli(p_l), the textbook form of REINFORCE.
+* ``"threshold"``: the authors' code: exit when p_l > 0.5, as at inference, the replicas differing
+  only by dropout. A cached env replays frozen states, so there is no backbone dropout to make the
+  replicas differ: in this mode dropout (``dropout``, 0.1) is applied to the policy's input state
+  during training, which is then the only source of exploration.
+
+Inference (``act`` with ``deterministic=True``, what ``agents.evaluate`` uses) is the paper's rule in
+both modes: exit at the first layer with p_l > 0.5, else at L.
+
+Measured (CPU, 1 thread; accuracy / mean exit layer / layer speed-up L / mean on a held-out table
+with ``agents.evaluate``, mean [min-max] over seeds 0-2; batch 32, K = 8, lr 3e-4, hardness reward,
+the env's alpha, 0.07 for L = 6):
+
+* synthetic table (the generator of tests/test_reinforce.py: 2000 train / 1000 dev inputs, L = 6,
+  d = 16, 2 classes; the head at layer l is right iff l >= e(x), e uniform on 1..6, and s_l tells
+  l >= e apart up to Gaussian noise; the oracle exits at 3.50 with 100 %, the only static layer at
+  100 % is layer 6)::
+
+    noise  epochs  rollout     accuracy             mean exit           speed-up  train time
+    0.3    3       sample      1.000 [1.000-1.000]  3.50 [3.49-3.51]    1.71x     1.3 s
+    0.3    3       threshold   1.000 [1.000-1.000]  4.30 [4.24-4.34]    1.39x     1.5 s
+    0.3    20      sample      1.000 [1.000-1.000]  3.49 [3.49-3.49]    1.72x     9.6 s
+    0.3    20      threshold   1.000 [1.000-1.000]  3.62 [3.50-3.71]    1.66x     8.3 s
+    1.5    3       sample      0.942 [0.899-0.974]  4.76 [4.56-4.96]    1.26x     1.2 s
+    1.5    3       threshold   0.927 [0.831-0.981]  5.23 [4.73-5.52]    1.15x     1.2 s
+    1.5    20      sample      0.999 [0.998-0.999]  5.29 [5.20-5.40]    1.14x     8.8 s
+    1.5    20      threshold   0.996 [0.995-0.998]  5.10 [4.96-5.27]    1.18x     9.5 s
+
+  At RTE's scale (2490 inputs, L = 6, d = 384) one epoch takes 0.7 s in either mode.
+* real RTE cache (minilm-l6 stage-1 model, L = 6, d = 384, fingerprint 265d99000e336e2c; train
+  2490 inputs, dev 277; static dev accuracy by layer 0.563 0.534 0.531 0.574 0.581 0.578; oracle
+  0.780 at 2.59 layers)::
+
+    epochs  rollout     dev accuracy         mean exit           speed-up  train time
+    1       sample      0.576 [0.574-0.578]  4.51 [4.43-4.67]    1.33x     0.8 s
+    1       threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    3.17x     0.6 s
+    2       sample      0.578 [0.574-0.581]  4.49 [4.35-4.67]    1.34x     1.3 s
+    2       threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    (same)    1.2 s
+    10      sample      0.575 [0.574-0.578]  4.38 [4.35-4.39]    1.37x     7.3 s
+    10      threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    (same)    5.5 s
+
+  ``"threshold"`` never moved on RTE: with every input of a seed exiting at one layer from the
+  start (1, 3 and 4 for seeds 0, 1, 2: whatever the random initialisation said), 10 % dropout on a
+  384-wide pooled state flipped no decision, all K replicas of an input took the same path, every
+  advantage R - b(x) was 0 and so was every gradient (the training reward stayed the same to four
+  digits for 10 epochs). ``"sample"`` learned (training reward -0.67 -> -0.41, stage-1 heads this
+  weak leave little to win on dev: 0.575 at 4.4 layers vs static layer 4 at 0.574, layer 5 at 0.581).
+
+Default: ``rollout="sample"``. On the synthetic table it reached the oracle (3.49-3.51 layers at
+100 %) on every seed in 3 epochs, where ``"threshold"`` needed 20 epochs to come near it; on RTE
+``"threshold"`` did not learn at all (above). ``"threshold"`` explores only where dropout flips a
+decision, i.e. where p_l is near 0.5: a layer whose p_l is below (or above) 0.5 for every input
+receives no gradient and stays so (on the synthetic table: histograms with an empty layer, e.g.
+[171, 151, 0, 224, 7, 447] at low noise and 3 epochs), and its gradient is not the policy gradient
+of the deterministic rule it runs. On the noisy synthetic table after 20 epochs ``"threshold"``
+exited slightly earlier (5.10 vs 5.29) at slightly lower accuracy (0.996 vs 0.999): a tie within
+the seeds' spread, not a reason to leave the textbook estimator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from agents.base import ExitPolicy
+from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
+
+ROLLOUTS = ("sample", "threshold")
+WEIGHTS_FILE = "policy.safetensors"
+HISTORY_FILE = "history.json"
+
+
+# -- the network ------------------------------------------------------------------------------------
+class PerLayerPolicy(nn.Module):
+    """pi_l(s) = sigmoid(W2 gelu(W1 s)), one network per layer; ``forward`` returns the logits.
+
+    Rows are grouped by layer, so a batch costs one small matmul per layer present in it (in a
+    training rollout every active row is at the same layer: one matmul per step).
+    """
+
+    def __init__(self, state_size: int, num_layers: int, hidden_size: int = 32):
+        super().__init__()
+        self.state_size, self.num_layers, self.hidden_size = state_size, num_layers, hidden_size
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(state_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+            for _ in range(num_layers)
+        )
+
+    def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """Exit logits [B] of states [B, d] at layers [B] (1-based)."""
+        out = states.new_zeros(states.shape[0])
+        for layer in torch.unique(layers).tolist():
+            rows = torch.nonzero(layers == layer).squeeze(1)
+            out = out.index_put((rows,), self.layers[layer - 1](states[rows]).squeeze(-1))
+        return out
+
+
+# -- the two formulas of the policy gradient -------------------------------------------------------
+def trajectory_log_prob(
+    logits: torch.Tensor, exit_layer: torch.Tensor, exit_chosen: torch.Tensor
+) -> torch.Tensor:
+    """log pi(tau) of each row: sum_{l<t} log(1 - p_l) + log p_t, with p_l = sigmoid(logits[:, l-1]).
+
+    logits: [N, L] exit logits (entries after the exit are ignored); exit_layer: [N] t in 1..L;
+    exit_chosen: [N] bool, False for a row the env forced out at L after the policy said CONTINUE:
+    such a row adds log(1 - p_L) instead of log p_L.
+    """
+    layers = torch.arange(1, logits.shape[1] + 1, device=logits.device)[None, :]
+    exit_layer = exit_layer.to(logits.device)[:, None]
+    log_continue, log_exit = F.logsigmoid(-logits), F.logsigmoid(logits)
+    at_exit = torch.where(exit_chosen.to(logits.device)[:, None].bool(), log_exit, log_continue)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    before = torch.where(layers < exit_layer, log_continue, zero).sum(1)
+    return before + torch.where(layers == exit_layer, at_exit, zero).sum(1)
+
+
+def group_baseline(rewards: torch.Tensor, replicas: int) -> torch.Tensor:
+    """b(x) for each row: the mean reward of the ``replicas`` consecutive rows of the same input."""
+    return rewards.view(-1, replicas).mean(1).repeat_interleave(replicas)
+
+
+@dataclass
+class Rollout:
+    """What one training rollout returns, one row per (input, replica)."""
+
+    logits: torch.Tensor  # [N, L] exit logits with their graph (zeros after the exit)
+    exit_layer: np.ndarray  # [N] 1..L
+    exit_chosen: np.ndarray  # [N] bool, False when forced out at L
+    rewards: np.ndarray  # [N]
+    correct: np.ndarray  # [N] bool
+
+
+# -- the policy ---------------------------------------------------------------------------------------
+class Reinforce(ExitPolicy):
+    """ConsistentEE's per-layer policies trained by REINFORCE (see the module docstring).
+
+    Args:
+        hidden_size: width of each per-layer network (32 in the paper).
+        dropout: dropout on the policy's input state in training, ``"threshold"`` rollouts only.
+        rollout: ``"sample"`` (Bernoulli actions, the default) or ``"threshold"`` (p > 0.5 + dropout).
+        seed: seeds the weights' initialisation, the shuffles, the samples and the dropout masks.
+        state_size, num_layers: the network's shape; taken from the env on ``learn``/``bind`` when None.
+    """
+
+    name: ClassVar[str] = "reinforce"
+    obs_mode: ClassVar[str] = "state+layer"
+    learns: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        hidden_size: int = 32,
+        dropout: float = 0.1,
+        rollout: str = "sample",
+        seed: int = 0,
+        state_size: int | None = None,
+        num_layers: int | None = None,
+    ):
+        if rollout not in ROLLOUTS:
+            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        self.hidden_size, self.dropout, self.rollout, self.seed = (
+            int(hidden_size),
+            float(dropout),
+            rollout,
+            seed,
+        )
+        self.net: PerLayerPolicy | None = None
+        #: one record per training epoch: mean_reward, mean_exit_layer, accuracy, loss, seconds
+        self.history: list[dict[str, float]] = []
+        self._seed(seed)
+        if state_size is not None and num_layers is not None:
+            self._build(state_size, num_layers)
+
+    # -- seeding, in one place ------------------------------------------------------------------
+    def _seed(self, seed: int) -> None:
+        """Seed every random draw of this policy without touching torch's or numpy's global state."""
+        self._np_rng = np.random.default_rng(seed)
+        self._torch_rng = torch.Generator().manual_seed(seed)
+        self._init_seed = seed
+
+    def _build(self, state_size: int, num_layers: int) -> None:
+        with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global generator
+            torch.manual_seed(self._init_seed)
+            self.net = PerLayerPolicy(int(state_size), int(num_layers), self.hidden_size)
+
+    def _ensure_network(self, table: ExitTable) -> PerLayerPolicy:
+        if self.net is None:
+            self._build(table.hidden_size, table.num_layers)
+        elif (self.net.state_size, self.net.num_layers) != (table.hidden_size, table.num_layers):
+            raise ValueError(
+                f"this policy was built for d={self.net.state_size}, L={self.net.num_layers}; the env has "
+                f"d={table.hidden_size}, L={table.num_layers}"
+            )
+        return self.net
+
+    # -- acting -----------------------------------------------------------------------------------
+    def bind(self, env: ConsistentEEVectorEnv) -> None:
+        self._ensure_network(env.table)
+
+    def exit_probs(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_l, l) for a batch of "state+layer" observations."""
+        if self.net is None:
+            raise RuntimeError("the policy has no network yet: call learn(env), bind(env) or load it")
+        obs = np.asarray(obs, dtype=np.float32).reshape(-1, self.net.state_size + self.net.num_layers)
+        states = torch.from_numpy(obs[:, : self.net.state_size])
+        layers = torch.from_numpy(obs[:, self.net.state_size :].argmax(1) + 1)
+        with torch.no_grad():
+            probs = torch.sigmoid(self.net(states, layers))
+        return probs.numpy(), layers.numpy()
+
+    def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        probs, layers = self.exit_probs(obs)
+        if deterministic:
+            exits = probs > 0.5
+        else:
+            exits = torch.bernoulli(torch.from_numpy(probs), generator=self._torch_rng).numpy() > 0
+        return (exits | (layers == self.net.num_layers)).astype(np.int64)
+
+    # -- learning ---------------------------------------------------------------------------------
+    def learn(
+        self,
+        env: Any,
+        epochs: int = 2,
+        batch_size: int = 32,
+        replicas: int = 8,
+        lr: float = 3e-4,
+        rollout: str | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> Reinforce:
+        """Train on the table, reward and alpha of ``env`` (any env with ``table``, ``reward_fn``, ``alpha``).
+
+        ``rollout`` and ``seed`` default to the constructor's; a given seed re-seeds the policy's
+        random draws (not its weights, which are initialised once).
+        """
+        rollout = self.rollout if rollout is None else rollout
+        if rollout not in ROLLOUTS:
+            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        if seed is not None:
+            self._seed(seed)
+        table: ExitTable = env.table
+        if table is None:
+            raise ValueError("REINFORCE trains on a cached table: the env has none (live mode?)")
+        net = self._ensure_network(table)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        envs: dict[int, ConsistentEEVectorEnv] = {}  # one vector env per batch size (the last is short)
+        n = table.num_inputs
+        bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="reinforce", disable=not progress)
+        for epoch in range(epochs):
+            start_time, totals = time.perf_counter(), np.zeros(5)  # reward, layer, correct, loss, rows
+            order = self._np_rng.permutation(n)
+            for start in range(0, n, batch_size):
+                inputs = order[start : start + batch_size]
+                rows = len(inputs) * replicas
+                if rows not in envs:
+                    envs[rows] = self._training_env(env, table, rows)
+                out = self._rollout(envs[rows], np.repeat(inputs, replicas), rollout)
+                rewards = torch.as_tensor(out.rewards, dtype=torch.float32)
+                advantage = rewards - group_baseline(rewards, replicas)
+                log_prob = trajectory_log_prob(
+                    out.logits, torch.from_numpy(out.exit_layer), torch.from_numpy(out.exit_chosen)
+                )
+                loss = -(advantage * log_prob).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                totals += (
+                    out.rewards.sum(),
+                    out.exit_layer.sum(),
+                    out.correct.sum(),
+                    loss.item() * rows,
+                    rows,
+                )
+                bar.update(1)
+                bar.set_postfix(
+                    epoch=epoch + 1, reward=f"{out.rewards.mean():.3f}", layer=f"{out.exit_layer.mean():.2f}"
+                )
+            reward, layer, correct, loss_sum, count = totals
+            self.history.append(
+                {
+                    "epoch": len(self.history) + 1,
+                    "rollout": rollout,
+                    "mean_reward": reward / count,
+                    "mean_exit_layer": layer / count,
+                    "accuracy": correct / count,
+                    "loss": loss_sum / count,
+                    "seconds": time.perf_counter() - start_time,
+                }
+            )
+        bar.close()
+        return self
+
+    def _training_env(self, env: Any, table: ExitTable, num_envs: int) -> ConsistentEEVectorEnv:
+        """A vector env over ``env``'s table with ``env``'s reward function and alpha."""
+        train_env = ConsistentEEVectorEnv(
+            num_envs, table=table, split=table.split, obs_mode=self.obs_mode, alpha=env.alpha, final_obs=False
+        )
+        train_env.reward_fn = env.reward_fn  # the env's own reward, named or custom
+        train_env.reset(seed=int(self._np_rng.integers(2**31)))  # seeds its (ignored) autoreset draws
+        return train_env
+
+    def _rollout(self, env: ConsistentEEVectorEnv, index: np.ndarray, rollout: str) -> Rollout:
+        """Play every row of ``env`` from ``index`` until its first exit; keep the exit logits' graph."""
+        net = self.net
+        n, num_layers, d = len(index), env.num_layers, net.state_size
+        obs, _ = env.reset(options={"index": index})
+        active = np.ones(n, dtype=bool)
+        exit_layer, exit_chosen = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+        rewards, correct = np.zeros(n), np.zeros(n, dtype=bool)
+        columns = []
+        for layer in range(1, num_layers + 1):
+            rows = np.flatnonzero(active)
+            states = torch.from_numpy(obs[rows, :d])
+            if rollout == "threshold" and self.dropout > 0:  # replicas differ only by dropout
+                keep = torch.rand(states.shape, generator=self._torch_rng) >= self.dropout
+                states = states * keep / (1.0 - self.dropout)
+            logits = net(states, torch.full((len(rows),), layer))
+            probs = torch.sigmoid(logits.detach())
+            if rollout == "sample":
+                chosen = torch.bernoulli(probs, generator=self._torch_rng).numpy() > 0
+            else:
+                chosen = probs.numpy() > 0.5
+            actions = np.zeros(n, dtype=np.int64)  # rows already out act on ignored new episodes
+            actions[rows] = chosen
+            columns.append(torch.zeros(n).index_put((torch.from_numpy(rows),), logits))
+            obs, reward, exited, _, info = env.step(actions)
+            newly = exited & active
+            if newly.any():  # info holds "final_info" only on steps where some row exited
+                final = info["final_info"]
+                exit_layer[newly], correct[newly] = final["exit_layer"][newly], final["correct"][newly]
+                rewards[newly], exit_chosen[newly] = reward[newly], actions[newly] == 1
+            active &= ~exited
+            if not active.any():
+                break
+        columns += [torch.zeros(n)] * (num_layers - len(columns))
+        return Rollout(torch.stack(columns, 1), exit_layer, exit_chosen, rewards, correct)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "dropout": self.dropout,
+            "rollout": self.rollout,
+            "seed": self.seed,
+            "state_size": None if self.net is None else self.net.state_size,
+            "num_layers": None if self.net is None else self.net.num_layers,
+        }
+
+    def _save_weights(self, folder: Path) -> None:
+        if self.net is None:
+            raise RuntimeError("nothing to save: the policy has no network yet (learn or bind it first)")
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        (folder / HISTORY_FILE).write_text(json.dumps(self.history))
+
+    def _load_weights(self, folder: Path) -> None:
+        if self.net is None:
+            raise RuntimeError(f"{folder} records no network shape (state_size, num_layers)")
+        self.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        if (folder / HISTORY_FILE).is_file():
+            self.history = json.loads((folder / HISTORY_FILE).read_text())

@@ -1,0 +1,255 @@
+"""The classic exit rules of BASELINES.md, as stateless policies over the ``stats`` observation.
+
+Each rule reads only what the stats vector shows at layer l (the head's softmax p_l, the layer, the
+argmax and normalized entropy of every head so far) and answers EXIT (1) or CONTINUE (0); the env
+forces an exit at layer L whatever the rule says. Decoding the stats vector needs L and K: ``bind``
+reads them from the env; without ``bind`` they are inferred from the vectors themselves when exactly
+one (L, K) fits (see :func:`infer_dims`), and an error asks for ``bind`` otherwise.
+
+Comparisons run in the observation's precision (float32). ``sweep(num_layers)`` (a classmethod on
+every rule) lists keyword arguments that trace the rule's accuracy / speed-up curve, from the
+earliest-exiting setting to the latest (for PCEE: within each patience).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from agents.base import ExitPolicy
+from ee_gym.envs import ConsistentEEVectorEnv
+from ee_gym.envs.observations import StatsView, stats_size
+from ee_gym.envs.table import normalized_entropy
+
+
+def _fits(stats: np.ndarray, num_layers: int, num_labels: int) -> bool:
+    """Whether every row of ``stats`` [B, S] is a well-formed stats vector for (L, K)."""
+    view = StatsView(stats, num_layers, num_labels)
+    onehot = np.isin(view.layer, (0.0, 1.0)).all() and (view.layer.sum(-1) == 1).all()
+    if not onehot or (view.probs < 0).any() or not np.allclose(view.probs.sum(-1), 1.0, atol=1e-3):
+        return False
+    rows, layer = np.arange(len(stats)), view.layer_number
+    seen = np.arange(num_layers) < layer[:, None]  # [B, L]: layers 1..l
+    history = view.pred_history
+    return bool(
+        np.isin(history, (0.0, 1.0)).all()
+        and (history.sum(-1) == seen).all()
+        and (history[rows, layer - 1].argmax(-1) == view.probs.argmax(-1)).all()
+        and (view.entropy_history[~seen] == 0).all()
+        and np.allclose(view.entropy_history[rows, layer - 1], normalized_entropy(view.probs), atol=1e-4)
+    )
+
+
+def infer_dims(stats: np.ndarray) -> tuple[int, int]:
+    """(num_layers, num_labels) of a batch of stats vectors, when exactly one pair fits them.
+
+    The width alone, S + 2 = (K + 2)(L + 1), is usually ambiguous; every candidate is checked against
+    the contents (probabilities summing to 1, one-hots, history zero after l, entropy of p_l).
+    """
+    stats = np.asarray(stats).reshape(-1, np.shape(stats)[-1])
+    width = stats.shape[-1]
+    candidates = [
+        ((width + 2) // (k + 2) - 1, k)
+        for k in range(2, width + 1)
+        if (width + 2) % (k + 2) == 0 and (width + 2) // (k + 2) >= 2
+    ]
+    found = [dims for dims in candidates if _fits(stats, *dims)]
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot tell the number of layers and labels from stats vectors of width {width} "
+            f"(fitting (L, K): {found}); call policy.bind(env) first"
+        )
+    return found[0]
+
+
+class StatsRule(ExitPolicy):
+    """Base of the rules: decodes the stats observation and applies :meth:`exits` row-wise."""
+
+    obs_mode = "stats"
+
+    def __init__(self) -> None:
+        self.dims: tuple[int, int] | None = None  # (num_layers, num_labels), set by bind
+
+    def bind(self, env: ConsistentEEVectorEnv) -> None:
+        self.dims = (env.num_layers, env.table.num_labels)
+
+    def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        if isinstance(obs, dict):  # the "full" mode carries the stats vector too
+            obs = obs["stats"]
+        obs = np.asarray(obs)
+        lead, width = obs.shape[:-1], obs.shape[-1]
+        stats = obs.reshape(-1, width)
+        num_layers, num_labels = self.dims if self.dims is not None else infer_dims(stats)
+        if width != stats_size(num_layers, num_labels):
+            raise ValueError(
+                f"{self.name}: observations of width {width} are not stats vectors for "
+                f"{num_layers} layers and {num_labels} labels"
+            )
+        view = StatsView(stats, num_layers, num_labels)
+        return self.exits(view, view.layer_number, num_layers, num_labels).astype(np.int64).reshape(lead)
+
+    def exits(self, view: StatsView, layer: np.ndarray, num_layers: int, num_labels: int) -> np.ndarray:
+        """Boolean [B]: whether each row exits at its layer ``layer`` (1-based)."""
+        raise NotImplementedError
+
+    @classmethod
+    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+        """Keyword arguments tracing the accuracy / speed-up curve, earliest exits first."""
+        raise NotImplementedError
+
+
+def _run_ends_at(flags: np.ndarray, layer: np.ndarray, length: int) -> np.ndarray:
+    """Whether ``flags`` [B, L] (per layer 1..L) held at each of the ``length`` layers ending at ``layer``."""
+    positions = (layer - 1)[:, None] - np.arange(length)  # [B, length], 0-based
+    held = np.take_along_axis(flags, np.clip(positions, 0, None), axis=1)
+    return (held & (positions >= 0)).all(-1)
+
+
+class _Threshold(StatsRule):
+    """A rule with one ``threshold``."""
+
+    default: float = 0.0
+    thresholds: tuple[float, ...] = ()
+
+    def __init__(self, threshold: float | None = None) -> None:
+        super().__init__()
+        self.threshold = float(self.default if threshold is None else threshold)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+        return [{"threshold": t} for t in cls.thresholds]
+
+
+class Static(StatsRule):
+    """Every input exits at layer ``layer`` (the "BERT-kL" rows); a layer beyond L exits at L.
+
+    ``layer=None`` (the default) means the middle layer, ceil(L / 2).
+    """
+
+    name = "static"
+
+    def __init__(self, layer: int | None = None) -> None:
+        super().__init__()
+        if layer is not None and int(layer) < 1:
+            raise ValueError(f"static: layer must be 1 or more, got {layer}")
+        self.layer = None if layer is None else int(layer)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        return layer >= (math.ceil(num_layers / 2) if self.layer is None else self.layer)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+    @classmethod
+    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+        return [{"layer": k} for k in range(1, num_layers + 1)]
+
+
+class Entropy(_Threshold):
+    """DeeBERT (Xin et al., ACL 2020): exit when H(p_l) < threshold (natural log, in nats)."""
+
+    name = "entropy"
+    default = 0.3
+    thresholds = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.005, 0.001)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        current = view.entropy_history[np.arange(len(layer)), layer - 1]  # H / log K
+        return current * np.float32(math.log(num_labels)) < self.threshold
+
+
+class NormalizedEntropy(_Threshold):
+    """FastBERT (Liu et al., ACL 2020): exit when H(p_l) / log K < threshold."""
+
+    name = "normentropy"
+    default = 0.3
+    thresholds = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        return view.entropy_history[np.arange(len(layer)), layer - 1] < self.threshold
+
+
+class MaxProb(_Threshold):
+    """CALM softmax confidence (Schuster et al., NeurIPS 2022): exit when max p_l >= threshold."""
+
+    name = "maxprob"
+    default = 0.9
+    thresholds = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        return view.probs.max(-1) >= self.threshold
+
+
+class Top2Gap(_Threshold):
+    """CALM top-2 gap: exit when p_l(1st) - p_l(2nd) >= threshold."""
+
+    name = "top2gap"
+    default = 0.8
+    thresholds = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        top2 = np.partition(view.probs, -2, axis=-1)[:, -2:]
+        return top2[:, 1] - top2[:, 0] >= self.threshold
+
+
+class Patience(StatsRule):
+    """PABEE (Zhou et al., NeurIPS 2020): exit once the prediction has stopped changing.
+
+    As PABEE's counter: at each layer l >= 2 the counter grows by one when argmax p_l equals
+    argmax p_{l-1} and resets to 0 otherwise; the input exits when the counter reaches ``patience``.
+    So it exits at the first layer l whose prediction equals those of the ``patience`` layers before it
+    (layers l - P .. l, P + 1 heads, agree): P = 1 exits at the first l >= 2 with pred_l == pred_{l-1},
+    and never before layer P + 1.
+    """
+
+    name = "patience"
+
+    def __init__(self, patience: int = 3) -> None:
+        super().__init__()
+        if int(patience) < 1:
+            raise ValueError(f"patience must be 1 or more, got {patience}")
+        self.patience = int(patience)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        history = view.pred_history  # [B, L, K], zero after l
+        same = np.zeros(history.shape[:2], dtype=bool)  # layer j agrees with layer j - 1 (j >= 2)
+        same[:, 1:] = (history[:, 1:] * history[:, :-1]).sum(-1) > 0
+        return _run_ends_at(same, layer, self.patience)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"patience": self.patience}
+
+    @classmethod
+    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+        return [{"patience": p} for p in range(1, max(num_layers, 2))]
+
+
+class PCEE(StatsRule):
+    """PCEE-BERT (Zhang et al., NAACL Findings 2022): patience over confidence.
+
+    Exit at layer l when H(p_j) / log K < ``threshold`` for each of the ``patience`` layers
+    j = l - P + 1 .. l (so never before layer P); P = 1 is FastBERT's normalized-entropy rule.
+    """
+
+    name = "pcee"
+
+    def __init__(self, patience: int = 2, threshold: float = 0.3) -> None:
+        super().__init__()
+        if int(patience) < 1:
+            raise ValueError(f"patience must be 1 or more, got {patience}")
+        self.patience, self.threshold = int(patience), float(threshold)
+
+    def exits(self, view, layer, num_layers, num_labels):
+        return _run_ends_at(view.entropy_history < self.threshold, layer, self.patience)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"patience": self.patience, "threshold": self.threshold}
+
+    @classmethod
+    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+        taus = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+        return [{"patience": p, "threshold": t} for p in (1, 2, 3) for t in taus]

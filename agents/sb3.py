@@ -1,0 +1,219 @@
+"""Stable-Baselines3 and sb3-contrib learners as exit policies: ``agents.make("ppo")``.
+
+Each policy trains one SB3 model on the native vector env through the SB3 bridge
+(:class:`~ee_gym.envs.SB3VecEnv`) and acts with ``model.predict``. An episode is one input, at most
+L steps long, with one reward at the exit, so the defaults use no discount (gamma = 1, the paper's
+setting), short rollouts and many parallel inputs. Any SB3 constructor argument can be given to the
+policy and overrides the defaults: ``agents.make("ppo", total_timesteps=50_000, learning_rate=1e-3)``.
+
+QR-DQN and Maskable PPO need sb3-contrib (``pip install sb3-contrib`` or ``ee-gym[contrib]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
+
+from agents.base import ExitPolicy
+from ee_gym.envs import ConsistentEEVectorEnv, SB3VecEnv
+from ee_gym.rewards import REWARDS
+
+try:
+    import sb3_contrib
+except ImportError:  # the contrib policies below are removed at the end of the module
+    sb3_contrib = None
+
+CONTRIB_POLICIES = ("QRDQNPolicy", "MaskablePPOPolicy")
+
+
+class MaskableSB3VecEnv(SB3VecEnv):
+    """The SB3 bridge plus ``action_masks()``: CONTINUE is forbidden at the last layer."""
+
+    def action_masks(self) -> np.ndarray:
+        """[num_envs, 2] booleans, column 0 = CONTINUE, column 1 = EXIT."""
+        masks = np.ones((self.num_envs, 2), dtype=bool)
+        masks[:, 0] = self.env.layer < self.env.num_layers
+        return masks
+
+    # sb3-contrib asks a VecEnv for masks per sub-env, through has_attr and env_method
+    def has_attr(self, attr_name: str) -> bool:
+        return attr_name == "action_masks" or super().has_attr(attr_name)
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs):
+        if method_name == "action_masks":
+            return list(self.action_masks()[self._get_indices(indices)])
+        return super().env_method(method_name, *method_args, indices=indices, **method_kwargs)
+
+
+class SB3Policy(ExitPolicy):
+    """An exit policy trained by an SB3 algorithm (``algorithm``) on the vector env.
+
+    ``total_timesteps`` and ``seed`` are what ``learn`` uses when not given; ``num_envs`` is how many
+    inputs run in parallel while training (None: the class's ``num_envs``); ``obs_mode`` what the
+    policy reads (None: "state+layer"); every other keyword goes to the algorithm's constructor,
+    over ``default_kwargs``.
+    """
+
+    name: ClassVar[str] = "sb3"
+    obs_mode: ClassVar[str] = "state+layer"
+    learns: ClassVar[bool] = True
+    algorithm: ClassVar[type[BaseAlgorithm]]
+    #: the algorithm's constructor arguments unless the user gives others
+    default_kwargs: ClassVar[dict[str, Any]] = {}
+    #: parallel inputs while training
+    num_envs: ClassVar[int] = 64
+    vec_env_class: ClassVar[type[SB3VecEnv]] = SB3VecEnv
+
+    def __init__(
+        self,
+        total_timesteps: int = 100_000,
+        seed: int | None = 0,
+        num_envs: int | None = None,
+        obs_mode: str | None = None,
+        **algo_kwargs: Any,
+    ):
+        self.total_timesteps, self.seed, self.algo_kwargs = int(total_timesteps), seed, algo_kwargs
+        self.num_envs = num_envs or type(self).num_envs
+        self.obs_mode = obs_mode or type(self).obs_mode
+        self.model: BaseAlgorithm | None = None
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "total_timesteps": self.total_timesteps,
+            "seed": self.seed,
+            "num_envs": self.num_envs,
+            "obs_mode": self.obs_mode,
+            **self.algo_kwargs,
+        }
+
+    def learn(
+        self,
+        env: ConsistentEEVectorEnv,
+        total_timesteps: int | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> SB3Policy:
+        """Train a new model on ``env``'s table (rebuilt with ``num_envs`` inputs if it has others)."""
+        seed = self.seed if seed is None else seed
+        venv = self.vec_env_class(self._training_env(env))
+        policy = "MultiInputPolicy" if self.obs_mode == "full" else "MlpPolicy"
+        kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
+        self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
+        self.model.learn(total_timesteps or self.total_timesteps, progress_bar=progress)
+        return self
+
+    def _training_env(self, env: ConsistentEEVectorEnv) -> ConsistentEEVectorEnv:
+        """``env`` itself when it fits, else a new vector env with the same table, reward and price."""
+        if env.num_envs == self.num_envs and env.encoder.mode == self.obs_mode and env.copy:
+            return env
+        reward = next(name for name, fn in REWARDS.items() if fn is env.reward_fn)
+        return ConsistentEEVectorEnv(
+            self.num_envs,
+            table=env.table,
+            split=env.split,
+            reward=reward,
+            alpha=env.alpha,
+            obs_mode=self.obs_mode,
+            final_obs=False,  # episodes end by termination only: SB3 never reads the exit's obs
+        )
+
+    def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        return self._predict(obs, deterministic).astype(np.int64)
+
+    def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model yet: call learn() or load_policy()")
+        return self.model.predict(obs, deterministic=deterministic)[0]
+
+    def _save_weights(self, folder: Path) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model to save: call learn() first")
+        self.model.save(folder / "model.zip")
+
+    def _load_weights(self, folder: Path) -> None:
+        self.model = self.algorithm.load(folder / "model.zip", device="cpu")
+
+
+class PPOPolicy(SB3Policy):
+    """PPO: the most reliable of these learners on this env (see the defaults' comments)."""
+
+    name = "ppo"
+    algorithm = PPO
+    default_kwargs = {
+        "gamma": 1.0,  # one reward at the exit: no discount (the paper's setting)
+        "gae_lambda": 1.0,  # returns are the exit reward itself; episodes are at most L steps
+        "n_steps": 8,  # x 64 inputs = 512 steps per update: many short episodes, frequent updates
+        "batch_size": 256,
+        "n_epochs": 4,
+        "learning_rate": 1e-3,
+        "ent_coef": 0.01,  # a little exploration; the reward is sparse
+    }
+
+
+class A2CPolicy(SB3Policy):
+    """A2C (synchronous advantage actor-critic)."""
+
+    name = "a2c"
+    algorithm = A2C
+    default_kwargs = {"gamma": 1.0, "gae_lambda": 1.0, "n_steps": 8, "learning_rate": 1e-3, "ent_coef": 0.01}
+
+
+class DQNPolicy(SB3Policy):
+    """DQN: Q(s, CONTINUE) against Q(s, EXIT); the exit's reward is the target of EXIT."""
+
+    name = "dqn"
+    algorithm = DQN
+    num_envs = 16
+    default_kwargs = {
+        "gamma": 1.0,
+        "learning_rate": 1e-3,
+        "buffer_size": 50_000,
+        "learning_starts": 1_000,  # a few hundred episodes of random exits before the first update
+        "batch_size": 128,
+        "train_freq": 1,  # one update per 16 transitions
+        "target_update_interval": 250,  # value must flow back over up to L steps: refresh often
+        "exploration_fraction": 0.1,
+        "exploration_final_eps": 0.02,
+    }
+
+
+class QRDQNPolicy(DQNPolicy):
+    """QR-DQN (sb3-contrib): DQN learning the distribution of returns."""
+
+    name = "qrdqn"
+    algorithm = sb3_contrib.QRDQN if sb3_contrib else None
+    #: 25 quantiles instead of 200: the loss is quadratic in them (40x faster here, as good)
+    default_kwargs = {**DQNPolicy.default_kwargs, "policy_kwargs": {"n_quantiles": 25}}
+
+
+class MaskablePPOPolicy(PPOPolicy):
+    """Maskable PPO (sb3-contrib): CONTINUE is masked at the last layer, where the env exits anyway.
+
+    At inference the mask is read from the observation's layer one-hot (``state+layer``: its last
+    value is 1 at the last layer); other observation modes act without a mask.
+    """
+
+    name = "maskable-ppo"
+    algorithm = sb3_contrib.MaskablePPO if sb3_contrib else None
+    vec_env_class = MaskableSB3VecEnv
+
+    def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
+        if self.model is None or self.obs_mode != "state+layer":
+            return super()._predict(obs, deterministic)
+        last = np.asarray(obs)[..., -1] == 1.0
+        masks = np.stack([~last, np.ones_like(last)], axis=-1)
+        return self.model.predict(obs, deterministic=deterministic, action_masks=masks)[0]
+
+
+if sb3_contrib is None:
+    del QRDQNPolicy, MaskablePPOPolicy
+
+    def __getattr__(name: str) -> Any:
+        if name in CONTRIB_POLICIES:
+            raise ImportError(f"{name} needs sb3-contrib: pip install sb3-contrib (or ee-gym[contrib])")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

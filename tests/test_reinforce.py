@@ -1,0 +1,213 @@
+"""REINFORCE (agents/reinforce.py) on a synthetic table whose right policy is known, plus its formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import agents
+from agents.base import load_policy
+from agents.evaluate import evaluate
+from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
+from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
+from ee_gym.rewards import accuracy
+
+NUM_LAYERS, STATE_SIZE = 6, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def easy_layer_table(
+    n: int = 400, num_layers: int = NUM_LAYERS, d: int = STATE_SIZE, seed: int = 0, split: str = "train"
+) -> ExitTable:
+    """Each input has an easy layer e in 1..L: the head at layer l is confidently right iff l >= e.
+
+    The state s_l points along a fixed direction when l >= e and against it otherwise (plus noise),
+    so a per-layer policy can learn to exit exactly at e: the oracle, 100 % at mean exit (L+1)/2.
+    Every static layer l < L is right for l/L of the inputs only. memorized = e.
+    """
+    rng = np.random.default_rng(seed)
+    easy = rng.integers(1, num_layers + 1, size=n)
+    labels = rng.integers(0, 2, size=n)
+    right = np.arange(1, num_layers + 1)[None, :] >= easy[:, None]  # [N, L]
+    target = np.where(right, labels[:, None], 1 - labels[:, None])
+    logits = np.zeros((n, num_layers, 2), dtype=np.float32)
+    margin = rng.uniform(2.0, 4.0, size=(n, num_layers, 1)).astype(np.float32)
+    np.put_along_axis(logits, target[..., None], margin, axis=-1)
+    direction = np.random.default_rng(1234).normal(size=d)
+    direction /= np.linalg.norm(direction)
+    signal = np.where(right, 1.0, -1.0)[..., None] * 2.0 * direction
+    states = np.clip(signal + rng.normal(0.0, 0.3, size=(n, num_layers, d)), -1.0, 1.0).astype(np.float32)
+    return ExitTable(states, logits, labels, easy, task="custom", split=split)
+
+
+@pytest.fixture(scope="module")
+def tables() -> tuple[ExitTable, ExitTable]:
+    return easy_layer_table(seed=0), easy_layer_table(seed=1, split="dev")
+
+
+def train_env(table: ExitTable, **kwargs) -> ConsistentEEVectorEnv:
+    return ConsistentEEVectorEnv(1, table=table, split=table.split, final_obs=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tables) -> Reinforce:
+    policy = Reinforce(seed=0)
+    return policy.learn(train_env(tables[0]), epochs=5, lr=3e-3, progress=False)
+
+
+def beats_best_static_layer(result, table: ExitTable) -> tuple[bool, str]:
+    """Accuracy within 0.01 of the best static layer's, at least one layer earlier on average."""
+    static = table.correct.mean(0)  # accuracy of each static layer 1..L
+    best = float(static.max())
+    best_layer = int(np.flatnonzero(static >= best)[0]) + 1  # the earliest layer reaching it
+    ok = result.score >= best - 0.01 and result.mean_exit_layer <= best_layer - 1.0
+    return ok, (
+        f"policy {result.score:.3f} at mean layer {result.mean_exit_layer:.2f} vs static {best:.3f} at "
+        f"layer {best_layer}"
+    )
+
+
+# -- learning ----------------------------------------------------------------------------------------
+def test_default_policy_beats_the_best_static_layer_at_equal_accuracy(tables, trained):
+    train, dev = tables
+    assert trained.rollout == "sample"  # the default the class docstring justifies
+    untrained = Reinforce(seed=0)
+    untrained.bind(train_env(train))
+    ok, why = beats_best_static_layer(evaluate(untrained, dev), dev)
+    assert not ok, f"the untrained policy should not pass: {why}"
+    result = evaluate(trained, dev)
+    ok, why = beats_best_static_layer(result, dev)
+    assert ok, why
+    assert result.mean_exit_layer <= 4.0, why  # the oracle exits at 3.5 on average
+    assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
+    assert {"mean_reward", "mean_exit_layer", "accuracy", "loss", "seconds"} <= set(trained.history[0])
+    assert trained.history[-1]["mean_reward"] > trained.history[0]["mean_reward"]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tables):
+    def weights(seed: int) -> torch.Tensor:
+        policy = Reinforce(seed=seed).learn(train_env(tables[0]), epochs=1, progress=False)
+        return torch.cat([p.detach().flatten() for p in policy.net.parameters()])
+
+    assert torch.equal(weights(3), weights(3))
+    assert not torch.equal(weights(3), weights(4))
+
+
+def test_rollout_pays_the_envs_own_reward_once_per_row(tables):
+    table = tables[0]
+    env = train_env(table, reward="accuracy", alpha=0.5)
+    policy = Reinforce(seed=0)
+    policy.bind(env)
+    index = np.repeat(np.arange(16), 4)
+    out = policy._rollout(policy._training_env(env, table, len(index)), index, "sample")
+    assert ((out.exit_layer >= 1) & (out.exit_layer <= NUM_LAYERS)).all()
+    correct = table.correct[index, out.exit_layer - 1]
+    expected = accuracy(None, correct, out.exit_layer, None, NUM_LAYERS, 0.5)  # 1[correct] - 0.5 t
+    np.testing.assert_allclose(out.rewards, expected)
+    np.testing.assert_array_equal(out.correct, correct)
+    assert out.exit_chosen[out.exit_layer < NUM_LAYERS].all()
+    # the logits after each row's exit are zeros and carry no gradient to the network
+    after = torch.arange(1, NUM_LAYERS + 1)[None, :] > torch.from_numpy(out.exit_layer)[:, None]
+    assert (out.logits[after] == 0).all() and out.logits.requires_grad
+
+
+def test_threshold_replicas_differ_only_by_dropout(tables):
+    table = tables[0]
+    env = train_env(table)
+    index = np.repeat(np.arange(32), 8)
+    layers = {}
+    for dropout in (0.0, 0.1):
+        policy = Reinforce(rollout="threshold", dropout=dropout, seed=0)
+        policy.bind(env)
+        out = policy._rollout(policy._training_env(env, table, len(index)), index, "threshold")
+        layers[dropout] = out.exit_layer.reshape(32, 8)
+    assert (layers[0.0] == layers[0.0][:, :1]).all()  # deterministic: every replica alike
+    assert (layers[0.1] != layers[0.1][:, :1]).any()  # dropout makes some replicas differ
+
+
+# -- the formulas ------------------------------------------------------------------------------------
+def test_trajectory_log_prob_on_hand_made_trajectories():
+    probs = torch.tensor(
+        [
+            [0.2, 0.3, 0.9],  # exits at 3 by choice: log .8 + log .7 + log .9
+            [0.2, 0.3, 0.4],  # forced out at L = 3 after CONTINUE: log .8 + log .7 + log .6
+            [0.6, 0.99, 0.01],  # exits at 1: log .6; what follows is ignored
+            [0.1, 0.7, 0.5],  # exits at 2: log .9 + log .7
+        ],
+        dtype=torch.float64,
+    )
+    logits = torch.log(probs / (1 - probs))
+    exit_layer = torch.tensor([3, 3, 1, 2])
+    chosen = torch.tensor([True, False, True, True])
+    expected = [
+        math.log(0.8) + math.log(0.7) + math.log(0.9),
+        math.log(0.8) + math.log(0.7) + math.log(0.6),
+        math.log(0.6),
+        math.log(0.9) + math.log(0.7),
+    ]
+    got = trajectory_log_prob(logits.requires_grad_(), exit_layer, chosen)
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-12)
+    got.sum().backward()  # d/dz log sigmoid(z) = 1 - p, d/dz log(1 - sigmoid(z)) = -p, 0 after the exit
+    np.testing.assert_allclose(logits.grad[2].numpy(), [0.4, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(logits.grad[1].numpy(), [-0.2, -0.3, -0.4], atol=1e-12)
+
+
+def test_group_baseline_is_the_mean_over_the_replicas_of_each_input():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 20.0, -4.0, 0.0])
+    np.testing.assert_allclose(group_baseline(rewards, 2).numpy(), [2, 2, 15, 15, -2, -2])
+    np.testing.assert_allclose(group_baseline(rewards, 3).numpy(), [14 / 3] * 3 + [16 / 3] * 3, rtol=1e-6)
+    advantage = (rewards - group_baseline(rewards, 2)).view(3, 2)
+    np.testing.assert_allclose(advantage.sum(1).numpy(), 0.0)
+
+
+# -- acting, persistence, registry -------------------------------------------------------------------
+def test_input_at_the_last_layer_exits_whatever_the_network_says(tables):
+    env = train_env(tables[0])
+    policy = Reinforce()
+    policy.bind(env)
+    with torch.no_grad():
+        for head in policy.net.layers:
+            head[-1].bias.fill_(-100.0)  # p_l ~ 0: always CONTINUE
+    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
+    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
+    np.testing.assert_array_equal(policy.act(obs), [0] * (NUM_LAYERS - 1) + [1])
+    np.testing.assert_array_equal(policy.act(obs, deterministic=False), [0] * (NUM_LAYERS - 1) + [1])
+
+
+def test_save_load_round_trip_gives_identical_actions(tables, trained, tmp_path):
+    dev = tables[1]
+    trained.save(tmp_path / "policy")
+    loaded = load_policy(tmp_path / "policy")
+    assert isinstance(loaded, Reinforce)
+    assert loaded.get_params() == trained.get_params()
+    assert loaded.get_params()["state_size"] == STATE_SIZE and loaded.history == trained.history
+    obs = dev.derived["state+layer"]  # every (input, layer) observation of the dev table
+    np.testing.assert_array_equal(loaded.exit_probs(obs)[0], trained.exit_probs(obs)[0])
+    np.testing.assert_array_equal(loaded.act(obs), trained.act(obs))
+    assert 0 < trained.act(obs).mean() < 1
+    np.testing.assert_array_equal(evaluate(loaded, dev).exit_layers, evaluate(trained, dev).exit_layers)
+
+
+def test_make_with_no_arguments(tables):
+    policy = agents.make("reinforce")
+    assert isinstance(policy, Reinforce) and policy.learns and policy.obs_mode == "state+layer"
+    assert policy.get_params()["rollout"] == "sample" and policy.get_params()["hidden_size"] == 32
+    with pytest.raises(RuntimeError, match="no network"):
+        policy.act(np.zeros((1, STATE_SIZE + NUM_LAYERS), dtype=np.float32))
+    env = train_env(tables[0])
+    policy.bind(env)
+    obs, _ = ConsistentEEVectorEnv(4, table=tables[0]).reset(seed=0)
+    actions = policy.act(obs)
+    assert actions.shape == (4,) and actions.dtype == np.int64 and set(actions) <= {0, 1}
+    with pytest.raises(ValueError, match="rollout"):
+        agents.make("reinforce", rollout="greedy")

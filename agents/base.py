@@ -52,8 +52,8 @@ class ExitPolicy(ABC):
         """Write the policy to a folder (``policy.json`` plus whatever a learner adds)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
+        self._save_weights(folder)  # first: a learner that cannot save leaves no policy.json behind
         (folder / "policy.json").write_text(json.dumps({"name": self.name, "params": self.get_params()}))
-        self._save_weights(folder)
         return folder
 
     def _save_weights(self, folder: Path) -> None:

@@ -1,7 +1,8 @@
 """The per-layer cache: every exit's pooled state and logits for every input of a split.
 
 An env replays any input at any layer from it without running the model. One folder per
-(model, task, split, max length, row limit):
+(model, task, split, max length, row limit), the split being any name :func:`ee_gym.tasks.load_split`
+reads, slices such as ``train[90%:]`` included:
 
     manifest.json   what produced it (model fingerprint, task, split, max length, ...) and its shapes
     states.npy      [N, L, d] pooled states s_l, float16 when that changes no prediction, else float32
@@ -30,7 +31,7 @@ from ee_gym import paths
 from ee_gym.batching import iter_exit_outputs, tokenize_examples
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.tasks import TaskSpec, compute_metrics, get_task, load_split
+from ee_gym.tasks import TaskSpec, compute_metrics, get_task, load_split, split_slug
 
 FORMAT_VERSION = 1
 STATE_DTYPES = ("auto", "float16", "float32")
@@ -78,8 +79,12 @@ class ExitCache:
 def default_cache_dir(
     model: MultiExitModel, task: str | TaskSpec, split: str, max_length: int, limit: int | None = None
 ) -> Path:
-    """$EE_GYM_HOME/cache/<fingerprint>/<task>-<split>-len<max_length>[-n<limit>]."""
-    name = f"{get_task(task).name}-{split}-len{max_length}" + (f"-n{limit}" if limit else "")
+    """$EE_GYM_HOME/cache/<fingerprint>/<task>-<split>-len<max_length>[-n<limit>].
+
+    A sliced split is named by :func:`~ee_gym.tasks.split_slug` (``train[90%:]`` -> ``train-from90pct``);
+    the manifest keeps the exact split string.
+    """
+    name = f"{get_task(task).name}-{split_slug(split)}-len{max_length}" + (f"-n{limit}" if limit else "")
     return paths.home() / "cache" / model.fingerprint() / name
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -41,8 +43,10 @@ __all__ = [
     "get_task",
     "load_split",
     "on_register",
+    "parse_split",
     "primary_metric",
     "register_task",
+    "split_slug",
     "task_from_files",
     "task_from_hub",
     "task_names",
@@ -285,10 +289,16 @@ def load_split(
     Hugging Face hub (see :class:`TaskSpec` for the details). Splits are the task's ``split_files``
     (local) or ``hub_splits`` (hub) keys, usually ``"train"`` and ``"dev"``; ``"validation"`` is
     accepted for ``"dev"``.
+
+    A split name may end in a slice, as in Hugging Face ``datasets``: ``"train[:90%]"``,
+    ``"train[90%:]"``, ``"train[:2000]"``, ``"train[2000:4000]"``. Bounds are row counts or integer
+    or decimal percentages of the split; a percentage rounds down to a row index, so ``train[:90%]``
+    and ``train[90%:]`` partition the split exactly. The slice is applied before ``limit``.
     """
     spec = get_task(task)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    split, start, end = parse_split(split)
     source, root = _source(spec, data_dir)
     split = _resolve_split(spec, split, spec.hub_splits if source == "hub" else spec.split_files)
     if source == "hub":
@@ -301,7 +311,60 @@ def load_split(
         if not path.is_file():
             raise FileNotFoundError(_missing_file_message(spec, split, path, source, root))
         examples = _read_file(spec, path)
+    if start is not None or end is not None:
+        n = len(examples)
+        examples = examples.select(np.arange(_slice_bound(start, n, 0), _slice_bound(end, n, n)))
     return examples.head(limit)
+
+
+_SLICE_BOUND = r"\s*(\d+(?:\.\d*)?%|\d+)?\s*"
+_SPLIT_SLICE = re.compile(rf"^(?P<base>[^\[\]]+?)\s*\[{_SLICE_BOUND}:{_SLICE_BOUND}\]\s*$")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+    """``"train[:90%]"`` -> ``("train", None, "90%")``; a name without a slice -> ``(name, None, None)``.
+
+    Bounds are kept as written (``"2000"`` rows or ``"90%"``); :func:`load_split` resolves them
+    against the split's length. Malformed slices raise ValueError.
+    """
+    if not isinstance(split, str):
+        raise TypeError(f"split must be a string, not {type(split).__name__}")
+    if "[" not in split and "]" not in split:
+        return split, None, None
+    match = _SPLIT_SLICE.match(split)
+    bounds = match and [match.group(2), match.group(3)]
+    if not match or any(b is not None and b.endswith("%") and float(b[:-1]) > 100 for b in bounds):
+        raise ValueError(
+            f"cannot read the split {split!r}: a slice is <split>[<start>:<end>] with row counts or "
+            "percentages (0-100%) as bounds, either of which may be left out, e.g. 'train[:90%]', "
+            "'train[90%:]', 'train[:2000]' or 'train[2000:]'"
+        )
+    return match.group("base"), *bounds
+
+
+def split_slug(split: str) -> str:
+    """A split name safe in file names: ``"train"`` stays, a slice is spelt out in words.
+
+    ``"train[:90%]"`` -> ``"train-to90pct"``, ``"train[90%:]"`` -> ``"train-from90pct"``,
+    ``"train[2000:4000]"`` -> ``"train-2000to4000"``, ``"train[:]"`` -> ``"train-all"``.
+    """
+    base, start, end = parse_split(split)
+    base = re.sub(r"[^0-9A-Za-z._-]+", "_", base.strip())
+    if start is None and end is None:
+        return base if "[" not in split else f"{base}-all"
+    start, end = (None if b is None else b.replace("%", "pct") for b in (start, end))
+    if start is None:
+        return f"{base}-to{end}"
+    return f"{base}-from{start}" if end is None else f"{base}-{start}to{end}"
+
+
+def _slice_bound(bound: str | None, n: int, default: int) -> int:
+    """A slice bound as a row index in 0..n; percentages round down."""
+    if bound is None:
+        return default
+    if bound.endswith("%"):
+        return math.floor(Fraction(bound[:-1]) * n / 100)
+    return min(int(bound), n)
 
 
 def _source(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:

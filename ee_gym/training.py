@@ -28,12 +28,12 @@ from ee_gym import paths
 from ee_gym.backbones import DEFAULT_BACKBONE
 from ee_gym.batching import TokenizedSplit, all_exit_logits, shuffled_batches, tokenize_examples
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.tasks import compute_metrics, get_task, load_split
+from ee_gym.tasks import compute_metrics, get_task, load_split, split_slug
 
 #: Per-task defaults, chosen for the small embedded backbone on a 2-core CPU (see the README).
 TASK_DEFAULTS: dict[str, dict] = {
     "rte": {"learning_rate": 5e-5, "epochs": 5, "max_length": 128, "batch_size": 16},
-    "mrpc": {"learning_rate": 5e-5, "epochs": 5, "max_length": 128, "batch_size": 16},
+    "mrpc": {"learning_rate": 5e-5, "epochs": 3, "max_length": 128, "batch_size": 16},
     "sst2": {"learning_rate": 3e-5, "epochs": 1, "max_length": 64, "batch_size": 32},
     "cola": {"learning_rate": 5e-5, "epochs": 4, "max_length": 64, "batch_size": 16},
     "qnli": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
@@ -49,7 +49,8 @@ class Stage1Config:
 
     task: str = "rte"
     backbone: str = DEFAULT_BACKBONE
-    output_dir: str | None = None  # default: $EE_GYM_HOME/checkpoints/<task>-<backbone>-stage1
+    # default: $EE_GYM_HOME/checkpoints/<task>-<backbone>-stage1[-<train_split slug>], see default_stage1_dir
+    output_dir: str | None = None
     data_dir: str | None = None
     epochs: int | None = None
     learning_rate: float | None = None
@@ -62,7 +63,10 @@ class Stage1Config:
     head_dropout: float = 0.1
     pooling: str | None = None  # None: as the backbone was pre-trained
     seed: int = 42
-    train_limit: int | None = None  # use only the first N training rows
+    # The split stage 1 learns from; a slice such as "train[:90%]" keeps the rest of the training
+    # split unseen by the heads (e.g. to train an exit policy on it, see ee_gym.envs.prepare).
+    train_split: str = "train"
+    train_limit: int | None = None  # use only the first N rows of train_split
     dev_limit: int | None = None
     eval_batch_size: int = 64
     progress: bool = True
@@ -72,14 +76,22 @@ class Stage1Config:
         task = get_task(self.task)
         defaults = TASK_DEFAULTS.get(task.name, GENERIC_DEFAULTS)
         filled = {k: (defaults[k] if getattr(self, k) is None else getattr(self, k)) for k in defaults}
-        output_dir = self.output_dir or str(default_stage1_dir(task.name, self.backbone))
+        output_dir = self.output_dir or str(default_stage1_dir(task.name, self.backbone, self.train_split))
         return dataclasses.replace(self, task=task.name, output_dir=output_dir, **filled)
 
 
-def default_stage1_dir(task: str, backbone: str) -> Path:
-    """Where stage 1 for (task, backbone) lives unless told otherwise."""
+def default_stage1_dir(task: str, backbone: str, train_split: str = "train") -> Path:
+    """Where stage 1 for (task, backbone) lives unless told otherwise.
+
+    ``<task>-<backbone>-stage1``, plus ``-<split slug>`` when it trains on another split than
+    ``"train"``: ``train_split="train[:90%]"`` gives ``rte-minilm-l6-stage1-train-to90pct``
+    (see :func:`ee_gym.tasks.split_slug`).
+    """
     slug = str(backbone).strip("/").replace("/", "--")
-    return paths.home() / "checkpoints" / f"{get_task(task).name}-{slug}-stage1"
+    name = f"{get_task(task).name}-{slug}-stage1"
+    if train_split.strip() != "train":
+        name += f"-{split_slug(train_split.strip())}"
+    return paths.home() / "checkpoints" / name
 
 
 def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -146,7 +158,9 @@ def train_stage1(
         )
     tokenizer = model.tokenizer
     train = tokenize_examples(
-        load_split(task, "train", config.data_dir, config.train_limit), tokenizer, config.max_length
+        load_split(task, config.train_split, config.data_dir, config.train_limit),
+        tokenizer,
+        config.max_length,
     )
     dev = tokenize_examples(
         load_split(task, "dev", config.data_dir, config.dev_limit), tokenizer, config.max_length
@@ -271,7 +285,9 @@ def _check_run_config(run_dir: Path, config: Stage1Config) -> None:
     saved = json.loads(saved_file.read_text())
     current = dataclasses.asdict(config)
     ignore = {"progress", "eval_batch_size", "output_dir", "data_dir"}
-    differing = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    # A field added since the run was saved counts as its default (train_split: "train").
+    defaults = {f.name: f.default for f in dataclasses.fields(Stage1Config)}
+    differing = sorted(k for k in current if k not in ignore and saved.get(k, defaults.get(k)) != current[k])
     if differing:
         raise ValueError(
             f"{run_dir} holds a stage-1 run with other settings ({', '.join(differing)}). "

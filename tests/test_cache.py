@@ -109,3 +109,20 @@ def test_tokenized_batches_pad_dynamically(tokenizer, tiny_data):
     batch = split.batch([0, 1], tokenizer)
     assert batch["input_ids"].shape[1] == max(split.lengths[[0, 1]])
     assert batch["labels"].tolist() == split.labels[[0, 1]].tolist()
+
+
+def test_sliced_split_gets_a_safe_folder_and_its_exact_name_in_the_manifest(tiny_model, tiny_data):
+    cache = build_cache(
+        tiny_model, "rte", "train[50%:]", data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    assert cache.folder == default_cache_dir(tiny_model, "rte", "train[50%:]", 32)
+    assert cache.folder.name == "rte-train-from50pct-len32"
+    assert cache.manifest["split"] == "train[50%:]"
+    examples = load_split("rte", "train", tiny_data)
+    np.testing.assert_array_equal(cache.labels, examples.labels[len(examples) // 2 :])
+    head = build_cache(
+        tiny_model, "rte", "train[:50%]", data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    assert head.folder.name == "rte-train-to50pct-len32" and head.num_inputs + cache.num_inputs == len(
+        examples
+    )

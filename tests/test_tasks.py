@@ -670,3 +670,91 @@ def test_real_first_rows(real_data):
     ]
     cola = load_split("cola", "dev", data_dir=real_data, limit=1)
     assert cola.text_a == ["The sailors rode the breeze clear of the rocks."] and cola.labels.tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- split slices
+
+
+def _sst2_rows(root: Path, n: int) -> list[str]:
+    """A local SST-2 train split of ``n`` rows named "s0", "s1", ...; returns those texts."""
+    texts = [f"s{i}" for i in range(n)]
+    write(
+        root / "glue" / "SST-2" / "train.tsv",
+        rows("sentence\tlabel", *(f"{t}\t{i % 2}" for i, t in enumerate(texts))),
+    )
+    write(root / "glue" / "SST-2" / "dev.tsv", rows("sentence\tlabel", "d0\t1", "d1\t0", "d2\t1"))
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        ("train[:2]", slice(0, 2)),
+        ("train[2:]", slice(2, None)),
+        ("train[2:5]", slice(2, 5)),
+        ("train[:100]", slice(0, None)),  # row counts past the end are clipped, as in Python
+        ("train[5:2]", slice(0, 0)),
+        ("train[:]", slice(0, None)),
+        ("train[:50%]", slice(0, 3)),  # 3.5 rounds down
+        ("train[50%:]", slice(3, None)),
+        ("train[10%:90%]", slice(0, 6)),  # 0.7 -> 0, 6.3 -> 6
+        ("train[12.5%:]", slice(0, None)),  # 0.875 -> 0
+        ("train[:100%]", slice(0, None)),
+        (" Train [ :2 ] ", slice(0, 2)),
+    ],
+)
+def test_split_slices(tmp_path, split, expected):
+    texts = _sst2_rows(tmp_path, 7)
+    assert load_split("sst2", split, data_dir=tmp_path).text_a == texts[expected]
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 2490, 2491])
+@pytest.mark.parametrize("percent", ["0", "1", "33", "50", "90", "99", "12.5", "100"])
+def test_percent_slices_partition_the_split(tmp_path, n, percent):
+    texts = _sst2_rows(tmp_path, n)
+    head = load_split("sst2", f"train[:{percent}%]", data_dir=tmp_path).text_a
+    tail = load_split("sst2", f"train[{percent}%:]", data_dir=tmp_path).text_a
+    assert head + tail == texts
+    assert len(head) == math.floor(float(percent) * n / 100)
+
+
+def test_split_slice_comes_before_limit_and_takes_aliases(tmp_path):
+    texts = _sst2_rows(tmp_path, 7)
+    assert load_split("sst2", "train[2:]", data_dir=tmp_path, limit=2).text_a == texts[2:4]
+    assert load_split("sst2", "train[:50%]", data_dir=tmp_path, limit=10).text_a == texts[:3]
+    assert load_split("sst2", "validation[1:]", data_dir=tmp_path).text_a == ["d1", "d2"]
+    assert load_split("sst2", "dev[:34%]", data_dir=tmp_path).text_a == ["d0"]  # 1.02 -> 1
+
+
+@pytest.mark.parametrize(
+    "split", ["train[50]", "train[:150%]", "train[a:]", "train[:90%", "train]", "train[-5:]", "train[:90%%]"]
+)
+def test_malformed_split_slices_are_refused_with_an_example(tmp_path, split):
+    _sst2_rows(tmp_path, 7)
+    with pytest.raises(ValueError, match=r"e\.g\. 'train\[:90%\]'"):
+        load_split("sst2", split, data_dir=tmp_path)
+
+
+def test_unknown_split_with_a_slice(tmp_path):
+    _sst2_rows(tmp_path, 7)
+    with pytest.raises(ValueError, match="Unknown split 'test'"):
+        load_split("sst2", "test[:50%]", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("split", "parsed", "slug"),
+    [
+        ("train", ("train", None, None), "train"),
+        ("dev", ("dev", None, None), "dev"),
+        ("train[:90%]", ("train", None, "90%"), "train-to90pct"),
+        ("train[90%:]", ("train", "90%", None), "train-from90pct"),
+        ("train[:2000]", ("train", None, "2000"), "train-to2000"),
+        ("train[2000:]", ("train", "2000", None), "train-from2000"),
+        ("train[10:20]", ("train", "10", "20"), "train-10to20"),
+        ("train[:12.5%]", ("train", None, "12.5%"), "train-to12.5pct"),
+        ("train[:]", ("train", None, None), "train-all"),
+    ],
+)
+def test_parse_split_and_split_slug(split, parsed, slug):
+    assert tasks.parse_split(split) == parsed
+    assert tasks.split_slug(split) == slug

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -102,3 +103,34 @@ def test_resuming_with_other_settings_is_refused(tokenizer, tiny_data, tmp_path)
     _tiny_run(tokenizer, tiny_data, tmp_path / "run", epochs=1)
     with pytest.raises(ValueError, match="learning_rate"):
         _tiny_run(tokenizer, tiny_data, tmp_path / "run", epochs=1, learning_rate=1e-4)
+
+
+def test_stage1_trains_on_its_train_split_only(tokenizer, tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real_loss = training.weighted_exit_loss
+
+    def counting_loss(logits, labels):
+        seen.append(len(labels))
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(training, "weighted_exit_loss", counting_loss)
+    _tiny_run(tokenizer, tiny_data, tmp_path / "half", epochs=1, train_split="train[:50%]")
+    assert sum(seen) == 64 // 2  # the tiny data has 64 training rows
+    saved = json.loads((tmp_path / "half" / "config.json").read_text())
+    assert saved["train_split"] == "train[:50%]"
+
+
+def test_train_split_names_the_default_run_folder():
+    assert Stage1Config(task="rte").resolved().output_dir.endswith("rte-minilm-l6-stage1")
+    sliced = Stage1Config(task="rte", train_split="train[:90%]").resolved()
+    assert sliced.output_dir.endswith("rte-minilm-l6-stage1-train-to90pct")
+
+
+def test_run_saved_before_train_split_existed_still_resumes(tmp_path):
+    config = Stage1Config(task="rte", output_dir=str(tmp_path)).resolved()
+    saved = dataclasses.asdict(config)
+    del saved["train_split"]  # a config.json written before the field was added
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    training._check_run_config(tmp_path, config)  # counts as "train": no error
+    with pytest.raises(ValueError, match="train_split"):
+        training._check_run_config(tmp_path, dataclasses.replace(config, train_split="train[:90%]"))

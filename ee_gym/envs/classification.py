@@ -2,8 +2,8 @@
 
 reset() shows layer 1 of an input; each step takes 0 (CONTINUE) or 1 (EXIT). The episode ends at the
 first EXIT or at layer L, whatever the action there, and pays its one reward then (ee_gym.rewards).
-Inputs are drawn with the env's seeded generator on the training split, walked in order on other
-splits, or chosen with ``reset(options={"index": i})``.
+Inputs are drawn with the env's seeded generator on the training split (or a slice of it, such as
+``train[90%:]``), walked in order on other splits, or chosen with ``reset(options={"index": i})``.
 
 Two sources for the layers: ``mode="cached"`` replays the per-layer cache; ``mode="live"`` runs the
 multi-exit model one layer at a time, so exiting early really skips the remaining layers.
@@ -49,12 +49,19 @@ def check_action(action: Any) -> int:
     return value
 
 
+def draws_at_random(split: str) -> bool:
+    """Whether an env draws inputs at random from ``split``: yes for the training split and its
+    slices (``"train"``, ``"train[90%:]"``), no (walks in order) for the others."""
+    return str(split).strip().lower().startswith("train")
+
+
 class ConsistentEEEnv(gym.Env):
     """Early exit as a Gymnasium env (see the module docstring).
 
     Args:
         task: a registered task name (``rte``, ``sst2``, ... or your own).
-        split: which split's inputs episodes draw from (``train`` or ``dev``).
+        split: which split's inputs episodes draw from (``train``, ``dev``, or a slice such as
+            ``train[90%:]``, see :func:`ee_gym.tasks.load_split`).
         model: a :class:`MultiExitModel` or a checkpoint folder; default: stage 1 of ``backbone`` on
             ``task``, trained on first use and reused afterwards.
         backbone: the backbone stage 1 starts from when ``model`` is not given.
@@ -147,7 +154,7 @@ class ConsistentEEEnv(gym.Env):
             index = int(options["index"])
             if not 0 <= index < self.num_inputs:
                 raise IndexError(f"index {index} out of range for {self.num_inputs} inputs")
-        elif self.split == "train":
+        elif draws_at_random(self.split):
             index = int(self.np_random.integers(self.num_inputs))
         else:
             index = self._next_in_order

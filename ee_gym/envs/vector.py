@@ -17,7 +17,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from ee_gym.backbones import DEFAULT_BACKBONE
-from ee_gym.envs.classification import EXIT, EpisodeOverError
+from ee_gym.envs.classification import EXIT, EpisodeOverError, draws_at_random
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.prepare import default_max_length, load_model, load_table
 from ee_gym.envs.table import ExitTable
@@ -152,9 +152,9 @@ class ConsistentEEVectorEnv(VectorEnv):
 
     # -- internals ---------------------------------------------------------------------------
     def _draw(self, count: int) -> np.ndarray:
-        """Next inputs: seeded draws on the training split, the split in order otherwise."""
+        """Next inputs: seeded draws on the training split (or a slice of it), in order otherwise."""
         n = self.table.num_inputs
-        if self.split == "train":
+        if draws_at_random(self.split):
             return self._np_random.integers(n, size=count)
         start = self._next_in_order
         self._next_in_order = (start + count) % n

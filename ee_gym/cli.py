@@ -4,6 +4,7 @@ ee-gym tasks                                  list the tasks and where their dat
 ee-gym stage1 --task rte [--epochs 3 ...]     stage 1: train every exit (resumes if interrupted)
 ee-gym cache --task rte --split dev           build the per-layer cache of a trained model
 ee-gym hardness --task rte                    histogram of the memorized layer on the train split
+ee-gym predict --policy entropy --texts FILE  batched early-exit predictions (or --task/--split)
 """
 
 from __future__ import annotations
@@ -109,6 +110,117 @@ def _cmd_hardness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_from_args(args: argparse.Namespace):
+    """None (full depth), a saved policy folder, or a registry name with --policy-arg pairs."""
+    if args.policy is None:
+        if args.policy_arg:
+            raise ValueError("--policy-arg needs --policy")
+        return None
+    import json
+    from pathlib import Path
+
+    import agents  # lazily: ee_gym does not import agents at module import
+
+    if Path(args.policy).is_dir():
+        if args.policy_arg:
+            raise ValueError("--policy-arg applies to a policy name, not to a saved policy folder")
+        return agents.load_policy(args.policy)
+    kwargs = {}
+    for pair in args.policy_arg:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-arg wants key=value, got {pair!r}")
+        try:
+            kwargs[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.replace("-", "_")] = value
+    return agents.make(args.policy, **kwargs)
+
+
+def _read_texts(path: str) -> tuple[list[str], list[str] | None]:
+    """One text per line, or two tab-separated columns per line for pairs; blank lines skipped."""
+    from pathlib import Path
+
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = ["\t" in line for line in lines]
+    if any(pairs) and not all(pairs):
+        raise ValueError(
+            f"{path}: some lines have a tab and some do not (pairs need two columns on every line)"
+        )
+    if lines and all(pairs):
+        split = [line.split("\t", 1) for line in lines]
+        return [a for a, _ in split], [b for _, b in split]
+    return lines, None
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from ee_gym.inference import predict, predict_split
+    from ee_gym.multiexit import MultiExitModel
+    from ee_gym.tasks import get_task
+    from ee_gym.training import Stage1Config, default_stage1_dir
+
+    if args.texts and args.split:
+        raise ValueError("give --texts or --split, not both")
+    model_dir = args.model or default_stage1_dir(args.task, args.backbone) / "model"
+    model = MultiExitModel.from_pretrained(model_dir)
+    policy = _policy_from_args(args)
+    max_length = args.max_length or Stage1Config(task=args.task).resolved().max_length
+    options = dict(policy=policy, batch_size=args.batch_size, max_length=max_length)
+    if args.texts:
+        text_a, text_b = _read_texts(args.texts)
+        if args.limit is not None:
+            text_a, text_b = text_a[: args.limit], None if text_b is None else text_b[: args.limit]
+        out = predict(model, text_a, text_b, **options)
+    else:
+        split = args.split or "dev"
+        out = predict_split(model, args.task, split, data_dir=args.data_dir, limit=args.limit, **options)
+        from ee_gym.tasks import load_split
+
+        examples = load_split(args.task, split, args.data_dir, args.limit)
+        text_a, text_b = examples.text_a, examples.text_b
+    names = model.config.labels
+    if not names and len(get_task(args.task).labels) == model.num_labels:
+        names = list(get_task(args.task).labels)
+    names = list(names or range(model.num_labels))
+    stream = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for i, text in enumerate(text_a):
+            record = {"text": text}
+            if text_b is not None:
+                record["text_b"] = text_b[i]
+            prediction = int(out.predictions[i])
+            record.update(
+                prediction=prediction,
+                label=str(names[prediction]),
+                exit_layer=int(out.exit_layers[i]),
+                probability=round(float(out.probabilities[i, prediction]), 6),
+            )
+            if out.labels is not None:
+                record["gold"] = str(names[int(out.labels[i])])
+            stream.write(json.dumps(record) + "\n")
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    summary = sys.stdout if args.output else sys.stderr  # JSON lines own stdout when no --output
+    print(
+        f"{len(out)} inputs, policy {policy if policy is not None else 'full depth'}: mean exit layer "
+        f"{out.mean_exit_layer:.2f} / {out.num_layers}, layer speed-up {out.speed_up:.2f}x, {out.seconds:.2f} s",
+        file=summary,
+    )
+    scores = {
+        k: v
+        for k, v in out.metrics.items()
+        if k not in ("mean_exit_layer", "speed_up", "saved_layers", "seconds")
+    }
+    if scores:
+        print(", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=summary)
+    if args.output:
+        print(f"predictions -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee-gym", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,12 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     cache_parser.add_argument("--limit", type=int, default=None)
     cache_parser.add_argument("--batch-size", type=int, default=64)
     cache_parser.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("predict", help="batched early-exit predictions for texts or a task split")
+    p.add_argument("--task", default="rte", help="the split's task; locates the default model")
+    p.add_argument("--backbone", default="minilm-l6", help="locates the default stage-1 model")
+    p.add_argument("--model", default=None, help="a multi-exit model folder (default: stage 1's)")
+    p.add_argument(
+        "--policy", default=None, help="a saved policy folder or a policy name (default: full depth)"
+    )
+    p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE", help="for a policy name")
+    p.add_argument("--texts", default=None, metavar="FILE", help="one text per line, or text<TAB>text pairs")
+    p.add_argument("--split", default=None, help="a split of --task (default: dev, unless --texts)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="(default: the task's stage-1 setting)")
+    p.add_argument("--output", default=None, metavar="FILE", help="JSON lines (default: stdout)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "output", None) and len(getattr(args, "split", [])) > 1:
+    if args.command == "cache" and args.output and len(args.split) > 1:
         build_parser().error("--output names one cache folder: give one --split with it")
     try:
         return args.func(args)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from ee_gym.envs import ConsistentEEVectorEnv
+from ee_gym.envs import ConsistentEEVectorEnv, prepare
 from ee_gym.envs.classification import draws_at_random
 from ee_gym.tasks import load_split
 
@@ -88,3 +90,28 @@ def test_vector_env_draws_at_random_on_a_train_slice(tiny_model, tiny_data):
     )
     dev.reset(seed=1)
     assert dev.index.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize(
+    ("protocol", "stage1_split", "rows"), [("paper", "train", 64), ("held-out", "train[:90%]", 7)]
+)
+def test_policy_tables_follow_the_protocol(tiny_model, tiny_data, monkeypatch, protocol, stage1_split, rows):
+    trained = []
+
+    def fake_stage1(config):  # stage 1 of the real backbone is too slow here: record and hand back
+        trained.append(config.train_split)
+        return SimpleNamespace(model=tiny_model)
+
+    monkeypatch.setattr(prepare, "train_stage1", fake_stage1)
+    train, dev = prepare.policy_tables(
+        "rte", protocol, data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    assert trained == [stage1_split]
+    assert train.split == prepare.POLICY_PROTOCOLS[protocol][1] and train.num_inputs == rows  # 64 - 57
+    assert dev.split == "dev" and dev.num_inputs == 32
+    with pytest.raises(ValueError, match="held-out"):
+        prepare.policy_tables("rte", "nope")
+
+
+def test_default_protocol_is_consistent():
+    assert prepare.POLICY_PROTOCOLS[prepare.POLICY_PROTOCOL] == (prepare.STAGE1_SPLIT, prepare.POLICY_SPLIT)

@@ -45,6 +45,19 @@ def stats_features(logits: np.ndarray, num_layers: int) -> np.ndarray:
     return out
 
 
+def _last_stats(logits: np.ndarray, num_layers: int) -> np.ndarray:
+    """``stats_features(logits, num_layers)[:, -1]`` without building the earlier layers' vectors."""
+    n, depth, k = logits.shape
+    probs = softmax(logits.astype(np.float32))  # [N, l, K], the same operations as stats_features
+    out = np.zeros((n, stats_size(num_layers, k)), dtype=np.float32)
+    view = StatsView(out, num_layers, k)
+    view.probs[:] = probs[:, -1]
+    view.layer[:, depth - 1] = 1.0
+    view.pred_history[:, :depth] = np.eye(k, dtype=np.float32)[logits.argmax(-1)]
+    view.entropy_history[:, :depth] = normalized_entropy(probs).astype(np.float32)
+    return out
+
+
 class StatsView:
     """Named views into stats vectors (any leading shape)."""
 
@@ -117,6 +130,35 @@ class ObservationEncoder:
         one_hot = np.zeros(self.num_layers, dtype=np.float32)
         one_hot[layer - 1] = 1.0
         return np.concatenate([state, one_hot])
+
+    # -- a batch of live rows, all at the same layer (batched inference) ---------------------------
+    def from_outputs(self, states: np.ndarray | None, logits_so_far: np.ndarray):
+        """Observations of B rows at layer l = logits_so_far.shape[1], from s_l [B, d] and the logits
+        of layers 1..l [B, l, K]: the batched :meth:`single`, equal to stacking it row by row.
+
+        ``states`` may be None in the ``stats`` mode, which does not read them.
+        """
+        logits_so_far = np.asarray(logits_so_far)
+        if logits_so_far.ndim != 3:
+            raise ValueError(f"logits_so_far must be [B, l, K], got shape {logits_so_far.shape}")
+        batch, layer, _ = logits_so_far.shape
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer {layer} is outside 1..{self.num_layers}")
+        if self.uses_stats:
+            stats = _last_stats(logits_so_far, self.num_layers)
+        if self.mode == "stats":
+            return stats
+        states = np.asarray(states, dtype=np.float32)
+        if states.shape != (batch, self.hidden_size):
+            raise ValueError(f"states must be [{batch}, {self.hidden_size}], got shape {states.shape}")
+        if self.mode == "state":
+            return states.copy()  # callers may keep observations
+        if self.mode == "full":
+            return {"state": states.copy(), "stats": stats}
+        out = np.zeros((batch, self.hidden_size + self.num_layers), dtype=np.float32)
+        out[:, : self.hidden_size] = states
+        out[:, self.hidden_size + layer - 1] = 1.0
+        return out
 
     # -- a batch from the table (vector env) -----------------------------------------------------
     def allocate(self, batch: int):

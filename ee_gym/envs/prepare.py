@@ -3,6 +3,9 @@
 ``gym.make("ConsistentEE-RTE-v0")`` with nothing else said trains stage 1 for RTE on the default
 backbone (once, with a progress bar; later calls reuse it), builds the cache of the split (once) and
 loads it. Every step of that can be pointed elsewhere with the env's keyword arguments.
+
+Which inputs the exit policy learns from is a protocol, a (stage-1 split, policy split) pair in
+:data:`POLICY_PROTOCOLS`; :func:`policy_tables` returns the (policy, dev) tables of one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,18 @@ from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import get_task
 from ee_gym.training import Stage1Config, train_stage1
 
+#: (split stage 1 trains on, split the exit policy learns from), by protocol name.
+#: "paper": the policy learns on the training inputs the heads were fitted to (ConsistentEE).
+#: "held-out": stage 1 fits on the first 90 % of train; the policy learns on the last 10 %, unseen by
+#: the heads, so that their confidence there is what it will be on new inputs.
+POLICY_PROTOCOLS: dict[str, tuple[str, str]] = {
+    "paper": ("train", "train"),
+    "held-out": ("train[:90%]", "train[90%:]"),
+}
+#: The default protocol. PLACEHOLDER: set from the measurement of benchmarks/policy_split.py.
+POLICY_PROTOCOL = "paper"
+STAGE1_SPLIT, POLICY_SPLIT = POLICY_PROTOCOLS[POLICY_PROTOCOL]
+
 _TABLES: dict[tuple, ExitTable] = {}  # tables already loaded in this process, by cache identity
 
 
@@ -26,14 +41,20 @@ def load_model(
     backbone: str = DEFAULT_BACKBONE,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    train_split: str = "train",
 ) -> MultiExitModel:
-    """A multi-exit model: the one given, a checkpoint folder, or stage 1 of (task, backbone)."""
+    """A multi-exit model: the one given, a checkpoint folder, or stage 1 of (task, backbone) trained
+    on ``train_split``."""
     if isinstance(model, MultiExitModel):
         return model.eval()
     if model is not None:
         return MultiExitModel.from_pretrained(model)
     config = Stage1Config(
-        task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir), progress=progress
+        task=task,
+        backbone=backbone,
+        data_dir=None if data_dir is None else str(data_dir),
+        progress=progress,
+        train_split=train_split,
     )
     return train_stage1(config).model.eval()
 
@@ -70,3 +91,26 @@ def load_table(
         )
         _TABLES[key] = ExitTable.from_cache(cache)
     return _TABLES[key]
+
+
+def policy_tables(
+    task: str,
+    protocol: str = POLICY_PROTOCOL,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    data_dir: str | os.PathLike | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> tuple[ExitTable, ExitTable]:
+    """(table the exit policy learns from, dev table) under ``protocol`` (see :data:`POLICY_PROTOCOLS`).
+
+    Both tables come from the stage-1 model of the protocol's stage-1 split, trained on first use.
+    """
+    if protocol not in POLICY_PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(POLICY_PROTOCOLS)}")
+    stage1_split, policy_split = POLICY_PROTOCOLS[protocol]
+    model = load_model(
+        task, backbone=backbone, data_dir=data_dir, progress=progress, train_split=stage1_split
+    )
+    options = dict(data_dir=data_dir, max_length=max_length, progress=progress)
+    return load_table(model, task, policy_split, **options), load_table(model, task, "dev", **options)

@@ -1,0 +1,230 @@
+"""Batched early-exit inference: run a batch layer by layer and drop the rows that have exited.
+
+METHOD.md, "Inference": an input exits at the first layer its policy says EXIT (the paper's policy:
+p_l > 0.5), else at layer L. The authors support batch size 1 only; here a whole batch runs layer by
+layer and, after each layer, the rows that exit are recorded and removed from the batch with
+``MultiExitModel.select`` (which also trims the padding no remaining row needs), so later layers run
+on fewer and often shorter rows. Inputs are sorted by length into batches (and put back in their
+order at the end), so that a batch pads little to begin with.
+
+The policy is any deployable exit policy (``agents``: a rule, REINFORCE, an SB3 learner, ...): each
+layer it receives one batch observation of its ``obs_mode`` for the rows still running, built by
+:meth:`ObservationEncoder.from_outputs` exactly as the envs build them one row at a time, and answers
+0 (CONTINUE) or 1 (EXIT) per row. ``policy=None`` runs every input to layer L.
+
+``ExitPolicy.bind`` expects the vector env a policy will act in; the rules read ``env.num_layers`` and
+``env.table.num_labels`` from it, REINFORCE ``env.table.hidden_size`` and ``env.table.num_layers``.
+There is no env here: policies are bound to :func:`model_env_stand_in`, a light object exposing
+those sizes (L, K, d) for the model. Policies that read more than sizes from their env (the oracles,
+which peek at labels) are not deployable and are refused.
+
+Results are deterministic, and batching does not change them: the same predictions and exit layers
+come out at any batch size (up to floating-point ties at a decision threshold, which the kernels of
+different batch shapes may round differently).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ee_gym.batching import length_sorted_batches, tokenize_examples
+from ee_gym.envs.observations import ObservationEncoder
+from ee_gym.envs.table import softmax
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.tasks import Examples
+
+__all__ = ["Predictions", "model_env_stand_in", "predict", "predict_split"]
+
+
+@dataclass
+class Predictions:
+    """What :func:`predict` returns, one row per input, in the inputs' order."""
+
+    predictions: np.ndarray  # [N] int64 label ids: argmax of the exit head
+    exit_layers: np.ndarray  # [N] int64 exit layer, 1..L
+    probabilities: np.ndarray  # [N, K] float32 softmax of the exit head
+    num_layers: int  # L
+    seconds: float = 0.0  # wall time of the call (tokenisation included)
+    labels: np.ndarray | None = None  # [N] gold label ids (predict_split)
+    metrics: dict[str, float] = field(default_factory=dict)  # predict_split: task metrics + speed
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return float(self.exit_layers.mean()) if len(self) else float("nan")
+
+    @property
+    def speed_up(self) -> float:
+        """Layer speed-up, L / mean exit layer."""
+        return self.num_layers / self.mean_exit_layer if len(self) else float("nan")
+
+    @property
+    def saved_layers(self) -> float:
+        """1 - mean exit layer / L (what the ConsistentEE authors print)."""
+        return 1.0 - self.mean_exit_layer / self.num_layers if len(self) else float("nan")
+
+
+def model_env_stand_in(model: MultiExitModel) -> types.SimpleNamespace:
+    """What ``policy.bind`` reads from a vector env, for ``model``: its sizes, and nothing else.
+
+    ``num_layers``, ``num_labels``, ``hidden_size`` at the top and under ``table`` (as on
+    :class:`~ee_gym.envs.ConsistentEEVectorEnv` and its :class:`~ee_gym.envs.ExitTable`).
+    """
+    sizes = dict(num_layers=model.num_layers, num_labels=model.num_labels, hidden_size=model.hidden_size)
+    return types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes))
+
+
+def _prepare_policy(policy: Any, model: MultiExitModel) -> ObservationEncoder | None:
+    """Refuse what cannot be deployed, bind the policy to the model's sizes, make its encoder."""
+    if policy is None:
+        return None
+    if not getattr(policy, "deployable", True):
+        raise ValueError(
+            f"policy {getattr(policy, 'name', type(policy).__name__)!r} is not deployable: it reads what "
+            "a deployed model cannot know (labels or later layers), so it cannot run inference"
+        )
+    policy.bind(model_env_stand_in(model))
+    return ObservationEncoder(policy.obs_mode, model.num_layers, model.hidden_size, model.num_labels)
+
+
+def predict(
+    model: MultiExitModel,
+    text_a: Sequence[str],
+    text_b: Sequence[str] | None = None,
+    policy: Any = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    deterministic: bool = True,
+) -> Predictions:
+    """Early-exit predictions for texts (or text pairs), batch by batch, dropping rows as they exit.
+
+    Args:
+        model: a multi-exit model with a tokenizer (run in eval mode; its mode is restored after).
+        text_a, text_b: the inputs; ``text_b`` for pair tasks (same length as ``text_a``).
+        policy: a deployable :class:`agents.ExitPolicy` (bound here to the model's sizes), or None
+            for full depth.
+        batch_size: rows per batch at layer 1 (batches shrink as rows exit).
+        max_length: tokens per input (truncated beyond).
+        deterministic: passed to ``policy.act``; True is the policy's inference rule.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass one to MultiExitModel(...)")
+    start_time = time.perf_counter()
+    encoder = _prepare_policy(policy, model)
+    n, num_labels = len(text_a), model.num_labels
+    examples = Examples(list(text_a), None if text_b is None else list(text_b), np.zeros(n, dtype=np.int64))
+    exit_layers = np.zeros(n, dtype=np.int64)
+    logits = np.zeros((n, num_labels), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            split = tokenize_examples(examples, model.tokenizer, max_length) if n else None
+            for rows in length_sorted_batches(split, batch_size) if n else []:
+                batch = split.batch(rows, model.tokenizer, model.device)
+                batch.pop("labels")
+                _run_batch(model, batch, rows, policy, encoder, deterministic, exit_layers, logits)
+    finally:
+        model.train(was_training)
+    return Predictions(
+        predictions=logits.argmax(-1).astype(np.int64),
+        exit_layers=exit_layers,
+        probabilities=softmax(logits).astype(np.float32),
+        num_layers=model.num_layers,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _run_batch(
+    model: MultiExitModel,
+    batch: dict[str, torch.Tensor],
+    rows: np.ndarray,
+    policy: Any,
+    encoder: ObservationEncoder | None,
+    deterministic: bool,
+    exit_layers: np.ndarray,
+    exit_logits: np.ndarray,
+) -> None:
+    """Run one batch to its last exit, writing each row's exit layer and logits at ``rows``."""
+    num_layers = model.num_layers
+    state = model.start(**batch)
+    rows = np.asarray(rows)  # input index of each row still running
+    history = None if policy is None else np.zeros((len(rows), num_layers, model.num_labels), np.float32)
+    for layer in range(1, num_layers + 1):
+        state = model.advance(state)
+        if policy is None and layer < num_layers:
+            continue  # full depth needs only the last head
+        out = model.exit_outputs(state)
+        logits = out.logits.float().cpu().numpy()
+        if layer == num_layers:
+            exit_layers[rows], exit_logits[rows] = layer, logits
+            return
+        history[:, layer - 1] = logits
+        states = out.states.float().cpu().numpy() if encoder.uses_state else None
+        obs = encoder.from_outputs(states, history[:, :layer])
+        exits = np.asarray(policy.act(obs, deterministic=deterministic)).reshape(-1) == 1
+        if len(exits) != len(rows):
+            raise ValueError(f"the policy answered {len(exits)} actions for {len(rows)} rows")
+        if not exits.any():
+            continue
+        exit_layers[rows[exits]], exit_logits[rows[exits]] = layer, logits[exits]
+        if exits.all():
+            return
+        keep = np.flatnonzero(~exits)
+        state = model.select(state, torch.from_numpy(keep).to(model.device))
+        rows, history = rows[keep], history[keep]
+
+
+def predict_split(
+    model: MultiExitModel,
+    task: str,
+    split: str = "dev",
+    policy: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    deterministic: bool = True,
+) -> Predictions:
+    """:func:`predict` on a task split, with ``labels`` and ``metrics`` filled in.
+
+    ``metrics``: the task's metrics (:func:`ee_gym.tasks.compute_metrics`) plus ``mean_exit_layer``,
+    ``speed_up`` (L / mean exit layer), ``saved_layers`` and ``seconds``. ``max_length`` defaults to
+    the task's stage-1 setting.
+    """
+    from ee_gym.tasks import compute_metrics, load_split
+    from ee_gym.training import Stage1Config
+
+    examples = load_split(task, split, data_dir, limit)
+    if max_length is None:
+        max_length = Stage1Config(task=task).resolved().max_length
+    out = predict(
+        model,
+        examples.text_a,
+        examples.text_b,
+        policy=policy,
+        batch_size=batch_size,
+        max_length=max_length,
+        deterministic=deterministic,
+    )
+    out.labels = examples.labels
+    out.metrics = compute_metrics(task, out.predictions, examples.labels) if len(out) else {}
+    out.metrics.update(
+        mean_exit_layer=out.mean_exit_layer,
+        speed_up=out.speed_up,
+        saved_layers=out.saved_layers,
+        seconds=out.seconds,
+    )
+    return out

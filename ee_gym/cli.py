@@ -2,6 +2,8 @@
 
 ee-gym tasks                                  list the tasks and where their data comes from
 ee-gym stage1 --task rte [--epochs 3 ...]     stage 1: train every exit (resumes if interrupted)
+ee-gym train --task rte --agent reinforce --rounds 1
+                                              stage 1, then rounds of stage 2 + stage 3 (resumes)
 ee-gym cache --task rte --split dev           build the per-layer cache of a trained model
 ee-gym hardness --task rte                    histogram of the memorized layer on the train split
 ee-gym predict --policy entropy --texts FILE  batched early-exit predictions (or --task/--split)
@@ -63,6 +65,19 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
     print(f"model: {result.model_dir}")
     if result.history:
         print(format_layer_metrics(config.task, result.history[-1]["dev"], prefix="final dev"))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ee_gym.joint import PipelineConfig, train_pipeline
+
+    if args.agent != "reinforce":
+        raise ValueError(f"stage 3 trains the reinforce agent only, not {args.agent!r}")
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    result = train_pipeline(PipelineConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(f"model: {result.model_dir}\npolicy: {result.policy_dir}")
+    if result.stages and result.stages[-1].get("dev"):
+        print("final dev: " + ", ".join(f"{k} {v:.4f}" for k, v in result.stages[-1]["dev"].items()))
     return 0
 
 
@@ -232,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage1", help="stage 1: fine-tune backbone and all exits")
     add_dataclass_arguments(p, Stage1Config)
     p.set_defaults(func=_cmd_stage1)
+
+    from ee_gym.joint import PipelineConfig
+
+    p = sub.add_parser("train", help="the whole method: stage 1, then rounds of stage 2 + stage 3")
+    p.add_argument("--agent", default="reinforce", choices=["reinforce"], help="the exit policy")
+    add_dataclass_arguments(p, PipelineConfig)
+    p.set_defaults(func=_cmd_train)
 
     for name, func, help_text in (
         ("cache", _cmd_cache, "build the per-layer cache of a trained model"),

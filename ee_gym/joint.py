@@ -1,0 +1,611 @@
+"""Stage 3, joint ("consistent") training of the model and the REINFORCE exit policy, on the live model.
+
+METHOD.md, stage 4: everything is trainable; each input pays cross-entropy only at the exit the policy
+chose, plus the policy loss:
+
+    loss3 = mean_x CE(C_t(s_t), y) + loss2,    loss2 = -mean_{x,k} (R - b(x)) log pi(tau)
+
+One step, for a batch of B inputs (a seeded shuffle of the training split, every epoch):
+
+* every input is replicated K = ``replicas`` times; the B*K rows run through the model layer by layer
+  in training mode (dropout on, so the replicas also differ by dropout);
+* at layer l the per-layer policy network of :class:`agents.reinforce.Reinforce` gives p_l from the
+  pooled state s_l; the exit is drawn from Bernoulli(p_l) (``rollout="sample"``, the default, as in
+  ``agents.reinforce``) or taken when p_l > 0.5 (``"threshold"``, the authors' rule: here the replicas
+  differ by the backbone's dropout, so no extra dropout is put on the policy's input); at layer L
+  every row exits;
+* rows that exit record the logits C_t(s_t) of their exit's head (and so its CE) and are dropped from
+  the batch (``MultiExitModel.select``): the layers above an input's exit never run for it;
+* the reward is the named reward of :mod:`ee_gym.rewards` from the (detached) CE, t and the memorized
+  layer m(x) of the input (an array over the training split, computed once from the starting model);
+  the baseline b(x) is the mean reward over the K replicas (:func:`agents.reinforce.group_baseline`);
+* loss = mean CE at the chosen exits + loss2. The CE's gradient reaches the embeddings, the layers up
+  to the exit, the shared pooler and the chosen exit's head only.
+
+Design choice: the policy reads the pooled state **detached** (``s_l.detach()``), so loss2 trains only
+the policy networks and never pushes the backbone or the pooler; the model learns only from the CE at
+the chosen exits. (Letting loss2 reach the backbone would make the representation serve the policy's
+advantage estimate, a high-variance signal the paper does not ask the backbone to follow.)
+
+Optimisers: AdamW for the model (linear decay, no decay on biases and LayerNorm weights, as stage 1),
+Adam for the policy; the model's gradients are clipped to ``max_grad_norm``. The run folder holds
+``config.json``, ``memorized.npy``, ``metrics.jsonl``, ``checkpoint/`` (model, ``policy/`` and
+``trainer_state.pt`` after the last finished epoch) and, once done, ``model/`` and ``policy/``. A
+re-run with the same settings resumes after the last finished epoch, or returns the finished run.
+Single process only (rows leave the batch at different layers, which data-parallel training does
+not support as written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ee_gym import paths
+from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.batching import all_exit_logits, shuffled_batches, tokenize_examples
+from ee_gym.hardness import memorized_layer_from_logits
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.rewards import default_alpha, get_reward
+from ee_gym.tasks import get_task, load_split
+from ee_gym.training import _parameter_groups, _read_history, _write_history, default_stage1_dir
+
+ROLLOUTS = ("sample", "threshold")
+
+
+@dataclass
+class Stage3Config:
+    """Arguments of stage 3. ``None`` fields take defaults (see :meth:`resolved`)."""
+
+    task: str = "rte"
+    model_dir: str | None = None  # the model to start from; default: stage 1 of (task, minilm-l6)
+    policy_dir: str | None = None  # a saved Reinforce policy; default: a new one (or the one passed)
+    data_dir: str | None = None
+    # default: $EE_GYM_HOME/checkpoints/<task>-stage3-<fingerprint of the starting model>
+    output_dir: str | None = None
+    epochs: int = 1
+    learning_rate: float = 2e-5  # the model
+    policy_learning_rate: float = 3e-4
+    batch_size: int = 8  # inputs per step (x replicas rows)
+    replicas: int = 8
+    max_length: int | None = None  # None: the task's stage-1 default
+    reward: str = "hardness"
+    alpha: float | None = None  # None: ee_gym.rewards.default_alpha(task, L)
+    rollout: str = "sample"
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    train_split: str = "train"
+    train_limit: int | None = None
+    progress: bool = True
+
+    def resolved(self, model: MultiExitModel) -> Stage3Config:
+        """A copy with every default filled in (what a run folder records)."""
+        from ee_gym.training import Stage1Config
+
+        task = get_task(self.task)
+        get_reward(self.reward)  # fails early on an unknown name
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"unknown rollout {self.rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        max_length = self.max_length or Stage1Config(task=task.name).resolved().max_length
+        alpha = default_alpha(task.name, model.num_layers) if self.alpha is None else float(self.alpha)
+        output_dir = self.output_dir or str(
+            paths.home() / "checkpoints" / f"{task.name}-stage3-{model.fingerprint()}"
+        )
+        return dataclasses.replace(
+            self, task=task.name, max_length=max_length, alpha=alpha, output_dir=output_dir
+        )
+
+
+@dataclass
+class Stage3Result:
+    model: MultiExitModel
+    policy: Any  # agents.reinforce.Reinforce
+    model_dir: Path
+    policy_dir: Path
+    history: list[dict]  # one record per epoch, as in metrics.jsonl
+
+
+# -- one rollout on the live model --------------------------------------------------------------
+@dataclass
+class JointRollout:
+    """One row per (input, replica)."""
+
+    ce: torch.Tensor  # [N] CE at the chosen exit, with its graph into the model
+    policy_logits: torch.Tensor  # [N, L] exit logits of the policy, with their graph (0 after the exit)
+    exit_layer: torch.Tensor  # [N] int64, 1..L
+    exit_chosen: torch.Tensor  # [N] bool, False when forced out at L
+    correct: torch.Tensor  # [N] bool
+
+
+def joint_rollout(
+    model: MultiExitModel,
+    net: nn.Module,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    rollout: str = "sample",
+    generator: torch.Generator | None = None,
+) -> JointRollout:
+    """Run ``batch`` layer by layer, letting ``net(states, layers) -> exit logits`` decide the exits.
+
+    The policy reads detached states (see the module docstring). Rows leave the batch at their exit.
+    ``generator`` (a CPU generator) draws the Bernoulli actions of ``rollout="sample"``.
+    """
+    if rollout not in ROLLOUTS:
+        raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+    n, num_layers, device = labels.shape[0], model.num_layers, model.device
+    state = model.start(**batch)
+    alive = torch.arange(n, device=device)  # original row of each row still in the batch
+    ce = torch.zeros(n, device=device)
+    exit_layer = torch.zeros(n, dtype=torch.long, device=device)
+    exit_chosen = torch.zeros(n, dtype=torch.bool, device=device)
+    correct = torch.zeros(n, dtype=torch.bool, device=device)
+    columns = []
+    for layer in range(1, num_layers + 1):
+        state = model.advance(state)
+        states = model.pool(state.hidden, state.attention_mask)
+        logits = net(states.detach(), torch.full((len(alive),), layer, device=device))
+        columns.append(torch.zeros(n, dtype=logits.dtype, device=device).index_put((alive,), logits))
+        probs = torch.sigmoid(logits.detach()).float().cpu()
+        sampled = rollout == "sample"
+        chosen = (torch.bernoulli(probs, generator=generator) > 0 if sampled else probs > 0.5).to(device)
+        leaving = torch.ones_like(chosen) if layer == num_layers else chosen
+        if leaving.any():
+            rows = alive[leaving]
+            head_logits = model.head(layer, states[leaving])
+            ce = ce.index_put((rows,), F.cross_entropy(head_logits, labels[rows], reduction="none"))
+            exit_layer[rows] = layer
+            exit_chosen[rows] = chosen[leaving]
+            correct[rows] = head_logits.detach().argmax(-1) == labels[rows]
+        if layer == num_layers or leaving.all():
+            break
+        if leaving.any():
+            state = model.select(state, ~leaving)
+            alive = alive[~leaving]
+    columns += [torch.zeros(n, device=device)] * (num_layers - len(columns))
+    return JointRollout(ce, torch.stack(columns, 1), exit_layer, exit_chosen, correct)
+
+
+def replicate(batch: dict[str, torch.Tensor], replicas: int) -> dict[str, torch.Tensor]:
+    """Each row ``replicas`` times in a row (the layout group_baseline expects)."""
+    return {k: v.repeat_interleave(replicas, dim=0) for k, v in batch.items()}
+
+
+def stage1_memorized(model: MultiExitModel, split, batch_size: int = 64) -> np.ndarray:
+    """m(x) of every row of a tokenized split under ``model`` in eval mode."""
+    return memorized_layer_from_logits(all_exit_logits(model, split, batch_size), split.labels)
+
+
+# -- the training loop --------------------------------------------------------------------------
+def train_stage3(
+    config: Stage3Config | None = None,
+    model: MultiExitModel | None = None,
+    policy: Any = None,
+    memorized: np.ndarray | None = None,
+    **overrides,
+) -> Stage3Result:
+    """Run (or resume, or reuse) stage 3 and return the trained model and policy.
+
+    ``model``: the model to start from (else ``config.model_dir``, else stage 1 of the task's default
+    backbone). ``policy``: a :class:`agents.reinforce.Reinforce` to start from (else
+    ``config.policy_dir``, else a new one seeded with ``config.seed``). ``memorized``: m(x) of every
+    row of the training split (``train_split``, ``train_limit``); None: computed from the starting
+    model (eval mode) and kept in the run folder. Both are trained in place on a fresh run.
+    """
+    from agents.base import load_policy
+    from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
+
+    config = dataclasses.replace(config or Stage3Config(), **overrides)
+    if model is None:
+        model_dir = config.model_dir or default_stage1_dir(config.task, DEFAULT_BACKBONE) / "model"
+        model = MultiExitModel.from_pretrained(model_dir)
+    config = config.resolved(model)
+    task = get_task(config.task)
+    run_dir = Path(config.output_dir)
+    final_model, final_policy = run_dir / "model", run_dir / "policy"
+    ckpt_dir = run_dir / "checkpoint"
+    _check_run_config(run_dir, config)
+
+    if (final_model / "fingerprint").is_file() and (final_policy / "policy.json").is_file():
+        return Stage3Result(
+            MultiExitModel.from_pretrained(final_model),
+            load_policy(final_policy),
+            final_model,
+            final_policy,
+            _read_history(run_dir),
+        )
+
+    torch.manual_seed(config.seed)
+    tokenizer = model.tokenizer
+    train = tokenize_examples(
+        load_split(task, config.train_split, config.data_dir, config.train_limit),
+        tokenizer,
+        config.max_length,
+    )
+    memorized = _memorized(run_dir, model, train, memorized)
+    resuming = (ckpt_dir / "trainer_state.pt").is_file()
+    if resuming:
+        model = MultiExitModel.from_pretrained(ckpt_dir)
+        policy = load_policy(ckpt_dir / "policy")
+    elif policy is None and config.policy_dir:
+        policy = load_policy(config.policy_dir)
+    elif policy is None:
+        policy = Reinforce(rollout=config.rollout, seed=config.seed)
+    if policy.net is None:
+        policy._build(model.hidden_size, model.num_layers)
+    net = policy.net
+    if (net.state_size, net.num_layers) != (model.hidden_size, model.num_layers):
+        raise ValueError(
+            f"the policy was built for d={net.state_size}, L={net.num_layers}; the model has "
+            f"d={model.hidden_size}, L={model.num_layers}"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    net.to(device).train()
+
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay, config.learning_rate, None))
+    policy_optimizer = torch.optim.Adam(net.parameters(), lr=config.policy_learning_rate)
+    total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
+    sampler = torch.Generator().manual_seed(config.seed)
+    start_epoch = 0
+    if resuming:
+        state = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        policy_optimizer.load_state_dict(state["policy_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout on the GPU draws from these
+        sampler.set_state(state["sampler_rng"])
+        start_epoch = state["epoch"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    reward_fn, num_layers, replicas = get_reward(config.reward), model.num_layers, config.replicas
+    history = _read_history(run_dir)[:start_epoch]
+    for epoch in range(start_epoch, config.epochs):
+        began = time.perf_counter()
+        model.train()
+        net.train()
+        batches = shuffled_batches(len(train), config.batch_size, config.seed + epoch)
+        bar = tqdm(
+            batches,
+            desc=f"stage 3 [{task.name}] epoch {epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            unit="batch",
+        )
+        totals = np.zeros(7)  # loss, ce, loss2, reward, layer, correct, rows
+        for rows in bar:
+            batch = train.batch(rows, tokenizer, device)
+            labels = batch.pop("labels").repeat_interleave(replicas)
+            out = joint_rollout(model, net, replicate(batch, replicas), labels, config.rollout, sampler)
+            m = np.repeat(memorized[np.asarray(rows)], replicas)
+            exit_layer = out.exit_layer.cpu().numpy()
+            rewards = reward_fn(
+                out.ce.detach().cpu().numpy(),
+                out.correct.cpu().numpy(),
+                exit_layer,
+                m,
+                num_layers,
+                config.alpha,
+            )
+            rewards = torch.as_tensor(np.asarray(rewards), dtype=torch.float32, device=device)
+            advantage = rewards - group_baseline(rewards, replicas)
+            log_prob = trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen)
+            ce_loss = out.ce.mean()
+            policy_loss = -(advantage * log_prob).mean()
+            loss = ce_loss + policy_loss
+            optimizer.zero_grad(set_to_none=True)
+            policy_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            policy_optimizer.step()
+            n = len(labels)
+            totals += (
+                loss.item() * n,
+                ce_loss.item() * n,
+                policy_loss.item() * n,
+                float(rewards.sum()),
+                float(exit_layer.sum()),
+                float(out.correct.sum()),
+                n,
+            )
+            bar.set_postfix(loss=f"{loss.item():.4f}", layer=f"{exit_layer.mean():.2f}")
+
+        loss_sum, ce_sum, pl_sum, reward_sum, layer_sum, correct_sum, count = totals
+        count = max(count, 1)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / count,
+                "ce_loss": ce_sum / count,
+                "policy_loss": pl_sum / count,
+                "mean_reward": reward_sum / count,
+                "mean_exit_layer": layer_sum / count,
+                "train_accuracy": correct_sum / count,
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+        )
+        policy.history.append({"stage": 3, **history[-1]})
+        # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
+        _write_history(run_dir, history)
+        _save_checkpoint(model, policy, ckpt_dir, optimizer, scheduler, policy_optimizer, sampler, epoch + 1)
+
+    model.eval()
+    net.eval().cpu()  # Reinforce acts on CPU tensors
+    model.save_pretrained(final_model)
+    policy.save(final_policy)
+    return Stage3Result(model, policy, final_model, final_policy, history)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _memorized(run_dir: Path, model: MultiExitModel, train, given: np.ndarray | None) -> np.ndarray:
+    """m(x) over the training split: the given array, else the run's saved one, else computed now."""
+    path = run_dir / "memorized.npy"
+    if given is None and path.is_file():
+        given = np.load(path)
+    if given is None:
+        given = stage1_memorized(model, train)
+    given = np.asarray(given, dtype=np.int64)
+    if given.shape != (len(train),):
+        raise ValueError(f"memorized has shape {given.shape}; the training split has {len(train)} rows")
+    if given.min() < 1 or given.max() > model.num_layers:
+        raise ValueError(f"memorized layers must lie in 1..{model.num_layers}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, given)
+    return given
+
+
+def _save_checkpoint(
+    model, policy, folder: Path, optimizer, scheduler, policy_optimizer, sampler, epochs_done: int
+) -> None:
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "policy_optimizer": policy_optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "sampler_rng": sampler.get_state(),
+        "epoch": epochs_done,
+    }
+
+    def extra(tmp: Path) -> None:  # lands together with the weights (one rename)
+        policy.save(tmp / "policy")
+        torch.save(state, tmp / "trainer_state.pt")
+
+    model.save_pretrained(folder, extra=extra)
+
+
+def _check_run_config(run_dir: Path, config: Any, what: str = "stage-3 run") -> None:
+    """Refuse to resume a run folder that was started with different settings."""
+    saved_file = run_dir / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    current = dataclasses.asdict(config)
+    ignore = {"progress", "output_dir", "data_dir", "model_dir", "policy_dir"}
+    differing = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    if differing:
+        raise ValueError(
+            f"{run_dir} holds a {what} with other settings ({', '.join(differing)}). "
+            "Pass another output_dir, or delete that folder to start over."
+        )
+
+
+# -- the whole method: stage 1, then rounds of (stage 2, stage 3) ------------------------------------
+@dataclass
+class PipelineConfig:
+    """Arguments of :func:`train_pipeline` (``ee-gym train``). ``None`` fields take defaults."""
+
+    task: str = "rte"
+    backbone: str = DEFAULT_BACKBONE
+    # default: $EE_GYM_HOME/runs/<task>-<backbone>-consistentee
+    output_dir: str | None = None
+    data_dir: str | None = None
+    rounds: int = 1
+    seed: int = 42
+    max_length: int | None = None  # None: the task's stage-1 default
+    train_limit: int | None = None  # first N training rows, in every stage
+    dev_limit: int | None = None
+    stage1_epochs: int | None = None  # None: the task's stage-1 default
+    stage1_learning_rate: float | None = None
+    stage1_batch_size: int | None = None
+    policy_epochs: int = 1  # stage 2
+    policy_batch_size: int = 32
+    policy_learning_rate: float = 3e-4
+    replicas: int = 8
+    rollout: str = "sample"
+    reward: str = "hardness"
+    alpha: float | None = None
+    stage3_epochs: int = 1
+    stage3_learning_rate: float = 2e-5
+    stage3_batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
+class PipelineResult:
+    model: MultiExitModel
+    policy: Any  # agents.reinforce.Reinforce
+    model_dir: Path
+    policy_dir: Path
+    stages: list[dict]  # as in pipeline.jsonl
+
+
+def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel | None = None, **overrides):
+    """ConsistentEE end to end in one run folder: stage 1, the memorized layer, then ``rounds`` rounds
+    of (stage 2: REINFORCE on the current model's cached training table; stage 3: :func:`train_stage3`).
+
+    Folder: ``config.json``, ``pipeline.jsonl`` (one record per finished stage, with its dev scores),
+    ``stage1/``, ``memorized.npy``, ``round<r>/stage2/`` (policy), ``round<r>/stage3/`` (a stage-3 run
+    folder). A re-run resumes after the last finished stage (and inside an unfinished stage 1 or 3
+    after its last finished epoch). The reward of every round uses the stage-1 model's m(x)
+    (METHOD.md), also in stage 2 of later rounds, whose table comes from the refreshed model's cache
+    (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model
+    stage 1 starts from (a tiny one in tests) instead of ``config.backbone``.
+    """
+    from agents.base import load_policy
+    from agents.evaluate import evaluate
+    from agents.reinforce import Reinforce
+    from ee_gym.envs import ConsistentEEVectorEnv
+    from ee_gym.envs.prepare import load_table
+    from ee_gym.training import Stage1Config, train_stage1
+
+    config = dataclasses.replace(config or PipelineConfig(), **overrides)
+    if model is not None:
+        config.backbone = model.config.backbone
+    task = get_task(config.task)
+    slug = str(config.backbone).strip("/").replace("/", "--")
+    max_length = config.max_length or Stage1Config(task=task.name).resolved().max_length
+    config = dataclasses.replace(
+        config,
+        task=task.name,
+        max_length=max_length,
+        output_dir=config.output_dir or str(paths.home() / "runs" / f"{task.name}-{slug}-consistentee"),
+    )
+    run_dir = Path(config.output_dir)
+    _check_run_config(run_dir, config, "pipeline run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    log_path = run_dir / "pipeline.jsonl"
+    done = {}
+    if log_path.is_file():
+        done = {r["stage"]: r for r in map(json.loads, log_path.read_text().splitlines()) if r}
+
+    def finish(record: dict) -> None:
+        done[record["stage"]] = record
+        with log_path.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if config.progress:
+            print(f"[{record['stage']}] done: {record.get('dev', '')}")
+
+    tables = dict(data_dir=config.data_dir, max_length=max_length, progress=config.progress)
+
+    def dev_scores(current_model, current_policy) -> dict:
+        dev = load_table(current_model, task.name, "dev", max_inputs=config.dev_limit, **tables)
+        result = evaluate(current_policy, dev)
+        return {**result.metrics, "mean_exit_layer": result.mean_exit_layer, "speedup": result.speedup}
+
+    stage1 = train_stage1(
+        Stage1Config(
+            task=task.name,
+            backbone=config.backbone,
+            output_dir=str(run_dir / "stage1"),
+            data_dir=config.data_dir,
+            epochs=config.stage1_epochs,
+            learning_rate=config.stage1_learning_rate,
+            batch_size=config.stage1_batch_size,
+            max_length=max_length,
+            seed=config.seed,
+            train_limit=config.train_limit,
+            dev_limit=config.dev_limit,
+            progress=config.progress,
+        ),
+        model=model,
+    )
+    current = stage1.model.eval()
+    if "stage1" not in done:
+        finish({"stage": "stage1", "model_dir": str(stage1.model_dir)})
+
+    memorized_path = run_dir / "memorized.npy"
+    if "memorized" in done:
+        memorized = np.load(memorized_path)
+    else:
+        train_table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
+        memorized = np.asarray(train_table.memorized, dtype=np.int64)
+        np.save(memorized_path, memorized)
+        finish(
+            {
+                "stage": "memorized",
+                "path": str(memorized_path),
+                "histogram": np.bincount(memorized, minlength=current.num_layers + 1)[1:].tolist(),
+            }
+        )
+
+    policy = Reinforce(rollout=config.rollout, seed=config.seed)
+    model_dir, policy_dir = stage1.model_dir, None
+    for r in range(1, config.rounds + 1):
+        stage2_dir = run_dir / f"round{r}" / "stage2"
+        if f"stage2-round{r}" in done:
+            policy = load_policy(stage2_dir)
+        else:
+            table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
+            table = dataclasses.replace(table, memorized=memorized, derived={})  # stage-1 m(x)
+            env = ConsistentEEVectorEnv(
+                1, table=table, split=table.split, reward=config.reward, alpha=config.alpha
+            )
+            policy.learn(
+                env,
+                epochs=config.policy_epochs,
+                batch_size=config.policy_batch_size,
+                replicas=config.replicas,
+                lr=config.policy_learning_rate,
+                rollout=config.rollout,
+                seed=config.seed + r,
+                progress=config.progress,
+            )
+            policy.save(stage2_dir)
+            finish(
+                {
+                    "stage": f"stage2-round{r}",
+                    "policy_dir": str(stage2_dir),
+                    "train": policy.history[-1],
+                    "dev": dev_scores(current, policy),
+                }
+            )
+        policy_dir = stage2_dir
+
+        stage3 = train_stage3(
+            Stage3Config(
+                task=task.name,
+                data_dir=config.data_dir,
+                output_dir=str(run_dir / f"round{r}" / "stage3"),
+                epochs=config.stage3_epochs,
+                learning_rate=config.stage3_learning_rate,
+                policy_learning_rate=config.policy_learning_rate,
+                batch_size=config.stage3_batch_size,
+                replicas=config.replicas,
+                max_length=max_length,
+                reward=config.reward,
+                alpha=config.alpha,
+                rollout=config.rollout,
+                seed=config.seed + r,
+                train_limit=config.train_limit,
+                progress=config.progress,
+            ),
+            model=current,
+            policy=policy,
+            memorized=memorized,
+        )
+        current, policy = stage3.model.eval(), stage3.policy
+        model_dir, policy_dir = stage3.model_dir, stage3.policy_dir
+        if f"stage3-round{r}" not in done:
+            finish(
+                {
+                    "stage": f"stage3-round{r}",
+                    "model_dir": str(model_dir),
+                    "policy_dir": str(policy_dir),
+                    "train": stage3.history[-1] if stage3.history else None,
+                    "dev": dev_scores(current, policy),
+                }
+            )
+    stages = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return PipelineResult(current, policy, Path(model_dir), Path(policy_dir or ""), stages)

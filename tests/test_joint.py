@@ -1,0 +1,218 @@
+"""Stage 3 (joint): gradients reach only the chosen exit, one epoch trains both, resuming is exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agents.reinforce import PerLayerPolicy, Reinforce
+from ee_gym import joint
+from ee_gym.joint import Stage3Config, joint_rollout, replicate, train_stage3
+from ee_gym.multiexit import MultiExitModel
+from tests.conftest import tiny_bert_config
+
+
+class ExitAtLayer(nn.Module):
+    """A hand-forced policy: p = 1 at ``layer`` for every row, p = 0 elsewhere."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        return torch.where(layers == self.layer, 100.0, -100.0).to(states.dtype)
+
+
+def _batch(model, replicas=2):
+    batch = model.tokenize(["the film was good", "a bad story and plot", "fine"], max_length=32)
+    labels = torch.tensor([1, 0, 1]).repeat_interleave(replicas)
+    return replicate(batch, replicas), labels
+
+
+def test_ce_reaches_only_the_chosen_exit(tiny_model):
+    model = tiny_model.train()
+    batch, labels = _batch(model)
+    out = joint_rollout(model, ExitAtLayer(2), batch, labels, "sample", torch.Generator().manual_seed(0))
+    assert out.exit_layer.tolist() == [2] * 6
+    assert out.exit_chosen.all()
+    out.ce.mean().backward()
+    grads = [h.weight.grad is not None and h.weight.grad.abs().sum().item() > 0 for h in model.heads]
+    assert grads == [False, True, False, False]
+    assert model.pooler.weight.grad.abs().sum() > 0
+    for name, param in model.named_parameters():
+        above = any(f"encoder.layer.{i}." in name for i in (2, 3))  # layers 3 and 4 never ran
+        below = any(f"encoder.layer.{i}." in name for i in (0, 1))
+        if above:
+            assert param.grad is None or param.grad.abs().sum() == 0, name
+        elif below and name.endswith("query.weight"):
+            assert param.grad.abs().sum() > 0, name
+
+
+def test_policy_loss_does_not_reach_the_model(tiny_model):
+    model = tiny_model.train()
+    batch, labels = _batch(model, replicas=4)
+    net = PerLayerPolicy(model.hidden_size, model.num_layers)
+    out = joint_rollout(model, net, batch, labels, "sample", torch.Generator().manual_seed(0))
+    assert ((out.exit_layer >= 1) & (out.exit_layer <= 4)).all()
+    forced = out.exit_layer == 4
+    assert (out.exit_chosen | forced).all()
+    from agents.reinforce import trajectory_log_prob
+
+    trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def _tiny_run(tokenizer, tiny_data, output_dir, **overrides):
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    policy = Reinforce(seed=1)
+    settings = dict(
+        task="sst2",
+        data_dir=str(tiny_data),
+        output_dir=str(output_dir),
+        epochs=2,
+        batch_size=8,
+        replicas=4,
+        learning_rate=5e-3,
+        policy_learning_rate=1e-2,
+        max_length=32,
+        train_limit=24,
+        progress=False,
+        seed=3,
+    )
+    settings.update(overrides)
+    memorized = np.tile([1, 2, 3, 4], 6)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_stage3(Stage3Config(**settings), model=model, policy=policy, memorized=memorized)
+    return result, start
+
+
+def test_one_epoch_trains_model_and_policy_and_writes_the_run(tokenizer, tiny_data, tmp_path):
+    policy_start = Reinforce(seed=1)
+    policy_start._build(32, 4)
+    result, start = _tiny_run(tokenizer, tiny_data, tmp_path / "run", epochs=1)
+    changed = [name for name, v in result.model.state_dict().items() if not torch.equal(v, start[name])]
+    assert any(name.startswith("heads.") for name in changed)
+    assert any(name.startswith("encoder.") for name in changed)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            result.policy.net.state_dict().values(), policy_start.net.state_dict().values(), strict=True
+        )
+    )
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and 1 <= records[0]["mean_exit_layer"] <= 4
+    assert (run / "checkpoint" / "trainer_state.pt").is_file()
+    assert (run / "checkpoint" / "policy" / "policy.json").is_file()
+    loaded = MultiExitModel.from_pretrained(result.model_dir)
+    assert loaded.fingerprint() == result.model.fingerprint()
+    from agents.base import load_policy
+
+    policy = load_policy(result.policy_dir)
+    for a, b in zip(policy.net.state_dict().values(), result.policy.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A second call finds the finished run and trains nothing.
+    again, _ = _tiny_run(tokenizer, tiny_data, run, epochs=1)
+    assert again.model.fingerprint() == result.model.fingerprint()
+    with pytest.raises(ValueError, match="replicas"):
+        _tiny_run(tokenizer, tiny_data, run, epochs=1, replicas=2)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tokenizer, tiny_data, tmp_path, monkeypatch):
+    straight, _ = _tiny_run(tokenizer, tiny_data, tmp_path / "straight")
+
+    real_save = joint._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(joint, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
+    monkeypatch.setattr(joint, "_save_checkpoint", real_save)
+    resumed, _ = _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
+
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    for (name, a), (_, b) in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for (name, a), (_, b) in zip(
+        straight.policy.net.state_dict().items(), resumed.policy.net.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert resumed.history == [
+        {**r, "seconds": resumed.history[i]["seconds"]} for i, r in enumerate(straight.history)
+    ]
+
+
+# -- the pipeline: stage 1, memorized layer, rounds of (stage 2, stage 3) ----------------------------
+def _pipeline(tokenizer, tiny_data, output_dir, **overrides):
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    settings = dict(
+        task="sst2",
+        data_dir=str(tiny_data),
+        output_dir=str(output_dir),
+        rounds=1,
+        max_length=32,
+        train_limit=24,
+        dev_limit=16,
+        stage1_epochs=1,
+        stage1_learning_rate=5e-3,
+        stage1_batch_size=8,
+        policy_batch_size=8,
+        replicas=2,
+        stage3_batch_size=8,
+        stage3_learning_rate=5e-3,
+        progress=False,
+    )
+    settings.update(overrides)
+    return joint.train_pipeline(joint.PipelineConfig(**settings), model=model)
+
+
+def test_pipeline_runs_every_stage_and_resumes_after_the_last_finished(
+    tokenizer, tiny_data, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(joint, "train_stage3", die)
+    with pytest.raises(KeyboardInterrupt):
+        _pipeline(tokenizer, tiny_data, run)
+    stages = [json.loads(line)["stage"] for line in (run / "pipeline.jsonl").read_text().splitlines()]
+    assert stages == ["stage1", "memorized", "stage2-round1"]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(Reinforce, "learn", die)  # stage 2 is finished: not run again
+    result = _pipeline(tokenizer, tiny_data, run)
+    assert [s["stage"] for s in result.stages] == ["stage1", "memorized", "stage2-round1", "stage3-round1"]
+    assert 1 <= result.stages[-1]["dev"]["mean_exit_layer"] <= 4
+    assert result.model_dir == run / "round1" / "stage3" / "model"
+    assert MultiExitModel.from_pretrained(result.model_dir).fingerprint() == result.model.fingerprint()
+    assert np.load(run / "memorized.npy").shape == (24,)
+    again = _pipeline(tokenizer, tiny_data, run)  # everything finished: nothing runs
+    assert again.stages == result.stages
+
+
+def test_cli_train_builds_the_pipeline_config(monkeypatch):
+    from ee_gym import cli
+
+    seen = []
+    monkeypatch.setattr(joint, "train_pipeline", lambda config: seen.append(config) or _Done())
+    argv = ["train", "--task", "rte", "--agent", "reinforce", "--rounds", "2", "--train-limit", "5"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    assert (seen[0].task, seen[0].rounds, seen[0].train_limit, seen[0].progress) == ("rte", 2, 5, False)
+
+
+class _Done:
+    model_dir, policy_dir, stages = "m", "p", [{"dev": {"accuracy": 1.0}}]

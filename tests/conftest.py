@@ -79,6 +79,19 @@ def tiny_data(tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tiny models run on one thread: more threads only contend on a small, busy machine.
+    Integration tests (the real backbone) keep torch's default."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch) -> Path:
     """Checkpoints and caches of every test go to a temp folder, never to ~/.cache."""
     home = tmp_path / "ee_gym_home"

@@ -52,15 +52,6 @@ ALLOWED_WARNINGS: tuple[tuple[str, str], ...] = ()
 # --------------------------------------------------------------------------- data and models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: more threads only contend (seconds per live test on a busy machine, ms on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spec_of(env_name: str) -> TaskSpec:
     return get_task(gym.spec(env_name).kwargs["task"])
 

@@ -18,14 +18,6 @@ from ee_gym.rewards import accuracy
 NUM_LAYERS, STATE_SIZE = 6, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def easy_layer_table(
     n: int = 400, num_layers: int = NUM_LAYERS, d: int = STATE_SIZE, seed: int = 0, split: str = "train"
 ) -> ExitTable:

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import agents
 from agents.base import load_policy
@@ -21,14 +20,6 @@ NAMES = ["ppo", "a2c", "dqn", "qrdqn", "maskable-ppo"]
 CONTRIB = {"qrdqn", "maskable-ppo"}
 #: a few updates each (DQNs start updating after 200 steps here)
 SHORT = {"total_timesteps": 1_024, "learning_starts": 200}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
@@ -22,15 +21,6 @@ from ee_gym.rewards import default_alpha, hardness
 
 N, L, D, K = 64, 4, 8, 2
 NUM_ENVS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks: more threads only contend (seconds per test on a busy machine, ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

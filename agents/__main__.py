@@ -1,7 +1,9 @@
 """Train and evaluate exit policies on one task: ``python -m agents --task rte``.
 
-Learners train on the stage-1 model's training-split table and every policy is scored on the dev
-table, each at its default settings; ``--alphas`` adds runs of ``reinforce`` at other layer prices.
+Learners train on the policy split of ``--protocol`` (default: ``held-out``, stage 1 on
+``train[:90%]`` and policies on ``train[90%:]``; ``paper``: both on ``train``; see
+``ee_gym.envs.prepare.POLICY_PROTOCOLS``) and every policy is scored on the dev table of the same
+model, each at its default settings; ``--alphas`` adds runs of ``reinforce`` at other layer prices.
 Prints a Markdown table (and writes JSON with ``--json``). The full model (static exit at L) and the
 two oracles are rows of the table too, for reference.
 """
@@ -15,7 +17,7 @@ import time
 import agents
 from agents.evaluate import evaluate
 from ee_gym.envs import ConsistentEEVectorEnv
-from ee_gym.envs.prepare import load_model, load_table
+from ee_gym.envs.prepare import POLICY_PROTOCOL, POLICY_PROTOCOLS, load_model, load_table, policy_tables
 from ee_gym.rewards import default_alpha
 from ee_gym.tasks import get_task
 
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model", default=None, help="a multi-exit checkpoint (default: stage 1 of --backbone)"
     )
+    parser.add_argument("--protocol", default=POLICY_PROTOCOL, choices=sorted(POLICY_PROTOCOLS))
     parser.add_argument("--backbone", default="minilm-l6")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--agents", default=DEFAULT_AGENTS, help="comma-separated registry names")
@@ -52,9 +55,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     task = get_task(args.task).name
-    model = load_model(task, model=args.model, backbone=args.backbone, data_dir=args.data_dir)
-    train = load_table(model, task, "train", data_dir=args.data_dir)
-    dev = load_table(model, task, "dev", data_dir=args.data_dir)
+    if args.model:  # a given model: its policy-split and dev tables
+        model = load_model(task, model=args.model, data_dir=args.data_dir)
+        train = load_table(model, task, POLICY_PROTOCOLS[args.protocol][1], data_dir=args.data_dir)
+        dev = load_table(model, task, "dev", data_dir=args.data_dir)
+    else:
+        train, dev = policy_tables(task, args.protocol, backbone=args.backbone, data_dir=args.data_dir)
     alpha = default_alpha(task, train.num_layers)
     runs = [(name, alpha, {}) for name in args.agents.split(",") if name]
     runs += [("reinforce", float(a), {}) for a in args.alphas.split(",") if a]
@@ -76,11 +82,8 @@ def main(argv=None) -> int:
         print(_row(record), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(
-                {"task": task, "model": model.config.backbone, "reward": args.reward, "runs": rows},
-                handle,
-                indent=2,
-            )
+            header = {"task": task, "protocol": args.protocol, "policy_split": train.split}
+            json.dump({**header, "reward": args.reward, "runs": rows}, handle, indent=2)
     return 0
 
 

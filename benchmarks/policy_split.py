@@ -15,8 +15,9 @@ Every policy is ``agents.make("reinforce", seed=s)`` with its default settings, 
 ``--epochs`` epochs, then scored by ``agents.evaluate.evaluate`` on the dev table of its own stage-1
 model and on the table it learnt from. Stage-1 models are trained on first use (``ee_gym.training``,
 task defaults), caches built on first use; both are reused afterwards. Prints Markdown tables:
-the protocols (mean +- std over seeds) and the static per-layer accuracy / mean confidence of every
-table (confidence above accuracy = over-confident).
+the protocols (mean +- std over seeds; "dev reward" is the env's reward, what REINFORCE maximises),
+the paired dev-accuracy differences, and the static per-layer accuracy, mean confidence,
+cross-entropy and reward of every table (confidence above accuracy = over-confident).
 """
 
 from __future__ import annotations
@@ -31,13 +32,10 @@ import torch
 import agents
 from agents.evaluate import evaluate
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
-from ee_gym.envs.prepare import load_model, load_table
+from ee_gym.envs.prepare import POLICY_PROTOCOLS, load_model, load_table
 
-PROTOCOLS = {  # name: (stage-1 split, policy split)
-    "paper": ("train", "train"),
-    "held-out": ("train[:90%]", "train[90%:]"),
-    "seen-90": ("train[:90%]", "train[:90%]"),
-}
+#: name: (stage-1 split, policy split); "paper" and "held-out" as offered by policy_tables
+PROTOCOLS = {**POLICY_PROTOCOLS, "seen-90": ("train[:90%]", "train[:90%]")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +66,8 @@ def run_protocol(task: str, name: str, seeds: int, epochs: int, num_envs: int) -
         runs.append(
             {
                 "seed": seed,
+                "dev_reward": mean_reward(env, dev_table, dev.exit_layers),
+                "dev_correct": (dev.predictions == dev_table.labels).tolist(),
                 "dev_score": dev.score,
                 "dev_mean_exit": dev.mean_exit_layer,
                 "dev_speedup": dev.speedup,
@@ -93,13 +93,36 @@ def run_protocol(task: str, name: str, seeds: int, epochs: int, num_envs: int) -
     }
 
 
+def mean_reward(env: ConsistentEEVectorEnv, table: ExitTable, exit_layers: np.ndarray) -> float:
+    """The env's reward (what REINFORCE maximises) averaged over a table, exiting at ``exit_layers``."""
+    rows, layers = np.arange(table.num_inputs), np.asarray(exit_layers)
+    ce, correct = table.cross_entropy[rows, layers - 1], table.correct[rows, layers - 1]
+    rewards = env.reward_fn(ce, correct, layers, table.memorized, table.num_layers, env.alpha)
+    return float(np.mean(rewards))
+
+
 def layer_summary(table: ExitTable) -> dict:
-    """Static accuracy and mean top-class probability of every layer of a table."""
+    """Static accuracy, mean top-class probability, cross-entropy and reward of every layer."""
+    env = ConsistentEEVectorEnv(num_envs=1, table=table, final_obs=False)  # the default reward
     return {
         "inputs": table.num_inputs,
         "accuracy": table.correct.mean(0).tolist(),
         "confidence": table.probs.max(-1).mean(0).tolist(),
+        "cross_entropy": table.cross_entropy.mean(0).tolist(),
+        "reward": [
+            mean_reward(env, table, np.full(table.num_inputs, layer))
+            for layer in range(1, table.num_layers + 1)
+        ],
     }
+
+
+def paired_accuracy_difference(a: dict, b: dict) -> tuple[float, float]:
+    """Dev accuracy of protocol ``b`` minus ``a`` and its standard error, paired over dev inputs
+    (each input's correctness averaged over seeds)."""
+    correct_a = np.mean([run["dev_correct"] for run in a["runs"]], 0)
+    correct_b = np.mean([run["dev_correct"] for run in b["runs"]], 0)
+    diff = correct_b - correct_a
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def mean_std(values) -> str:
@@ -111,8 +134,8 @@ def markdown(results: list[dict]) -> str:
     metric = results[0]["metric"]
     lines = [
         f"| protocol | stage-1 split | policy split | dev {metric} | dev mean exit | dev speed-up "
-        f"| policy-split {metric} | policy-split mean exit |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| dev reward | policy-split {metric} | policy-split mean exit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
 
@@ -121,13 +144,22 @@ def markdown(results: list[dict]) -> str:
 
         lines.append(
             f"| {r['protocol']} | `{r['stage1_split']}` | `{r['policy_split']}` | {column('dev_score')} "
-            f"| {column('dev_mean_exit')} | {column('dev_speedup')} | {column('train_score')} "
-            f"| {column('train_mean_exit')} |"
+            f"| {column('dev_mean_exit')} | {column('dev_speedup')} | {column('dev_reward')} "
+            f"| {column('train_score')} | {column('train_mean_exit')} |"
         )
-    lines += ["", "Static exits, accuracy / mean confidence by layer:", ""]
+    lines.append("")
+    for r in results[1:]:
+        diff, se = paired_accuracy_difference(results[0], r)
+        lines.append(
+            f"Dev accuracy, {r['protocol']} minus {results[0]['protocol']}: {diff:+.3f} ± {se:.3f} "
+            "(standard error, paired over dev inputs, seeds averaged)."
+        )
     lines += [
-        "| stage-1 split | table | inputs | accuracy by layer | confidence by layer |",
-        "|---|---|---|---|---|",
+        "",
+        "Static exits by layer: accuracy, mean confidence, cross-entropy, mean reward:",
+        "",
+        "| stage-1 split | table | inputs | accuracy | confidence | cross-entropy | reward |",
+        "|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in results:
@@ -135,9 +167,11 @@ def markdown(results: list[dict]) -> str:
             if (r["stage1_split"], split) in seen:
                 continue
             seen.add((r["stage1_split"], split))
-            acc = " ".join(f"{v:.3f}" for v in summary["accuracy"])
-            conf = " ".join(f"{v:.3f}" for v in summary["confidence"])
-            lines.append(f"| `{r['stage1_split']}` | `{split}` | {summary['inputs']} | {acc} | {conf} |")
+            cells = [
+                " ".join(f"{v:.3f}" for v in summary[k]) for k in ("accuracy", "confidence", "cross_entropy")
+            ]
+            cells.append(" ".join(f"{v:.2f}" for v in summary["reward"]))
+            lines.append(f"| `{r['stage1_split']}` | `{split}` | {summary['inputs']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

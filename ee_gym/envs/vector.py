@@ -101,6 +101,7 @@ class ConsistentEEVectorEnv(VectorEnv):
         self.layer = np.zeros(self.num_envs, dtype=np.int64)  # 0: not reset yet
         self._obs = self.encoder.allocate(self.num_envs)
         self._spare = self.encoder.allocate(self.num_envs)  # two buffers, swapped every step
+        self._returned = self._obs  # what the last reset/step returned (final_obs of the next)
         self._next_in_order = 0
         self._np_random, self._np_random_seed = seeding.np_random()
 
@@ -118,7 +119,8 @@ class ConsistentEEVectorEnv(VectorEnv):
             self.index[:] = self._draw(self.num_envs)
         self.layer[:] = 1
         self.encoder.batch(self.table, self.index, self.layer, self._obs)
-        return self._copy(self._obs), {}
+        self._returned = self._copy(self._obs)
+        return self._returned, {}
 
     def step(self, actions):
         actions = np.asarray(actions)
@@ -148,7 +150,8 @@ class ConsistentEEVectorEnv(VectorEnv):
         self._obs, self._spare = self._spare, self._obs  # the old buffer stays readable as final_obs
         self.encoder.batch(self.table, self.index, self.layer, self._obs)
         truncated = np.zeros(self.num_envs, dtype=bool)
-        return self._copy(self._obs), rewards, exits, truncated, infos
+        self._returned = self._copy(self._obs)
+        return self._returned, rewards, exits, truncated, infos
 
     # -- internals ---------------------------------------------------------------------------
     def _draw(self, count: int) -> np.ndarray:
@@ -179,9 +182,9 @@ class ConsistentEEVectorEnv(VectorEnv):
             final_info["_" + key] = exits
         infos: dict[str, Any] = {"final_info": final_info, "_final_info": exits}
         if self.final_obs:
-            # The buffer of the previous step holds every row's observation at its exit layer.
-            # Rows outside the mask hold whatever that step showed them; read only masked rows.
-            infos["final_obs"], infos["_final_obs"] = self._copy(self._obs), exits
+            # What the previous step returned holds every row's observation at its exit layer: it
+            # is handed back as is (no copy). Rows outside the mask hold what that step showed them.
+            infos["final_obs"], infos["_final_obs"] = self._returned, exits
         return infos
 
     def _copy(self, obs):

@@ -41,16 +41,12 @@ class StaleCacheError(RuntimeError):
     """The cache on disk was produced by another model or with other settings."""
 
 
-@dataclass
-class ExitCache:
-    """A per-layer cache opened from disk (arrays memory-mapped, read-only)."""
+class ExitShapes:
+    """Sizes read off per-layer arrays: ``states`` [N, L, d], ``logits`` [N, L, K], ``labels`` [N]."""
 
-    folder: Path
-    manifest: dict
-    states: np.ndarray  # [N, L, d]
-    logits: np.ndarray  # [N, L, K]
-    labels: np.ndarray  # [N]
-    memorized: np.ndarray  # [N]
+    states: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
 
     @property
     def num_inputs(self) -> int:
@@ -67,6 +63,18 @@ class ExitCache:
     @property
     def hidden_size(self) -> int:
         return self.states.shape[2]
+
+
+@dataclass
+class ExitCache(ExitShapes):
+    """A per-layer cache opened from disk (arrays memory-mapped, read-only)."""
+
+    folder: Path
+    manifest: dict
+    states: np.ndarray  # [N, L, d]
+    logits: np.ndarray  # [N, L, K]
+    labels: np.ndarray  # [N]
+    memorized: np.ndarray  # [N]
 
     @property
     def fingerprint(self) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ee_gym.cache import ExitCache
+from ee_gym.cache import ExitCache, ExitShapes
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class ExitTable:
+class ExitTable(ExitShapes):
     """Per-(input, layer) arrays for one split: N inputs, L layers, d state size, K classes."""
 
     states: np.ndarray  # [N, L, d] pooled states, float32 or float16
@@ -75,19 +75,3 @@ class ExitTable:
             task=cache.manifest["task"],
             split=cache.manifest["split"],
         )
-
-    @property
-    def num_inputs(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def num_labels(self) -> int:
-        return self.logits.shape[2]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.states.shape[2]

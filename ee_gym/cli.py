@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -62,6 +63,8 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
     config = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
     result = train_stage1(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: main process only
+        return 0
     print(f"model: {result.model_dir}")
     if result.history:
         print(format_layer_metrics(config.task, result.history[-1]["dev"], prefix="final dev"))

@@ -137,7 +137,8 @@ def train_stage1(
     task = get_task(config.task)
     run_dir = Path(config.output_dir)
     final_dir, ckpt_dir = run_dir / "model", run_dir / "checkpoint"
-    accelerator = Accelerator()
+    # cpu=True on CPU-only machines: accelerate then joins processes started by torchrun (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     _check_run_config(run_dir, config)
 

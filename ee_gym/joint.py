@@ -60,7 +60,13 @@ from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.rewards import default_alpha, get_reward
 from ee_gym.tasks import get_task, load_split
-from ee_gym.training import _parameter_groups, _read_history, _write_history, default_stage1_dir
+from ee_gym.training import (
+    _check_run_config,
+    _parameter_groups,
+    _read_history,
+    _write_history,
+    default_stage1_dir,
+)
 
 ROLLOUTS = ("sample", "threshold")
 
@@ -217,7 +223,7 @@ def train_stage3(
     run_dir = Path(config.output_dir)
     final_model, final_policy = run_dir / "model", run_dir / "policy"
     ckpt_dir = run_dir / "checkpoint"
-    _check_run_config(run_dir, config)
+    _check_run_config(run_dir, config, "stage-3 run")
 
     if (final_model / "fingerprint").is_file() and (final_policy / "policy.json").is_file():
         return Stage3Result(
@@ -392,22 +398,6 @@ def _save_checkpoint(
         torch.save(state, tmp / "trainer_state.pt")
 
     model.save_pretrained(folder, extra=extra)
-
-
-def _check_run_config(run_dir: Path, config: Any, what: str = "stage-3 run") -> None:
-    """Refuse to resume a run folder that was started with different settings."""
-    saved_file = run_dir / "config.json"
-    if not saved_file.is_file():
-        return
-    saved = json.loads(saved_file.read_text())
-    current = dataclasses.asdict(config)
-    ignore = {"progress", "output_dir", "data_dir", "model_dir", "policy_dir"}
-    differing = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
-    if differing:
-        raise ValueError(
-            f"{run_dir} holds a {what} with other settings ({', '.join(differing)}). "
-            "Pass another output_dir, or delete that folder to start over."
-        )
 
 
 # -- the whole method: stage 1, then rounds of (stage 2, stage 3) ------------------------------------

@@ -278,20 +278,25 @@ def _save_checkpoint(model, folder: Path, optimizer, scheduler, epochs_done: int
     model.save_pretrained(folder, extra=lambda tmp: torch.save(state, tmp / "trainer_state.pt"))
 
 
-def _check_run_config(run_dir: Path, config: Stage1Config) -> None:
-    """Refuse to resume a run folder that was started with different settings."""
+#: settings that may change between a run and its resumption (where files go, how it reports)
+RESUMABLE_CHANGES = {"progress", "eval_batch_size", "output_dir", "data_dir", "model_dir", "policy_dir"}
+
+
+def _check_run_config(run_dir: Path, config, what: str = "stage-1 run") -> None:
+    """Refuse to resume a run folder (of any stage's config dataclass) started with other settings."""
     saved_file = run_dir / "config.json"
     if not saved_file.is_file():
         return
     saved = json.loads(saved_file.read_text())
     current = dataclasses.asdict(config)
-    ignore = {"progress", "eval_batch_size", "output_dir", "data_dir"}
     # A field added since the run was saved counts as its default (train_split: "train").
-    defaults = {f.name: f.default for f in dataclasses.fields(Stage1Config)}
-    differing = sorted(k for k in current if k not in ignore and saved.get(k, defaults.get(k)) != current[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    differing = sorted(
+        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
+    )
     if differing:
         raise ValueError(
-            f"{run_dir} holds a stage-1 run with other settings ({', '.join(differing)}). "
+            f"{run_dir} holds a {what} with other settings ({', '.join(differing)}). "
             "Pass another output_dir (--output-dir), or delete that folder to start over."
         )
 

@@ -73,6 +73,19 @@ def write_tiny_glue(root: Path, n_train: int = 64, n_dev: int = 32) -> Path:
     return root
 
 
+def killed_after_first_checkpoint(monkeypatch, module) -> None:
+    """Make ``module._save_checkpoint`` save, then raise KeyboardInterrupt, once: a run killed right
+    after its first epoch's checkpoint. The next call saves normally again."""
+    real_save = module._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        monkeypatch.setattr(module, "_save_checkpoint", real_save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_save_checkpoint", save_then_die)
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return write_tiny_glue(tmp_path / "data")

@@ -13,7 +13,7 @@ from agents.reinforce import PerLayerPolicy, Reinforce
 from ee_gym import joint
 from ee_gym.joint import Stage3Config, joint_rollout, replicate, train_stage3
 from ee_gym.multiexit import MultiExitModel
-from tests.conftest import tiny_bert_config
+from tests.conftest import killed_after_first_checkpoint, tiny_bert_config
 
 
 class ExitAtLayer(nn.Module):
@@ -127,16 +127,9 @@ def test_one_epoch_trains_model_and_policy_and_writes_the_run(tokenizer, tiny_da
 def test_interrupted_run_resumes_to_the_same_weights(tokenizer, tiny_data, tmp_path, monkeypatch):
     straight, _ = _tiny_run(tokenizer, tiny_data, tmp_path / "straight")
 
-    real_save = joint._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(joint, "_save_checkpoint", save_then_die)
+    killed_after_first_checkpoint(monkeypatch, joint)
     with pytest.raises(KeyboardInterrupt):
         _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
-    monkeypatch.setattr(joint, "_save_checkpoint", real_save)
     resumed, _ = _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
 
     assert [r["epoch"] for r in resumed.history] == [1, 2]

@@ -13,7 +13,7 @@ import torch
 from ee_gym import training
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.training import Stage1Config, train_stage1, weighted_exit_loss
-from tests.conftest import tiny_bert_config
+from tests.conftest import killed_after_first_checkpoint, tiny_bert_config
 
 
 def test_weighted_loss_matches_hand_computation():
@@ -79,16 +79,9 @@ def test_stage1_learns_tiny_data_and_writes_a_run_folder(tokenizer, tiny_data, t
 def test_interrupted_run_resumes_to_the_same_weights(tokenizer, tiny_data, tmp_path, monkeypatch):
     straight = _tiny_run(tokenizer, tiny_data, tmp_path / "straight")
 
-    real_save = training._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    killed_after_first_checkpoint(monkeypatch, training)
     with pytest.raises(KeyboardInterrupt):
         _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
-    monkeypatch.setattr(training, "_save_checkpoint", real_save)
     resumed = _tiny_run(tokenizer, tiny_data, tmp_path / "resumed")
 
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]

@@ -63,19 +63,25 @@ def shuffled_batches(
     The order depends only on ``seed`` so that a resumed run sees the same batches.
     """
     order = np.random.default_rng(seed).permutation(num_rows)
-    batches = [order[i : i + batch_size * world_size] for i in range(0, num_rows, batch_size * world_size)]
-    return [b[rank::world_size] for b in batches if len(b[rank::world_size])]
+    step = batch_size * world_size
+    batches = [order[i : i + step] for i in range(0, num_rows, step)]
+    # every process must take the same number of steps (their gradients meet at each one): a last
+    # batch too short to give each process a row is dropped
+    return [b[rank::world_size] for b in batches if len(b) >= world_size]
 
 
 @torch.no_grad()
 def iter_exit_outputs(
-    model: MultiExitModel, split: TokenizedSplit, batch_size: int = 64
+    model: MultiExitModel, split: TokenizedSplit, batch_size: int = 64, rank: int = 0, world_size: int = 1
 ) -> Iterator[tuple[np.ndarray, ExitOutput]]:
-    """Every exit's state and logits for every row, batch by batch: (row indices, outputs)."""
+    """Every exit's state and logits for every row, batch by batch: (row indices, outputs).
+
+    With several processes, process ``rank`` of ``world_size`` takes every ``world_size``-th batch.
+    """
     was_training = model.training
     model.eval()
     try:
-        for rows in length_sorted_batches(split, batch_size):
+        for rows in length_sorted_batches(split, batch_size)[rank::world_size]:
             batch = split.batch(rows, model.tokenizer, model.device)
             batch.pop("labels")
             yield rows, model(**batch)

@@ -12,10 +12,15 @@ reads, slices such as ``train[90%:]`` included:
 
 Arrays are opened memory-mapped. A cache is written into a temporary folder and renamed when
 complete, so an interrupted build leaves nothing that could be mistaken for a cache.
+
+Under ``accelerate launch`` / ``torchrun`` every process runs its share of the batches and writes its
+rows into the same memory-mapped arrays (so the cache folder must be on a file system all processes
+see); the main process then finishes and renames the folder while the others wait.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -25,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from ee_gym import paths
@@ -123,25 +130,70 @@ def build_cache(
     expected = _identity(model, task, split, max_length, limit)
     if (folder / "manifest.json").is_file() and not overwrite:
         return open_cache(folder, expect=expected)
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    build = functools.partial(
+        _build, model, task, split, folder, expected, processes, data_dir, max_length, limit, batch_size
+    )
+    if processes.num_processes > 1:
+        return build(state_dtype, progress)
+    # one process: other jobs may want the same cache at the same time; the first builds it, the
+    # others wait for it and then open it
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "manifest.json").is_file() and not overwrite:
+            return open_cache(folder, expect=expected)
+        return build(state_dtype, progress)
 
+
+def _build(
+    model: MultiExitModel,
+    task: TaskSpec,
+    split: str,
+    folder: Path,
+    expected: dict,
+    processes: PartialState,
+    data_dir,
+    max_length: int,
+    limit: int | None,
+    batch_size: int,
+    state_dtype: str,
+    progress: bool,
+) -> ExitCache:
+    """Write the cache (every process its share of the batches, the main one the folder)."""
+    rank, world, main = processes.process_index, processes.num_processes, processes.is_main_process
     examples = load_split(task, split, data_dir, limit)
     tokenized = tokenize_examples(examples, model.tokenizer, max_length)
     n, num_layers, d, k = len(tokenized), model.num_layers, model.hidden_size, model.num_labels
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    states32 = np.lib.format.open_memmap(tmp / "states.f32.npy", "w+", np.float32, (n, num_layers, d))
-    logits = np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float32, (n, num_layers, k))
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        np.lib.format.open_memmap(tmp / "states.f32.npy", "w+", np.float32, (n, num_layers, d))
+        np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float32, (n, num_layers, k))
+    processes.wait_for_everyone()
+    states32 = np.load(tmp / "states.f32.npy", mmap_mode="r+")
+    logits = np.load(tmp / "logits.npy", mmap_mode="r+")
     mismatches = 0
     began = time.perf_counter()
-    bar = tqdm(total=n, desc=f"cache [{task.name}/{split}]", unit="input", disable=not progress)
-    for rows, out in iter_exit_outputs(model, tokenized, batch_size):
+    bar = tqdm(total=n, desc=f"cache [{task.name}/{split}]", unit="input", disable=not (progress and main))
+    for rows, out in iter_exit_outputs(model, tokenized, batch_size, rank, world):
         states32[rows] = out.states.float().cpu().numpy()
         logits[rows] = out.logits.float().cpu().numpy()
         mismatches += _fp16_prediction_mismatches(model, out.states, out.logits)
-        bar.update(len(rows))
+        bar.update(len(rows) * world)
     bar.close()
+    states32.flush()
+    logits.flush()
+    if world > 1:
+        total = torch.tensor([mismatches], device=processes.device)
+        torch.distributed.all_reduce(total)
+        mismatches = int(total.item())
+        processes.wait_for_everyone()  # every process's rows are on disk
+        if not main:
+            del states32, logits
+            processes.wait_for_everyone()  # the main process finishes the folder
+            return open_cache(folder, expect=expected)
 
     use_fp16 = state_dtype == "float16" or (state_dtype == "auto" and mismatches == 0)
     if use_fp16:
@@ -180,6 +232,7 @@ def build_cache(
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+    processes.wait_for_everyone()
     return open_cache(folder, expect=expected)
 
 

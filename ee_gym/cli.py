@@ -74,14 +74,30 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ee_gym.joint import PipelineConfig, train_pipeline
 
-    if args.agent != "reinforce":
-        raise ValueError(f"stage 3 trains the reinforce agent only, not {args.agent!r}")
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
     result = train_pipeline(PipelineConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: main process only
+        return 0
     print(f"model: {result.model_dir}\npolicy: {result.policy_dir}")
-    if result.stages and result.stages[-1].get("dev"):
-        print("final dev: " + ", ".join(f"{k} {v:.4f}" for k, v in result.stages[-1]["dev"].items()))
+    print(format_stages(result.stages))
     return 0
+
+
+def format_stages(stages: list[dict]) -> str:
+    """A Markdown table of the pipeline's dev scores, one row per finished stage."""
+    lines = ["| stage | dev metric | mean exit | speed-up | full depth |", "|---|---|---|---|---|"]
+    for record in stages:
+        dev = record.get("dev")
+        if not dev:
+            continue
+        full = dev.get("full_depth", {})
+        metric = next(iter(full), None)
+        score = f"{100 * dev[metric]:.1f}" if metric in dev else ""
+        exit_layer = f"{dev['mean_exit_layer']:.2f}" if "mean_exit_layer" in dev else ""
+        speedup = f"{dev['speedup']:.2f}x" if "speedup" in dev else ""
+        full_score = f"{metric} {100 * full[metric]:.1f}" if metric else ""
+        lines.append(f"| {record['stage']} | {score} | {exit_layer} | {speedup} | {full_score} |")
+    return "\n".join(lines)
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -254,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     from ee_gym.joint import PipelineConfig
 
     p = sub.add_parser("train", help="the whole method: stage 1, then rounds of stage 2 + stage 3")
-    p.add_argument("--agent", default="reinforce", choices=["reinforce"], help="the exit policy")
     add_dataclass_arguments(p, PipelineConfig)
     p.set_defaults(func=_cmd_train)
 

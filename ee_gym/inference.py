@@ -41,7 +41,15 @@ from ee_gym.envs.table import softmax
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import Examples
 
-__all__ = ["Predictions", "model_env_stand_in", "predict", "predict_split"]
+__all__ = [
+    "PreparedBatch",
+    "Predictions",
+    "model_env_stand_in",
+    "predict",
+    "predict_batches",
+    "predict_split",
+    "prepare_batches",
+]
 
 
 @dataclass
@@ -84,7 +92,7 @@ def model_env_stand_in(model: MultiExitModel) -> types.SimpleNamespace:
     return types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes))
 
 
-def _prepare_policy(policy: Any, model: MultiExitModel) -> ObservationEncoder | None:
+def prepare_policy(policy: Any, model: MultiExitModel) -> ObservationEncoder | None:
     """Refuse what cannot be deployed, bind the policy to the model's sizes, make its encoder."""
     if policy is None:
         return None
@@ -116,26 +124,67 @@ def predict(
         batch_size: rows per batch at layer 1 (batches shrink as rows exit).
         max_length: tokens per input (truncated beyond).
         deterministic: passed to ``policy.act``; True is the policy's inference rule.
+
+    The same as :func:`prepare_batches` then :func:`predict_batches`; ``seconds`` counts both.
     """
+    start_time = time.perf_counter()
+    batches = prepare_batches(model, text_a, text_b, batch_size, max_length)
+    out = predict_batches(model, batches, len(text_a), policy, deterministic)
+    out.seconds = time.perf_counter() - start_time
+    return out
+
+
+@dataclass
+class PreparedBatch:
+    rows: np.ndarray  # input index of each row
+    inputs: dict[str, torch.Tensor]  # padded model inputs, on the model's device
+
+
+def prepare_batches(
+    model: MultiExitModel,
+    text_a: Sequence[str],
+    text_b: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> list[PreparedBatch]:
+    """Tokenise the inputs and pad them into batches of similar length (what the model reads)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: pass one to MultiExitModel(...)")
-    start_time = time.perf_counter()
-    encoder = _prepare_policy(policy, model)
-    n, num_labels = len(text_a), model.num_labels
+    n = len(text_a)
+    if not n:
+        return []
     examples = Examples(list(text_a), None if text_b is None else list(text_b), np.zeros(n, dtype=np.int64))
-    exit_layers = np.zeros(n, dtype=np.int64)
-    logits = np.zeros((n, num_labels), dtype=np.float32)
+    split = tokenize_examples(examples, model.tokenizer, max_length)
+    batches = []
+    for rows in length_sorted_batches(split, batch_size):
+        inputs = split.batch(rows, model.tokenizer, model.device)
+        inputs.pop("labels")
+        batches.append(PreparedBatch(np.asarray(rows), inputs))
+    return batches
+
+
+def predict_batches(
+    model: MultiExitModel,
+    batches: Sequence[PreparedBatch],
+    num_inputs: int,
+    policy: Any = None,
+    deterministic: bool = True,
+) -> Predictions:
+    """Run prepared batches (:func:`prepare_batches`) with early exits; ``seconds``: the model's time."""
+    start_time = time.perf_counter()
+    encoder = prepare_policy(policy, model)
+    exit_layers = np.zeros(num_inputs, dtype=np.int64)
+    logits = np.zeros((num_inputs, model.num_labels), dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            split = tokenize_examples(examples, model.tokenizer, max_length) if n else None
-            for rows in length_sorted_batches(split, batch_size) if n else []:
-                batch = split.batch(rows, model.tokenizer, model.device)
-                batch.pop("labels")
-                _run_batch(model, batch, rows, policy, encoder, deterministic, exit_layers, logits)
+            for batch in batches:
+                _run_batch(
+                    model, batch.inputs, batch.rows, policy, encoder, deterministic, exit_layers, logits
+                )
     finally:
         model.train(was_training)
     return Predictions(

@@ -1,26 +1,35 @@
-"""Stage 3, joint ("consistent") training of the model and the REINFORCE exit policy, on the live model.
+"""Stage 3, joint ("consistent") training of the model with its exit policy, on the live model.
 
 METHOD.md, stage 4: everything is trainable; each input pays cross-entropy only at the exit the policy
 chose, plus the policy loss:
 
     loss3 = mean_x CE(C_t(s_t), y) + loss2,    loss2 = -mean_{x,k} (R - b(x)) log pi(tau)
 
-One step, for a batch of B inputs (a seeded shuffle of the training split, every epoch):
+Which exits, by agent:
 
-* every input is replicated K = ``replicas`` times; the B*K rows run through the model layer by layer
-  in training mode (dropout on, so the replicas also differ by dropout);
-* at layer l the per-layer policy network of :class:`agents.reinforce.Reinforce` gives p_l from the
-  pooled state s_l; the exit is drawn from Bernoulli(p_l) (``rollout="sample"``, the default, as in
-  ``agents.reinforce``) or taken when p_l > 0.5 (``"threshold"``, the authors' rule: here the replicas
-  differ by the backbone's dropout, so no extra dropout is put on the policy's input); at layer L
-  every row exits;
-* rows that exit record the logits C_t(s_t) of their exit's head (and so its CE) and are dropped from
-  the batch (``MultiExitModel.select``): the layers above an input's exit never run for it;
-* the reward is the named reward of :mod:`ee_gym.rewards` from the (detached) CE, t and the memorized
-  layer m(x) of the input (an array over the training split, computed once from the starting model);
-  the baseline b(x) is the mean reward over the K replicas (:func:`agents.reinforce.group_baseline`);
-* loss = mean CE at the chosen exits + loss2. The CE's gradient reaches the embeddings, the layers up
-  to the exit, the shared pooler and the chosen exit's head only.
+* ``reinforce`` (the paper's learner) trains end to end. Each input has K = ``replicas`` trajectories:
+  at layer l the per-layer network gives p_l from the pooled state s_l and each replica still running
+  exits with a Bernoulli(p_l) draw (``rollout="sample"``, the default, as in ``agents.reinforce``);
+  at layer L every replica exits. The reward of each replica is the named reward of
+  :mod:`ee_gym.rewards` from its (detached) CE, its exit t and the memorized layer m(x) (an array over
+  the training split, computed once from the starting model); the baseline b(x) is the mean reward of
+  the input's K replicas (:func:`agents.reinforce.group_baseline`).
+* any other agent (an SB3 learner, a rule) is **held fixed**: at each layer it reads the observation
+  the envs would give it (:meth:`ObservationEncoder.from_outputs` on the live states and head logits)
+  and its deterministic action decides where the input pays CE; there is no loss2. The pipeline
+  (:func:`train_pipeline`) then re-trains it on the refreshed model's table: the "frozen, then jointly
+  trained" loop of the paper for every algorithm.
+
+Replicas share one forward pass by default: the K trajectories of an input differ only by their
+exit draws, so the model runs once per input, up to the last of its replicas' exits, and a replica
+that exits at t pays the CE of head t on that shared pass: the same loss in expectation as K separate
+passes, for about 1/K of the compute. ``separate_replicas=True`` runs each replica through the model
+on its own (they then also differ by dropout; K times the compute); the authors' ``threshold`` rollout
+needs it, as its replicas differ by nothing else.
+
+Rows leave the batch at their exit (``MultiExitModel.select``): the layers above an input's exit never
+run for it, and the CE's gradient reaches the embeddings, the layers up to the exit, the shared pooler
+and the chosen exit's head only.
 
 Design choice: the policy reads the pooled state **detached** (``s_l.detach()``), so loss2 trains only
 the policy networks and never pushes the backbone or the pooler; the model learns only from the CE at
@@ -32,8 +41,13 @@ Adam for the policy; the model's gradients are clipped to ``max_grad_norm``. The
 ``config.json``, ``memorized.npy``, ``metrics.jsonl``, ``checkpoint/`` (model, ``policy/`` and
 ``trainer_state.pt`` after the last finished epoch) and, once done, ``model/`` and ``policy/``. A
 re-run with the same settings resumes after the last finished epoch, or returns the finished run.
-Single process only (rows leave the batch at different layers, which data-parallel training does
-not support as written).
+
+Several processes (``accelerate launch`` or ``torchrun``): each takes its share of every batch, runs
+its rows to their own exits, and the gradients are averaged over processes before each step (an
+all-reduce of every parameter's gradient, zeros for heads a process did not use, so that exits at
+different depths on different processes need no special care). Only the main process writes. A
+multi-process run resumes from its checkpoint too, but not bit-identically (only the main process's
+random state is saved).
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -77,15 +92,17 @@ class Stage3Config:
 
     task: str = "rte"
     model_dir: str | None = None  # the model to start from; default: stage 1 of (task, minilm-l6)
-    policy_dir: str | None = None  # a saved Reinforce policy; default: a new one (or the one passed)
+    agent: str = "reinforce"  # the exit policy: "reinforce" learns here, any other is held fixed
+    policy_dir: str | None = None  # a saved policy; default: the one passed, else a new ``agent``
     data_dir: str | None = None
-    # default: $EE_GYM_HOME/checkpoints/<task>-stage3-<fingerprint of the starting model>
+    # default: $EE_GYM_HOME/checkpoints/<task>-stage3-<agent>-<fingerprint of the starting model>
     output_dir: str | None = None
     epochs: int = 1
     learning_rate: float = 2e-5  # the model
     policy_learning_rate: float = 3e-4
-    batch_size: int = 8  # inputs per step (x replicas rows)
+    batch_size: int = 8  # inputs per step (x replicas trajectories)
     replicas: int = 8
+    separate_replicas: bool = False  # True: one forward pass per replica (see the module docstring)
     max_length: int | None = None  # None: the task's stage-1 default
     reward: str = "hardness"
     alpha: float | None = None  # None: ee_gym.rewards.default_alpha(task, L)
@@ -100,16 +117,24 @@ class Stage3Config:
 
     def resolved(self, model: MultiExitModel) -> Stage3Config:
         """A copy with every default filled in (what a run folder records)."""
+        import agents
         from ee_gym.training import Stage1Config
 
         task = get_task(self.task)
         get_reward(self.reward)  # fails early on an unknown name
+        if self.agent not in agents.REGISTRY:
+            raise ValueError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
         if self.rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {self.rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        if self.agent == "reinforce" and self.rollout == "threshold" and not self.separate_replicas:
+            raise ValueError(
+                "the threshold rollout's replicas differ only by dropout, so with a shared forward pass "
+                "they are identical and learn nothing: set separate_replicas=True (or rollout='sample')"
+            )
         max_length = self.max_length or Stage1Config(task=task.name).resolved().max_length
         alpha = default_alpha(task.name, model.num_layers) if self.alpha is None else float(self.alpha)
         output_dir = self.output_dir or str(
-            paths.home() / "checkpoints" / f"{task.name}-stage3-{model.fingerprint()}"
+            paths.home() / "checkpoints" / f"{task.name}-stage3-{self.agent}-{model.fingerprint()}"
         )
         return dataclasses.replace(
             self, task=task.name, max_length=max_length, alpha=alpha, output_dir=output_dir
@@ -119,70 +144,123 @@ class Stage3Config:
 @dataclass
 class Stage3Result:
     model: MultiExitModel
-    policy: Any  # agents.reinforce.Reinforce
+    policy: Any  # an agents.ExitPolicy (trained here when it is reinforce)
     model_dir: Path
     policy_dir: Path
     history: list[dict]  # one record per epoch, as in metrics.jsonl
 
 
+# -- who decides the exits ------------------------------------------------------------------------
+class LearnedExits:
+    """REINFORCE's per-layer networks ``net(states, layers) -> exit logits``: K trajectories per row.
+
+    ``rollout="sample"``: each replica draws its own Bernoulli(p_l) from ``generator``;
+    ``"threshold"``: all exit when p_l > 0.5.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        replicas: int = 1,
+        rollout: str = "sample",
+        generator: torch.Generator | None = None,
+    ):
+        if rollout not in ROLLOUTS:
+            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        self.net, self.replicas, self.rollout, self.generator = net, replicas, rollout, generator
+
+    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray):
+        logits = self.net(states.detach(), torch.full((len(states),), layer, device=states.device))
+        probs = torch.sigmoid(logits.detach()).float().cpu()[:, None].expand(-1, self.replicas)
+        if self.rollout == "sample":
+            chosen = torch.bernoulli(probs.contiguous(), generator=self.generator) > 0
+        else:
+            chosen = probs > 0.5
+        return chosen.to(states.device), logits
+
+
+class FixedAgentExits:
+    """Any deployable exit policy, held fixed: its deterministic action on the envs' observation."""
+
+    replicas = 1
+
+    def __init__(self, policy: Any, model: MultiExitModel):
+        from ee_gym.inference import prepare_policy
+
+        self.policy, self.encoder = policy, prepare_policy(policy, model)
+
+    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray):
+        numpy_states = states.detach().float().cpu().numpy() if self.encoder.uses_state else None
+        obs = self.encoder.from_outputs(numpy_states, history)
+        exits = np.asarray(self.policy.act(obs, deterministic=True)).reshape(-1) == 1
+        return torch.from_numpy(exits)[:, None].to(states.device), None
+
+
 # -- one rollout on the live model --------------------------------------------------------------
 @dataclass
 class JointRollout:
-    """One row per (input, replica)."""
+    """One row per (input, replica), replica-minor: row i * K + k is replica k of input i."""
 
     ce: torch.Tensor  # [N] CE at the chosen exit, with its graph into the model
-    policy_logits: torch.Tensor  # [N, L] exit logits of the policy, with their graph (0 after the exit)
+    policy_logits: torch.Tensor | None  # [N, L] the policy's exit logits with their graph (0 after the exit)
     exit_layer: torch.Tensor  # [N] int64, 1..L
     exit_chosen: torch.Tensor  # [N] bool, False when forced out at L
     correct: torch.Tensor  # [N] bool
 
 
 def joint_rollout(
-    model: MultiExitModel,
-    net: nn.Module,
-    batch: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    rollout: str = "sample",
-    generator: torch.Generator | None = None,
+    model: MultiExitModel, decide, batch: dict[str, torch.Tensor], labels: torch.Tensor
 ) -> JointRollout:
-    """Run ``batch`` layer by layer, letting ``net(states, layers) -> exit logits`` decide the exits.
+    """Run ``batch`` layer by layer; ``decide`` (:class:`LearnedExits`, :class:`FixedAgentExits`) picks
+    the exits of its ``replicas`` trajectories per row. A row leaves the batch once all have exited.
 
-    The policy reads detached states (see the module docstring). Rows leave the batch at their exit.
-    ``generator`` (a CPU generator) draws the Bernoulli actions of ``rollout="sample"``.
+    ``decide(layer, states [b, d], head logits of layers 1..l [b, l, K] as numpy)`` returns
+    (exit flags [b, replicas] bool, the policy's exit logits [b] with their graph, or None).
     """
-    if rollout not in ROLLOUTS:
-        raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
-    n, num_layers, device = labels.shape[0], model.num_layers, model.device
+    n, num_layers, device, k = labels.shape[0], model.num_layers, model.device, decide.replicas
     state = model.start(**batch)
     alive = torch.arange(n, device=device)  # original row of each row still in the batch
-    ce = torch.zeros(n, device=device)
-    exit_layer = torch.zeros(n, dtype=torch.long, device=device)
-    exit_chosen = torch.zeros(n, dtype=torch.bool, device=device)
-    correct = torch.zeros(n, dtype=torch.bool, device=device)
+    running = torch.ones(n, k, dtype=torch.bool, device=device)  # replicas not yet exited
+    ce = torch.zeros(n, k, device=device)
+    exit_layer = torch.zeros(n, k, dtype=torch.long, device=device)
+    exit_chosen = torch.zeros(n, k, dtype=torch.bool, device=device)
+    correct = torch.zeros(n, k, dtype=torch.bool, device=device)
+    history = np.zeros((n, num_layers, model.num_labels), dtype=np.float32)  # of the rows in the batch
     columns = []
     for layer in range(1, num_layers + 1):
         state = model.advance(state)
         states = model.pool(state.hidden, state.attention_mask)
-        logits = net(states.detach(), torch.full((len(alive),), layer, device=device))
-        columns.append(torch.zeros(n, dtype=logits.dtype, device=device).index_put((alive,), logits))
-        probs = torch.sigmoid(logits.detach()).float().cpu()
-        sampled = rollout == "sample"
-        chosen = (torch.bernoulli(probs, generator=generator) > 0 if sampled else probs > 0.5).to(device)
-        leaving = torch.ones_like(chosen) if layer == num_layers else chosen
+        head_logits = model.head(layer, states)
+        history[:, layer - 1] = head_logits.detach().float().cpu().numpy()
+        chosen, policy_logits = decide(layer, states, history[:, :layer])
+        if policy_logits is not None:
+            columns.append(
+                torch.zeros(n, dtype=policy_logits.dtype, device=device).index_put((alive,), policy_logits)
+            )
+        leaving = running[alive] & (chosen | (layer == num_layers))
         if leaving.any():
-            rows = alive[leaving]
-            head_logits = model.head(layer, states[leaving])
-            ce = ce.index_put((rows,), F.cross_entropy(head_logits, labels[rows], reduction="none"))
-            exit_layer[rows] = layer
-            exit_chosen[rows] = chosen[leaving]
-            correct[rows] = head_logits.detach().argmax(-1) == labels[rows]
-        if layer == num_layers or leaving.all():
+            row, replica = leaving.nonzero(as_tuple=True)
+            rows = alive[row]
+            row_labels = labels[alive]
+            row_ce = F.cross_entropy(head_logits, row_labels, reduction="none")
+            ce = ce.index_put((rows, replica), row_ce[row])
+            exit_layer[rows, replica] = layer
+            exit_chosen[rows, replica] = chosen[row, replica]
+            correct[rows, replica] = (head_logits.detach().argmax(-1) == row_labels)[row]
+            running[rows, replica] = False
+        still = running[alive].any(1)
+        if layer == num_layers or not still.any():
             break
-        if leaving.any():
-            state = model.select(state, ~leaving)
-            alive = alive[~leaving]
-    columns += [torch.zeros(n, device=device)] * (num_layers - len(columns))
-    return JointRollout(ce, torch.stack(columns, 1), exit_layer, exit_chosen, correct)
+        if not still.all():
+            state = model.select(state, still)
+            alive, history = alive[still], history[still.cpu().numpy()]
+    policy_logits = None
+    if columns:
+        columns += [torch.zeros(n, device=device)] * (num_layers - len(columns))
+        policy_logits = torch.stack(columns, 1).repeat_interleave(k, 0)
+    return JointRollout(
+        ce.reshape(-1), policy_logits, exit_layer.reshape(-1), exit_chosen.reshape(-1), correct.reshape(-1)
+    )
 
 
 def replicate(batch: dict[str, torch.Tensor], replicas: int) -> dict[str, torch.Tensor]:
@@ -193,6 +271,19 @@ def replicate(batch: dict[str, torch.Tensor], replicas: int) -> dict[str, torch.
 def stage1_memorized(model: MultiExitModel, split, batch_size: int = 64) -> np.ndarray:
     """m(x) of every row of a tokenized split under ``model`` in eval mode."""
     return memorized_layer_from_logits(all_exit_logits(model, split, batch_size), split.labels)
+
+
+def average_gradients(parameters, accelerator: Accelerator) -> None:
+    """Mean gradient over processes; a parameter a process did not use counts as a zero gradient."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad /= accelerator.num_processes
 
 
 # -- the training loop --------------------------------------------------------------------------
@@ -206,15 +297,20 @@ def train_stage3(
     """Run (or resume, or reuse) stage 3 and return the trained model and policy.
 
     ``model``: the model to start from (else ``config.model_dir``, else stage 1 of the task's default
-    backbone). ``policy``: a :class:`agents.reinforce.Reinforce` to start from (else
-    ``config.policy_dir``, else a new one seeded with ``config.seed``). ``memorized``: m(x) of every
-    row of the training split (``train_split``, ``train_limit``); None: computed from the starting
-    model (eval mode) and kept in the run folder. Both are trained in place on a fresh run.
+    backbone). ``policy``: an exit policy to start from (else ``config.policy_dir``, else a new
+    ``config.agent``; a learner other than reinforce must have been trained: stage 2). A
+    :class:`agents.reinforce.Reinforce` policy trains with the model; any other is held fixed.
+    ``memorized``: m(x) of every row of the training split (``train_split``, ``train_limit``); None:
+    computed from the starting model (eval mode) and kept in the run folder. Model and a reinforce
+    policy are trained in place on a fresh run.
     """
+    import agents
     from agents.base import load_policy
     from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
 
     config = dataclasses.replace(config or Stage3Config(), **overrides)
+    if policy is not None:
+        config.agent = policy.name
     if model is None:
         model_dir = config.model_dir or default_stage1_dir(config.task, DEFAULT_BACKBONE) / "model"
         model = MultiExitModel.from_pretrained(model_dir)
@@ -223,6 +319,8 @@ def train_stage3(
     run_dir = Path(config.output_dir)
     final_model, final_policy = run_dir / "model", run_dir / "policy"
     ckpt_dir = run_dir / "checkpoint"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # joins torchrun's processes
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     _check_run_config(run_dir, config, "stage-3 run")
 
     if (final_model / "fingerprint").is_file() and (final_policy / "policy.json").is_file():
@@ -234,14 +332,14 @@ def train_stage3(
             _read_history(run_dir),
         )
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + rank)  # each process its own dropout masks
     tokenizer = model.tokenizer
     train = tokenize_examples(
         load_split(task, config.train_split, config.data_dir, config.train_limit),
         tokenizer,
         config.max_length,
     )
-    memorized = _memorized(run_dir, model, train, memorized)
+    memorized = _memorized(run_dir, model, train, memorized, write=main)
     resuming = (ckpt_dir / "trainer_state.pt").is_file()
     if resuming:
         model = MultiExitModel.from_pretrained(ckpt_dir)
@@ -249,59 +347,78 @@ def train_stage3(
     elif policy is None and config.policy_dir:
         policy = load_policy(config.policy_dir)
     elif policy is None:
-        policy = Reinforce(rollout=config.rollout, seed=config.seed)
-    if policy.net is None:
-        policy._build(model.hidden_size, model.num_layers)
-    net = policy.net
-    if (net.state_size, net.num_layers) != (model.hidden_size, model.num_layers):
-        raise ValueError(
-            f"the policy was built for d={net.state_size}, L={net.num_layers}; the model has "
-            f"d={model.hidden_size}, L={model.num_layers}"
+        policy = agents.make(
+            config.agent,
+            **({"rollout": config.rollout, "seed": config.seed} if config.agent == "reinforce" else {}),
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    learned = isinstance(policy, Reinforce)
+    device = accelerator.device
     model.to(device).train()
-    net.to(device).train()
+    if learned:
+        if policy.net is None:
+            policy._build(model.hidden_size, model.num_layers)
+        net = policy.net
+        if (net.state_size, net.num_layers) != (model.hidden_size, model.num_layers):
+            raise ValueError(
+                f"the policy was built for d={net.state_size}, L={net.num_layers}; the model has "
+                f"d={model.hidden_size}, L={model.num_layers}"
+            )
+        net.to(device).train()
+        policy_optimizer = torch.optim.Adam(net.parameters(), lr=config.policy_learning_rate)
+    else:
+        net, policy_optimizer = None, None
 
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay, config.learning_rate, None))
-    policy_optimizer = torch.optim.Adam(net.parameters(), lr=config.policy_learning_rate)
-    total_steps = math.ceil(len(train) / config.batch_size) * config.epochs
+    total_steps = math.ceil(len(train) / (config.batch_size * world)) * config.epochs
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
-    sampler = torch.Generator().manual_seed(config.seed)
+    sampler = torch.Generator().manual_seed(config.seed + rank)
     start_epoch = 0
     if resuming:
         state = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        policy_optimizer.load_state_dict(state["policy_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout on the GPU draws from these
-        sampler.set_state(state["sampler_rng"])
+        if learned:
+            policy_optimizer.load_state_dict(state["policy_optimizer"])
+        if rank == 0:  # the other processes keep their own seeds
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout on the GPU draws from these
+            sampler.set_state(state["sampler_rng"])
         start_epoch = state["epoch"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    reward_fn, num_layers, replicas = get_reward(config.reward), model.num_layers, config.replicas
+    reward_fn, num_layers = get_reward(config.reward), model.num_layers
+    if learned and config.separate_replicas:  # K copies of each row, one trajectory each
+        decide, copies = LearnedExits(net, 1, config.rollout, sampler), config.replicas
+    elif learned:
+        decide, copies = LearnedExits(net, config.replicas, config.rollout, sampler), 1
+    else:
+        decide, copies = FixedAgentExits(policy, model), 1
+    group = config.replicas if learned else 1  # trajectories per input
+    trained = list(model.parameters()) + (list(net.parameters()) if learned else [])
     history = _read_history(run_dir)[:start_epoch]
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         model.train()
-        net.train()
-        batches = shuffled_batches(len(train), config.batch_size, config.seed + epoch)
+        batches = shuffled_batches(len(train), config.batch_size, config.seed + epoch, rank, world)
         bar = tqdm(
             batches,
-            desc=f"stage 3 [{task.name}] epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
+            desc=f"stage 3 [{task.name}, {config.agent}] epoch {epoch + 1}/{config.epochs}",
+            disable=not (config.progress and main),
             unit="batch",
         )
         totals = np.zeros(7)  # loss, ce, loss2, reward, layer, correct, rows
         for rows in bar:
             batch = train.batch(rows, tokenizer, device)
-            labels = batch.pop("labels").repeat_interleave(replicas)
-            out = joint_rollout(model, net, replicate(batch, replicas), labels, config.rollout, sampler)
-            m = np.repeat(memorized[np.asarray(rows)], replicas)
+            labels = batch.pop("labels")
+            if copies > 1:
+                batch, labels = replicate(batch, copies), labels.repeat_interleave(copies)
+            out = joint_rollout(model, decide, batch, labels)
+            m = np.repeat(memorized[np.asarray(rows)], group)
             exit_layer = out.exit_layer.cpu().numpy()
             rewards = reward_fn(
                 out.ce.detach().cpu().numpy(),
@@ -312,19 +429,24 @@ def train_stage3(
                 config.alpha,
             )
             rewards = torch.as_tensor(np.asarray(rewards), dtype=torch.float32, device=device)
-            advantage = rewards - group_baseline(rewards, replicas)
-            log_prob = trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen)
             ce_loss = out.ce.mean()
-            policy_loss = -(advantage * log_prob).mean()
+            policy_loss = torch.zeros((), device=device)
+            if learned:
+                advantage = rewards - group_baseline(rewards, group)
+                log_prob = trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen)
+                policy_loss = -(advantage * log_prob).mean()
             loss = ce_loss + policy_loss
             optimizer.zero_grad(set_to_none=True)
-            policy_optimizer.zero_grad(set_to_none=True)
+            if learned:
+                policy_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(trained, accelerator)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            policy_optimizer.step()
-            n = len(labels)
+            if learned:
+                policy_optimizer.step()
+            n = len(out.ce)
             totals += (
                 loss.item() * n,
                 ce_loss.item() * n,
@@ -336,6 +458,10 @@ def train_stage3(
             )
             bar.set_postfix(loss=f"{loss.item():.4f}", layer=f"{exit_layer.mean():.2f}")
 
+        if world > 1:  # the epoch's figures over every process's rows
+            summed = torch.as_tensor(totals, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(summed)
+            totals = summed.cpu().numpy()
         loss_sum, ce_sum, pl_sum, reward_sum, layer_sum, correct_sum, count = totals
         count = max(count, 1)
         history.append(
@@ -350,20 +476,29 @@ def train_stage3(
                 "seconds": round(time.perf_counter() - began, 2),
             }
         )
-        policy.history.append({"stage": 3, **history[-1]})
-        # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
-        _write_history(run_dir, history)
-        _save_checkpoint(model, policy, ckpt_dir, optimizer, scheduler, policy_optimizer, sampler, epoch + 1)
+        if learned:
+            policy.history.append({"stage": 3, **history[-1]})
+        if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
+            _write_history(run_dir, history)
+            _save_checkpoint(
+                model, policy, ckpt_dir, optimizer, scheduler, policy_optimizer, sampler, epoch + 1
+            )
+        accelerator.wait_for_everyone()
 
     model.eval()
-    net.eval().cpu()  # Reinforce acts on CPU tensors
-    model.save_pretrained(final_model)
-    policy.save(final_policy)
+    if learned:
+        net.eval().cpu()  # Reinforce acts on CPU tensors
+    if main:
+        model.save_pretrained(final_model)
+        policy.save(final_policy)
+    accelerator.wait_for_everyone()
     return Stage3Result(model, policy, final_model, final_policy, history)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _memorized(run_dir: Path, model: MultiExitModel, train, given: np.ndarray | None) -> np.ndarray:
+def _memorized(
+    run_dir: Path, model: MultiExitModel, train, given: np.ndarray | None, write: bool = True
+) -> np.ndarray:
     """m(x) over the training split: the given array, else the run's saved one, else computed now."""
     path = run_dir / "memorized.npy"
     if given is None and path.is_file():
@@ -375,8 +510,9 @@ def _memorized(run_dir: Path, model: MultiExitModel, train, given: np.ndarray | 
         raise ValueError(f"memorized has shape {given.shape}; the training split has {len(train)} rows")
     if given.min() < 1 or given.max() > model.num_layers:
         raise ValueError(f"memorized layers must lie in 1..{model.num_layers}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, given)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.save(path, given)
     return given
 
 
@@ -386,7 +522,7 @@ def _save_checkpoint(
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "policy_optimizer": policy_optimizer.state_dict(),
+        "policy_optimizer": None if policy_optimizer is None else policy_optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "sampler_rng": sampler.get_state(),
@@ -407,7 +543,8 @@ class PipelineConfig:
 
     task: str = "rte"
     backbone: str = DEFAULT_BACKBONE
-    # default: $EE_GYM_HOME/runs/<task>-<backbone>-consistentee
+    agent: str = "reinforce"  # any registered policy name; stage 2 trains it, stage 3 uses it
+    # default: $EE_GYM_HOME/runs/<task>-<backbone>-<agent>
     output_dir: str | None = None
     data_dir: str | None = None
     rounds: int = 1
@@ -415,26 +552,30 @@ class PipelineConfig:
     max_length: int | None = None  # None: the task's stage-1 default
     train_limit: int | None = None  # first N training rows, in every stage
     dev_limit: int | None = None
+    stage1_model: str | None = None  # a finished stage-1 model folder: used instead of training one
     stage1_epochs: int | None = None  # None: the task's stage-1 default
     stage1_learning_rate: float | None = None
     stage1_batch_size: int | None = None
-    policy_epochs: int = 1  # stage 2
+    policy_epochs: int = 1  # stage 2 (reinforce)
     policy_batch_size: int = 32
     policy_learning_rate: float = 3e-4
+    policy_timesteps: int | None = None  # stage 2 (SB3 learners); None: the agent's default
     replicas: int = 8
+    separate_replicas: bool = False
     rollout: str = "sample"
     reward: str = "hardness"
     alpha: float | None = None
     stage3_epochs: int = 1
     stage3_learning_rate: float = 2e-5
     stage3_batch_size: int = 8
+    stage3_train_limit: int | None = None  # first N training rows in stage 3 (default: train_limit)
     progress: bool = True
 
 
 @dataclass
 class PipelineResult:
     model: MultiExitModel
-    policy: Any  # agents.reinforce.Reinforce
+    policy: Any  # an agents.ExitPolicy
     model_dir: Path
     policy_dir: Path
     stages: list[dict]  # as in pipeline.jsonl
@@ -442,7 +583,12 @@ class PipelineResult:
 
 def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel | None = None, **overrides):
     """ConsistentEE end to end in one run folder: stage 1, the memorized layer, then ``rounds`` rounds
-    of (stage 2: REINFORCE on the current model's cached training table; stage 3: :func:`train_stage3`).
+    of (stage 2: the agent learns on the current model's cached training table; stage 3:
+    :func:`train_stage3`, the model trains with the agent's exits).
+
+    ``reinforce`` carries its networks from round to round and trains in stage 3 too. Any other learner
+    is trained anew in each stage 2 on the refreshed table (an SB3 algorithm's ``learn`` starts a new
+    model) and held fixed in stage 3; rules have nothing to learn and only decide stage 3's exits.
 
     Folder: ``config.json``, ``pipeline.jsonl`` (one record per finished stage, with its dev scores),
     ``stage1/``, ``memorized.npy``, ``round<r>/stage2/`` (policy), ``round<r>/stage3/`` (a stage-3 run
@@ -452,10 +598,9 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model
     stage 1 starts from (a tiny one in tests) instead of ``config.backbone``.
     """
+    import agents
     from agents.base import load_policy
     from agents.evaluate import evaluate
-    from agents.reinforce import Reinforce
-    from ee_gym.envs import ConsistentEEVectorEnv
     from ee_gym.envs.prepare import load_table
     from ee_gym.training import Stage1Config, train_stage1
 
@@ -463,13 +608,15 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     if model is not None:
         config.backbone = model.config.backbone
     task = get_task(config.task)
+    if config.agent not in agents.REGISTRY:
+        raise ValueError(f"unknown agent {config.agent!r}; known: {', '.join(agents.names())}")
     slug = str(config.backbone).strip("/").replace("/", "--")
     max_length = config.max_length or Stage1Config(task=task.name).resolved().max_length
     config = dataclasses.replace(
         config,
         task=task.name,
         max_length=max_length,
-        output_dir=config.output_dir or str(paths.home() / "runs" / f"{task.name}-{slug}-consistentee"),
+        output_dir=config.output_dir or str(paths.home() / "runs" / f"{task.name}-{slug}-{config.agent}"),
     )
     run_dir = Path(config.output_dir)
     _check_run_config(run_dir, config, "pipeline run")
@@ -490,30 +637,38 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     tables = dict(data_dir=config.data_dir, max_length=max_length, progress=config.progress)
 
     def dev_scores(current_model, current_policy) -> dict:
+        """The policy's dev scores, and (under "full_depth") the current model's at layer L."""
         dev = load_table(current_model, task.name, "dev", max_inputs=config.dev_limit, **tables)
+        full = evaluate(agents.make("static", layer=current_model.num_layers), dev)
+        if current_policy is None:
+            return {"full_depth": full.metrics}
         result = evaluate(current_policy, dev)
-        return {**result.metrics, "mean_exit_layer": result.mean_exit_layer, "speedup": result.speedup}
+        scores = {**result.metrics, "mean_exit_layer": result.mean_exit_layer, "speedup": result.speedup}
+        return {**scores, "full_depth": full.metrics}
 
-    stage1 = train_stage1(
-        Stage1Config(
-            task=task.name,
-            backbone=config.backbone,
-            output_dir=str(run_dir / "stage1"),
-            data_dir=config.data_dir,
-            epochs=config.stage1_epochs,
-            learning_rate=config.stage1_learning_rate,
-            batch_size=config.stage1_batch_size,
-            max_length=max_length,
-            seed=config.seed,
-            train_limit=config.train_limit,
-            dev_limit=config.dev_limit,
-            progress=config.progress,
-        ),
-        model=model,
-    )
+    if config.stage1_model:
+        stage1 = _given_stage1(config.stage1_model)
+    else:
+        stage1 = train_stage1(
+            Stage1Config(
+                task=task.name,
+                backbone=config.backbone,
+                output_dir=str(run_dir / "stage1"),
+                data_dir=config.data_dir,
+                epochs=config.stage1_epochs,
+                learning_rate=config.stage1_learning_rate,
+                batch_size=config.stage1_batch_size,
+                max_length=max_length,
+                seed=config.seed,
+                train_limit=config.train_limit,
+                dev_limit=config.dev_limit,
+                progress=config.progress,
+            ),
+            model=model,
+        )
     current = stage1.model.eval()
     if "stage1" not in done:
-        finish({"stage": "stage1", "model_dir": str(stage1.model_dir)})
+        finish({"stage": "stage1", "model_dir": str(stage1.model_dir), "dev": dev_scores(current, None)})
 
     memorized_path = run_dir / "memorized.npy"
     if "memorized" in done:
@@ -530,7 +685,8 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
             }
         )
 
-    policy = Reinforce(rollout=config.rollout, seed=config.seed)
+    reinforce = config.agent == "reinforce"
+    policy = _new_agent(config, config.seed) if reinforce else None
     model_dir, policy_dir = stage1.model_dir, None
     for r in range(1, config.rounds + 1):
         stage2_dir = run_dir / f"round{r}" / "stage2"
@@ -539,25 +695,17 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
         else:
             table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
             table = dataclasses.replace(table, memorized=memorized, derived={})  # stage-1 m(x)
-            env = ConsistentEEVectorEnv(
-                1, table=table, split=table.split, reward=config.reward, alpha=config.alpha
-            )
-            policy.learn(
-                env,
-                epochs=config.policy_epochs,
-                batch_size=config.policy_batch_size,
-                replicas=config.replicas,
-                lr=config.policy_learning_rate,
-                rollout=config.rollout,
-                seed=config.seed + r,
-                progress=config.progress,
-            )
+            if not reinforce:  # a new learner on the refreshed table (rules: nothing to learn)
+                policy = _new_agent(config, config.seed + r)
+            began = time.perf_counter()
+            _learn(policy, config, table, seed=config.seed + r)
             policy.save(stage2_dir)
             finish(
                 {
                     "stage": f"stage2-round{r}",
                     "policy_dir": str(stage2_dir),
-                    "train": policy.history[-1],
+                    "train": policy.history[-1] if getattr(policy, "history", None) else None,
+                    "seconds": round(time.perf_counter() - began, 2),
                     "dev": dev_scores(current, policy),
                 }
             )
@@ -573,12 +721,13 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
                 policy_learning_rate=config.policy_learning_rate,
                 batch_size=config.stage3_batch_size,
                 replicas=config.replicas,
+                separate_replicas=config.separate_replicas,
                 max_length=max_length,
                 reward=config.reward,
                 alpha=config.alpha,
                 rollout=config.rollout,
                 seed=config.seed + r,
-                train_limit=config.train_limit,
+                train_limit=config.stage3_train_limit or config.train_limit,
                 progress=config.progress,
             ),
             model=current,
@@ -599,3 +748,59 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
             )
     stages = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     return PipelineResult(current, policy, Path(model_dir), Path(policy_dir or ""), stages)
+
+
+def _new_agent(config: PipelineConfig, seed: int):
+    """A new policy of ``config.agent`` (reinforce with the pipeline's rollout)."""
+    import agents
+
+    if config.agent == "reinforce":
+        return agents.make("reinforce", rollout=config.rollout, seed=seed)
+    policy = agents.make(config.agent)
+    if hasattr(policy, "seed"):  # SB3 learners
+        policy.seed = seed
+    return policy
+
+
+def _learn(policy, config: PipelineConfig, table, seed: int) -> None:
+    """Stage 2: train ``policy`` on ``table`` with the pipeline's reward and price (rules: no-op)."""
+    from ee_gym.envs import ConsistentEEVectorEnv
+
+    if not policy.learns:
+        return
+    env = ConsistentEEVectorEnv(
+        1 if config.agent == "reinforce" else 256,
+        table=table,
+        split=table.split,
+        reward=config.reward,
+        alpha=config.alpha,
+        obs_mode=policy.obs_mode,
+    )
+    if config.agent == "reinforce":
+        policy.learn(
+            env,
+            epochs=config.policy_epochs,
+            batch_size=config.policy_batch_size,
+            replicas=config.replicas,
+            lr=config.policy_learning_rate,
+            rollout=config.rollout,
+            seed=seed,
+            progress=config.progress,
+        )
+    elif config.policy_timesteps is not None:
+        policy.learn(env, total_timesteps=config.policy_timesteps, seed=seed, progress=config.progress)
+    else:
+        policy.learn(env, seed=seed, progress=config.progress)
+
+
+def _given_stage1(folder: str):
+    """A finished stage-1 model folder in the shape :func:`train_stage1` returns."""
+    from ee_gym.training import Stage1Result
+
+    path = Path(folder)
+    if not (path / "fingerprint").is_file():
+        raise FileNotFoundError(
+            f"stage1_model={folder!r} is not a saved multi-exit model (no fingerprint file); pass the "
+            "model/ folder of a finished stage-1 run"
+        )
+    return Stage1Result(MultiExitModel.from_pretrained(path), path, [])

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from agents.reinforce import PerLayerPolicy, Reinforce
 from ee_gym import joint
-from ee_gym.joint import Stage3Config, joint_rollout, replicate, train_stage3
+from ee_gym.joint import FixedAgentExits, LearnedExits, Stage3Config, joint_rollout, train_stage3
 from ee_gym.multiexit import MultiExitModel
 from tests.conftest import killed_after_first_checkpoint, tiny_bert_config
 
@@ -27,16 +28,16 @@ class ExitAtLayer(nn.Module):
         return torch.where(layers == self.layer, 100.0, -100.0).to(states.dtype)
 
 
-def _batch(model, replicas=2):
+def _batch(model):
     batch = model.tokenize(["the film was good", "a bad story and plot", "fine"], max_length=32)
-    labels = torch.tensor([1, 0, 1]).repeat_interleave(replicas)
-    return replicate(batch, replicas), labels
+    return batch, torch.tensor([1, 0, 1])
 
 
 def test_ce_reaches_only_the_chosen_exit(tiny_model):
     model = tiny_model.train()
     batch, labels = _batch(model)
-    out = joint_rollout(model, ExitAtLayer(2), batch, labels, "sample", torch.Generator().manual_seed(0))
+    decide = LearnedExits(ExitAtLayer(2), replicas=2, generator=torch.Generator().manual_seed(0))
+    out = joint_rollout(model, decide, batch, labels)
     assert out.exit_layer.tolist() == [2] * 6
     assert out.exit_chosen.all()
     out.ce.mean().backward()
@@ -52,11 +53,40 @@ def test_ce_reaches_only_the_chosen_exit(tiny_model):
             assert param.grad.abs().sum() > 0, name
 
 
+class CoinFlip(nn.Module):
+    """p = 0.5 everywhere: the replicas of an input take different exits."""
+
+    def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(states), dtype=states.dtype, requires_grad=True)
+
+
+def test_shared_replicas_pay_the_ce_of_their_own_exit(tiny_model):
+    """With one forward pass per input, replica k exiting at t pays CE of head t, as a full pass says."""
+    model = tiny_model.eval()  # no dropout: the shared pass equals a full forward exactly
+    batch, labels = _batch(model)
+    decide = LearnedExits(CoinFlip(), replicas=8, generator=torch.Generator().manual_seed(0))
+    out = joint_rollout(model, decide, batch, labels)
+    exits = out.exit_layer.view(3, 8)
+    assert any(len(set(row.tolist())) > 1 for row in exits)  # replicas of one input differ
+    with torch.no_grad():
+        full = model(**batch).logits  # [3, L, K]
+    for i in range(3):
+        for k in range(8):
+            t = int(exits[i, k])
+            expected = F.cross_entropy(full[i, t - 1][None], labels[i : i + 1])[None]
+            torch.testing.assert_close(out.ce.view(3, 8)[i, k].detach(), expected[0], rtol=1e-5, atol=1e-5)
+            assert out.correct.view(3, 8)[i, k] == (full[i, t - 1].argmax() == labels[i])
+    # the policy's logits are shared by an input's replicas, one row per trajectory
+    assert out.policy_logits.shape == (24, model.num_layers)
+
+
 def test_policy_loss_does_not_reach_the_model(tiny_model):
     model = tiny_model.train()
-    batch, labels = _batch(model, replicas=4)
+    batch, labels = _batch(model)
     net = PerLayerPolicy(model.hidden_size, model.num_layers)
-    out = joint_rollout(model, net, batch, labels, "sample", torch.Generator().manual_seed(0))
+    out = joint_rollout(
+        model, LearnedExits(net, 4, generator=torch.Generator().manual_seed(0)), batch, labels
+    )
     assert ((out.exit_layer >= 1) & (out.exit_layer <= 4)).all()
     forced = out.exit_layer == 4
     assert (out.exit_chosen | forced).all()
@@ -65,6 +95,60 @@ def test_policy_loss_does_not_reach_the_model(tiny_model):
     trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_a_fixed_agent_decides_the_exits_as_in_inference(tiny_model):
+    """A rule held fixed exits where batched inference says it exits; only those heads get gradient."""
+    import agents
+    from ee_gym.inference import predict
+
+    model = tiny_model.eval()
+    texts = ["the film was good", "a bad story and plot", "fine", "not bad at all, really", "dull"]
+    rule = agents.make("maxprob", threshold=0.5005)
+    expected = predict(model, texts, policy=rule, batch_size=5, max_length=32).exit_layers
+    batch = model.tokenize(texts, max_length=32)
+    out = joint_rollout(model, FixedAgentExits(rule, model), batch, torch.tensor([1, 0, 1, 1, 0]))
+    assert out.exit_layer.tolist() == expected.tolist()
+    assert out.policy_logits is None
+    out.ce.sum().backward()
+    used = sorted(set(expected.tolist()))
+    for layer, head in enumerate(model.heads, start=1):
+        has_grad = head.weight.grad is not None and head.weight.grad.abs().sum().item() > 0
+        assert has_grad == (layer in used), layer
+
+
+def test_a_fixed_agent_trains_the_model_and_stays_as_it_was(tokenizer, tiny_data, tmp_path):
+    import agents
+
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = Stage3Config(
+        task="sst2",
+        data_dir=str(tiny_data),
+        output_dir=str(tmp_path / "run"),
+        batch_size=8,
+        learning_rate=5e-3,
+        max_length=32,
+        train_limit=24,
+        progress=False,
+    )
+    result = train_stage3(
+        config, model=model, policy=agents.make("static", layer=2), memorized=np.ones(24, int)
+    )
+    changed = {name for name, v in result.model.state_dict().items() if not torch.equal(v, start[name])}
+    assert "heads.1.weight" in changed and "heads.0.weight" not in changed and "heads.2.weight" not in changed
+    assert result.history[0]["mean_exit_layer"] == 2.0 and result.history[0]["policy_loss"] == 0.0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["agent"] == "static"
+    from agents.base import load_policy
+
+    assert load_policy(result.policy_dir).get_params() == {"layer": 2}
+
+
+def test_threshold_rollout_needs_separate_replicas(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="separate_replicas"):
+        Stage3Config(task="sst2", rollout="threshold", output_dir=str(tmp_path)).resolved(tiny_model)
 
 
 def _tiny_run(tokenizer, tiny_data, output_dir, **overrides):
@@ -197,15 +281,57 @@ def test_pipeline_runs_every_stage_and_resumes_after_the_last_finished(
     assert again.stages == result.stages
 
 
+def test_pipeline_with_an_sb3_agent_retrains_it_each_round_and_holds_it_in_stage_3(
+    tokenizer, tiny_data, tmp_path
+):
+    from agents.base import load_policy
+
+    result = _pipeline(tokenizer, tiny_data, tmp_path / "run", agent="ppo", rounds=2, policy_timesteps=512)
+    assert [s["stage"] for s in result.stages] == [
+        "stage1",
+        "memorized",
+        "stage2-round1",
+        "stage3-round1",
+        "stage2-round2",
+        "stage3-round2",
+    ]
+    round1 = load_policy(tmp_path / "run" / "round1" / "stage2")
+    held = load_policy(tmp_path / "run" / "round1" / "stage3" / "policy")
+    round2 = load_policy(tmp_path / "run" / "round2" / "stage2")
+    weights = [p.model.policy.state_dict() for p in (round1, held, round2)]
+    for name in weights[0]:  # stage 3 holds the agent fixed...
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)
+    assert any(not torch.equal(weights[0][n], weights[2][n]) for n in weights[0])  # ...stage 2 retrains it
+    stage3 = json.loads(
+        (tmp_path / "run" / "round1" / "stage3" / "metrics.jsonl").read_text().splitlines()[0]
+    )
+    assert stage3["policy_loss"] == 0.0
+    for record in result.stages[2:]:
+        assert 1 <= record["dev"]["mean_exit_layer"] <= 4
+
+
 def test_cli_train_builds_the_pipeline_config(monkeypatch):
     from ee_gym import cli
 
     seen = []
     monkeypatch.setattr(joint, "train_pipeline", lambda config: seen.append(config) or _Done())
-    argv = ["train", "--task", "rte", "--agent", "reinforce", "--rounds", "2", "--train-limit", "5"]
+    argv = ["train", "--task", "rte", "--agent", "ppo", "--rounds", "2", "--train-limit", "5"]
     assert cli.main([*argv, "--no-progress"]) == 0
-    assert (seen[0].task, seen[0].rounds, seen[0].train_limit, seen[0].progress) == ("rte", 2, 5, False)
+    config = seen[0]
+    assert (config.task, config.agent, config.rounds, config.train_limit, config.progress) == (
+        "rte",
+        "ppo",
+        2,
+        5,
+        False,
+    )
 
 
 class _Done:
-    model_dir, policy_dir, stages = "m", "p", [{"dev": {"accuracy": 1.0}}]
+    model_dir, policy_dir = "m", "p"
+    stages = [
+        {
+            "stage": "stage3-round1",
+            "dev": {"accuracy": 1.0, "mean_exit_layer": 2.0, "speedup": 3.0, "full_depth": {"accuracy": 0.5}},
+        }
+    ]

@@ -1,0 +1,601 @@
+"""Which exit policy is best for my task and budget? Every policy on one model, one table, one plot.
+
+    python -m benchmarks.compare --task rte
+    python -m benchmarks.compare --task rte --agents reinforce,ppo,entropy,patience --seeds 5
+    python -m benchmarks.compare --task rte --quick      # 1 seed, 3 prices, reinforce's rewards skipped
+
+On the same model and the same dev inputs, every named policy is scored:
+
+* rules (``entropy``, ``patience``, ...) at every setting of their ``sweep`` (deterministic: one run);
+* learners (``reinforce``, ``ppo``, ...) at several layer prices alpha (``--alpha-scales`` times the
+  task's default alpha) and ``--seeds`` seeds each; ``reinforce`` also under the ``plain`` and ``ce``
+  rewards (``--rewards``) to test what the hardness-guided reward buys;
+* references: the full model (static exit at L) and the two oracles (not deployable).
+
+Learners train on the policy split of ``--protocol`` (``ee_gym.envs.prepare.POLICY_PROTOCOLS``). One
+operating point per policy, its default settings (alpha x 1 for learners), fills the table: the task
+metric with a 95 % interval over seeds (scipy's percentile bootstrap of the mean), saved layers, the
+layer speed-up L / mean exit layer, the wall-clock speed-up of batched early-exit inference
+(``ee_gym.inference.predict_batches`` at ``--wall-batch-size``, against full depth on the same batches)
+and the training time. The area under the curve ranks policies at a glance (:func:`curve_auc`).
+
+Written to ``--output-dir`` (default ``benchmarks/results/<task>``): ``results.md`` (the table, the
+ranking, the claims tested and the command), ``curves.png`` (metric against speed-up, one curve per
+policy, the full model and the oracles marked) and ``results.json`` (every run's numbers, the exact
+command, package versions and settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_AGENTS = "reinforce,ppo,a2c,dqn,entropy,patience,pcee,maxprob,static,oracle,oracle-consistent"
+REFERENCES = ("oracle", "oracle-consistent")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class CompareArgs:
+    """Arguments of the comparison (every field is a ``--flag``)."""
+
+    task: str = "rte"
+    agents: str = DEFAULT_AGENTS  # comma-separated registry names
+    seeds: int = 3  # per learner and price
+    alpha_scales: str = "0.5,1,2,4"  # learners' prices, as multiples of the task's default alpha
+    rewards: str = "hardness,plain,ce"  # reinforce runs under each; the first is every learner's reward
+    protocol: str | None = None  # None: ee_gym.envs.prepare.POLICY_PROTOCOL
+    policy_split: str | None = None  # learners' split instead of the protocol's, e.g. "train[:8000]"
+    backbone: str = "minilm-l6"
+    model: str | None = None  # a multi-exit model folder instead of stage 1 of (task, backbone)
+    data_dir: str | None = None
+    output_dir: str | None = None  # default: benchmarks/results/<task>
+    sb3_timesteps: int | None = None  # SB3 learners' training steps (None: each agent's default)
+    wall_batch_size: int = 64
+    wall_limit: int | None = None  # dev inputs timed for the wall-clock speed-up (None: all)
+    wall_repeat: int = 3  # timed runs per policy; the best is kept
+    quick: bool = False  # 1 seed, prices x 0.5, 1, 2; reinforce under the first reward only
+    progress: bool = True
+
+    def resolved(self) -> CompareArgs:
+        from ee_gym.envs.prepare import POLICY_PROTOCOL
+        from ee_gym.tasks import get_task
+
+        changes: dict[str, Any] = {
+            "task": get_task(self.task).name,
+            "protocol": self.protocol or POLICY_PROTOCOL,
+        }
+        if self.quick:
+            changes.update(seeds=1, alpha_scales="0.5,1,2", rewards=self.rewards.split(",")[0])
+        args = dataclasses.replace(self, **changes)
+        args.output_dir = args.output_dir or str(RESULTS / args.task)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be 1 or more, got {args.seeds}")
+        return args
+
+
+# -- statistics ---------------------------------------------------------------------------------------
+def mean_ci(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): a percentile-bootstrap interval of the mean (scipy); nan bounds for one value."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    if np.ptp(values) == 0:
+        return mean, mean, mean
+    res = bootstrap(
+        (values,), np.mean, confidence_level=confidence, method="percentile", n_resamples=2000, rng=0
+    )
+    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def dev_set_interval(task: str, predictions: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """95 % bootstrap interval of the task metric over the dev inputs (how noisy the dev set is)."""
+    from scipy.stats import bootstrap
+
+    from agents.evaluate import score_predictions
+
+    def metric(pred, gold):
+        name, values = score_predictions(task, pred, gold)
+        return values[name]
+
+    res = bootstrap(
+        (predictions, labels),
+        metric,
+        paired=True,
+        vectorized=False,
+        method="percentile",
+        n_resamples=1000,
+        rng=0,
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def frontier(points: list[tuple[float, float]]) -> np.ndarray:
+    """The points no other point beats on both speed-up and metric, by speed-up: [P, 2]."""
+    best: list[tuple[float, float]] = []
+    for speedup, metric in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not best or metric > best[-1][1]:
+            best.append((speedup, metric))
+    return np.asarray(best[::-1], dtype=np.float64)
+
+
+def curve_auc(points: list[tuple[float, float]], full: float, first_layer: float, num_layers: int) -> float:
+    """Mean metric over speed-ups 1x to L/2 x of a policy's curve (linear between its frontier points).
+
+    Every curve is anchored at the two settings any exit rule reaches at its extremes: never exiting
+    early (1x, the full model's metric) and exiting everyone at layer 1 (L x, layer 1's metric), so
+    that a policy is neither rewarded nor punished for a range its sweep did not visit.
+    """
+    ends = frontier([*points, (1.0, full), (float(num_layers), first_layer)])
+    grid = np.linspace(1.0, num_layers / 2, 101)
+    return float(np.interp(grid, ends[:, 0], ends[:, 1]).mean())
+
+
+def metric_at(
+    points: list[tuple[float, float]], speedup: float, full: float, first_layer: float, num_layers: int
+) -> float:
+    """A curve's metric at one speed-up (as :func:`curve_auc` reads it)."""
+    ends = frontier([*points, (1.0, full), (float(num_layers), first_layer)])
+    return float(np.interp(speedup, ends[:, 0], ends[:, 1]))
+
+
+# -- running the policies ---------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One policy at one setting (and seed), scored on dev."""
+
+    label: str  # the curve it belongs to: "entropy", "reinforce", "reinforce (plain)", ...
+    policy: str  # registry name
+    kind: str  # "learner", "rule" or "reference"
+    params: dict[str, Any]
+    metric: float
+    metrics: dict[str, float]
+    mean_exit_layer: float
+    saved_layers: float
+    speedup: float
+    default: bool  # the policy's default setting: the table's operating point
+    alpha: float | None = None
+    alpha_scale: float | None = None
+    reward: str | None = None
+    seed: int | None = None
+    train_seconds: float = 0.0
+
+
+def _score(policy, dev) -> dict[str, Any]:
+    from agents.evaluate import evaluate
+
+    result = evaluate(policy, dev)
+    return dict(
+        metric=result.score,
+        metrics=result.metrics,
+        mean_exit_layer=result.mean_exit_layer,
+        saved_layers=result.saved_layers,
+        speedup=result.speedup,
+    )
+
+
+def run_all(args: CompareArgs, train, dev, alpha: float, bar) -> tuple[list[Run], dict[str, Any]]:
+    """Every run of the comparison, and the policy object of each table row (for wall-clock timing)."""
+    import agents
+    from agents.__main__ import train_policy
+
+    runs, operating = [], {}
+    rewards = [r for r in args.rewards.split(",") if r]
+    scales = [float(s) for s in args.alpha_scales.split(",") if s]
+    if 1.0 not in scales:
+        scales.append(1.0)  # the default price is the operating point
+    for name in [a for a in args.agents.split(",") if a]:
+        probe = agents.make(name)
+        if probe.learns:
+            extra = {}
+            if args.sb3_timesteps and name != "reinforce":
+                extra["total_timesteps"] = args.sb3_timesteps
+            for reward in rewards if name == "reinforce" else rewards[:1]:
+                label = name if reward == rewards[0] else f"{name} ({reward})"
+                for scale in scales:
+                    for seed in range(args.seeds):
+                        bar.set_postfix_str(f"{label} alpha x{scale:g} seed {seed}")
+                        policy, seconds = train_policy(name, train, alpha * scale, reward, seed, **extra)
+                        run = Run(
+                            label, name, "learner", policy.get_params(), **_score(policy, dev),
+                            default=scale == 1.0, alpha=alpha * scale, alpha_scale=scale, reward=reward,
+                            seed=seed, train_seconds=round(seconds, 3),
+                        )  # fmt: skip
+                        runs.append(run)
+                        if run.default and seed == 0:
+                            operating[label] = policy
+                        bar.update(1)
+        elif name in REFERENCES:
+            runs.append(Run(name, name, "reference", {}, **_score(probe, dev), default=True))
+            bar.update(1)
+        else:
+            default = probe.get_params()
+            for params in type(probe).sweep(dev.num_layers):
+                policy = agents.make(name, **params)
+                runs.append(Run(name, name, "rule", params, **_score(policy, dev), default=False))
+                bar.update(1)
+            runs.append(Run(name, name, "rule", default, **_score(probe, dev), default=True))
+            operating[name] = probe
+    full = agents.make("static", layer=dev.num_layers)
+    runs.append(
+        Run("full model", "static", "reference", full.get_params(), **_score(full, dev), default=True)
+    )
+    operating["full model"] = full
+    return runs, operating
+
+
+def count_runs(args: CompareArgs, num_layers: int) -> int:
+    """How many runs :func:`run_all` makes (for the progress bar)."""
+    import agents
+
+    rewards = len([r for r in args.rewards.split(",") if r])
+    scales = {float(s) for s in args.alpha_scales.split(",") if s} | {1.0}
+    total = 1
+    for name in [a for a in args.agents.split(",") if a]:
+        probe = agents.make(name)
+        if probe.learns:
+            total += len(scales) * args.seeds * (rewards if name == "reinforce" else 1)
+        elif name in REFERENCES:
+            total += 1
+        else:
+            total += len(type(probe).sweep(num_layers)) + 1
+    return total
+
+
+def wall_speedups(model, task: str, args: CompareArgs, operating: dict[str, Any]) -> dict[str, dict]:
+    """Wall-clock speed-up of each deployable operating point over full depth, on the same batches."""
+    from ee_gym.envs.prepare import default_max_length
+    from ee_gym.inference import predict_batches, prepare_batches
+    from ee_gym.tasks import load_split
+
+    examples = load_split(task, "dev", args.data_dir, args.wall_limit)
+    batches = prepare_batches(
+        model, examples.text_a, examples.text_b, args.wall_batch_size, default_max_length(task)
+    )
+    n = len(examples)
+
+    def best_time(policy) -> tuple[float, Any]:
+        out = predict_batches(model, batches, n, policy)  # warm-up
+        seconds = min(predict_batches(model, batches, n, policy).seconds for _ in range(args.wall_repeat))
+        return seconds, out
+
+    full_s, _ = best_time(None)
+    timings = {}
+    for label, policy in operating.items():
+        if not getattr(policy, "deployable", True):
+            continue
+        seconds, out = best_time(policy)
+        timings[label] = {
+            "seconds": seconds,
+            "full_seconds": full_s,
+            "wall_speedup": full_s / seconds,
+            "layer_speedup": out.speed_up,
+        }
+    return timings
+
+
+# -- summarising ------------------------------------------------------------------------------------
+def summarise(runs: list[Run], num_layers: int, wall: dict[str, dict]) -> tuple[list[dict], dict]:
+    """One table row per curve (its operating point) and the numbers the claims need."""
+    full = next(r for r in runs if r.label == "full model").metric
+    first = _layer_one_metric(runs, full)
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):
+        mine = [r for r in runs if r.label == label]
+        point = [r for r in mine if r.default]
+        seeds = sorted({r.seed for r in mine if r.seed is not None}) or [None]
+        aucs = [
+            curve_auc([(r.speedup, r.metric) for r in mine if r.seed == s], full, first, num_layers)
+            for s in seeds
+        ]
+        metric = mean_ci([r.metric for r in point])
+        auc = mean_ci(aucs)
+        rows.append(
+            {
+                "label": label,
+                "kind": mine[0].kind,
+                "deployable": mine[0].policy not in REFERENCES,
+                "params": point[0].params,
+                "alpha": point[0].alpha,
+                "runs": len(point),
+                "metric": metric[0],
+                "metric_ci": [metric[1], metric[2]],
+                "saved_layers": float(np.mean([r.saved_layers for r in point])),
+                "speedup": float(np.mean([r.speedup for r in point])),
+                "mean_exit_layer": float(np.mean([r.mean_exit_layer for r in point])),
+                "wall_speedup": wall.get(label, {}).get("wall_speedup"),
+                "train_seconds": float(np.mean([r.train_seconds for r in point])),
+                "auc": auc[0],
+                "auc_ci": [auc[1], auc[2]],
+            }
+        )
+    return rows, {"full": full, "first_layer": first}
+
+
+def _layer_one_metric(runs: list[Run], full: float) -> float:
+    static1 = [r for r in runs if r.policy == "static" and r.params.get("layer") == 1]
+    return static1[0].metric if static1 else full  # without a layer-1 run the curve's far end is flat
+
+
+def claims(runs: list[Run], rows: list[dict], anchors: dict, num_layers: int) -> list[str]:
+    """The claims the comparison tests, each stated with its numbers."""
+    by_label = {row["label"]: row for row in rows}
+    full, first = anchors["full"], anchors["first_layer"]
+    lines = []
+    mine = by_label.get("reinforce")
+    if mine:
+        for rule in ("entropy", "patience"):
+            if rule not in by_label:
+                continue
+            points = [(r.speedup, r.metric) for r in runs if r.label == rule]
+            theirs = metric_at(points, mine["speedup"], full, first, num_layers)
+            lines.append(
+                f"reinforce {_verdict(mine['metric'], mine['metric_ci'], theirs, [theirs, theirs])} {rule} at "
+                f"equal speed-up: {_pct(mine['metric'])} (95% CI {_interval(mine['metric_ci'])}) vs "
+                f"{_pct(theirs)} on the {rule} curve at {mine['speedup']:.2f}x"
+            )
+        for reward in ("plain", "ce"):
+            other = by_label.get(f"reinforce ({reward})")
+            if other is None:
+                continue
+            verdict = _verdict(mine["auc"], mine["auc_ci"], other["auc"], other["auc_ci"])
+            lines.append(
+                f"reinforce under the hardness reward {verdict} the {reward} reward: AUC {_pct(mine['auc'])} "
+                f"({_interval(mine['auc_ci'])}) vs {_pct(other['auc'])} ({_interval(other['auc_ci'])})"
+            )
+    oracle = by_label.get("oracle-consistent")
+    if oracle:
+        for row in rows:
+            if row["kind"] == "learner" and "(" not in row["label"]:
+                gap = 100 * (oracle["auc"] - row["auc"])
+                lines.append(
+                    f"{row['label']} is {abs(gap):.1f} AUC points {'below' if gap >= 0 else 'above'} "
+                    f"oracle-consistent ({_pct(row['auc'])} vs {_pct(oracle['auc'])})"
+                )
+    return lines
+
+
+def _verdict(mine: float, mine_ci: list[float], theirs: float, theirs_ci: list[float]) -> str:
+    """ "beats" / "loses to" when the 95 % intervals do not overlap, else "ties with" (within noise)."""
+    if any(math.isnan(v) for v in (*mine_ci, *theirs_ci)):  # one seed: compare the values themselves
+        return "beats" if mine > theirs else "ties with" if mine == theirs else "loses to"
+    if mine_ci[0] > theirs_ci[1]:
+        return "beats"
+    if mine_ci[1] < theirs_ci[0]:
+        return "loses to"
+    return "ties with (intervals overlap)"
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _interval(ci: list[float]) -> str:
+    return "n/a" if any(math.isnan(v) for v in ci) else f"{_pct(ci[0])} to {_pct(ci[1])}"
+
+
+def markdown_table(rows: list[dict], metric: str) -> str:
+    """The table of results.md: one row per policy, best AUC first."""
+    lines = [
+        f"| policy | setting | {metric} | 95% CI (seeds) | saved layers | speed-up | wall speed-up | train s | AUC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: -r["auc"]):
+        name = row["label"] + ("" if row["deployable"] else " (reference)")
+        setting = (
+            f"alpha {row['alpha']:.3g}, {row['runs']} seeds"
+            if row["kind"] == "learner"
+            else _params(row["params"])
+        )
+        wall = "" if row["wall_speedup"] is None else f"{row['wall_speedup']:.2f}x"
+        lines.append(
+            f"| {name} | {setting} | {_pct(row['metric'])} | {_interval(row['metric_ci'])} | "
+            f"{_pct(row['saved_layers'])}% | {row['speedup']:.2f}x | {wall} | {row['train_seconds']:.1f} | "
+            f"{_pct(row['auc'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "default"
+
+
+def plot(runs: list[Run], rows: list[dict], path: Path, title: str, metric: str, num_layers: int) -> None:
+    """Metric against layer speed-up: one curve per policy; the full model and the oracles marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row in rows:
+        mine = [r for r in runs if r.label == row["label"]]
+        if row["label"] == "full model":
+            ax.plot(
+                [row["speedup"]], [100 * row["metric"]], "k*", markersize=14, label="full model", zorder=5
+            )
+        elif row["kind"] == "reference":
+            ax.plot(
+                [row["speedup"]],
+                [100 * row["metric"]],
+                "D",
+                markersize=8,
+                label=f"{row['label']} (reference)",
+            )
+        elif row["kind"] == "learner":  # mean over seeds at each price, with the seeds' interval
+            scales = sorted({r.alpha_scale for r in mine})
+            xs, ys, lows, highs = [], [], [], []
+            for scale in scales:
+                at = [r for r in mine if r.alpha_scale == scale]
+                mean, low, high = mean_ci([r.metric for r in at])
+                xs.append(np.mean([r.speedup for r in at]))
+                ys.append(100 * mean)
+                lows.append(100 * (mean - low) if not math.isnan(low) else 0.0)
+                highs.append(100 * (high - mean) if not math.isnan(high) else 0.0)
+            order = np.argsort(xs)
+            ax.errorbar(
+                np.asarray(xs)[order], np.asarray(ys)[order],
+                yerr=[np.asarray(lows)[order], np.asarray(highs)[order]],
+                marker="o", capsize=3, label=row["label"],
+            )  # fmt: skip
+        else:
+            points = sorted((r.speedup, 100 * r.metric) for r in mine if not r.default)
+            ax.plot(*zip(*points, strict=True), marker=".", alpha=0.8, label=row["label"])
+    ax.axvspan(1.0, num_layers / 2, color="0.95", zorder=0, label=f"AUC range (1x to {num_layers / 2:g}x)")
+    ax.set_xlabel("layer speed-up (L / mean exit layer)")
+    ax.set_ylabel(f"dev {metric} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = (
+        "torch",
+        "transformers",
+        "gymnasium",
+        "stable-baselines3",
+        "sb3-contrib",
+        "numpy",
+        "scipy",
+        "matplotlib",
+    )
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[name] = md.version(name)
+    return found
+
+
+# -- the command ------------------------------------------------------------------------------------
+def parse_args(argv=None) -> CompareArgs:
+    from ee_gym.cli import add_dataclass_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0]
+    )
+    add_dataclass_arguments(parser, CompareArgs)
+    fields = {f.name for f in dataclasses.fields(CompareArgs)}
+    return CompareArgs(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k in fields})
+
+
+def main(argv=None) -> int:
+    from tqdm.auto import tqdm
+
+    from agents.evaluate import evaluate
+    from ee_gym.envs.prepare import POLICY_PROTOCOLS, load_model, load_table
+    from ee_gym.rewards import default_alpha
+
+    began = time.perf_counter()
+    args = parse_args(argv).resolved()
+    task = args.task
+    if args.protocol not in POLICY_PROTOCOLS:
+        raise ValueError(f"unknown protocol {args.protocol!r}; choose one of {', '.join(POLICY_PROTOCOLS)}")
+    stage1_split, policy_split = POLICY_PROTOCOLS[args.protocol]
+    policy_split = args.policy_split or policy_split
+    model = load_model(
+        task, model=args.model, backbone=args.backbone, data_dir=args.data_dir, progress=args.progress,
+        train_split=stage1_split,
+    )  # fmt: skip
+    tables = dict(data_dir=args.data_dir, progress=args.progress)
+    train = load_table(model, task, policy_split, **tables)
+    dev = load_table(model, task, "dev", **tables)
+    num_layers, alpha = dev.num_layers, default_alpha(task, dev.num_layers)
+
+    bar = tqdm(
+        total=count_runs(args, num_layers), desc=f"compare [{task}]", unit="run", disable=not args.progress
+    )
+    runs, operating = run_all(args, train, dev, alpha, bar)
+    bar.set_postfix_str("wall-clock timing")
+    wall = wall_speedups(model, task, args, operating)
+    bar.close()
+
+    rows, anchors = summarise(runs, num_layers, wall)
+    full_result = evaluate(operating["full model"], dev)
+    metric = full_result.metric
+    noise = dev_set_interval(task, full_result.predictions, dev.labels)
+    found = claims(runs, rows, anchors, num_layers)
+    command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{task} dev ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"
+    plot(runs, rows, out / "curves.png", title, metric, num_layers)
+    record = {
+        "task": task,
+        "metric": metric,
+        "num_layers": num_layers,
+        "dev_inputs": dev.num_inputs,
+        "policy_split": policy_split,
+        "policy_inputs": train.num_inputs,
+        "default_alpha": alpha,
+        "model": model.config.backbone,
+        "model_fingerprint": model.fingerprint(),
+        "full_model_dev_interval": list(noise),
+        "table": rows,
+        "claims": found,
+        "runs": [dataclasses.asdict(r) for r in runs],
+        "wall": wall,
+        "command": command,
+        "args": dataclasses.asdict(args),
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    text = [
+        f"# {task}: exit policies compared",
+        "",
+        f"{title}; policies learn on `{policy_split}` ({train.num_inputs} inputs); default alpha "
+        f"{alpha:.3g}; {args.seeds} seed(s) per learner. Sorted by AUC: mean {metric} over layer speed-ups "
+        f"1x to {num_layers / 2:g}x of each policy's curve (`benchmarks.compare.curve_auc`). Wall speed-up: "
+        f"batched early-exit inference at batch size {args.wall_batch_size} against full depth, same batches.",
+        "",
+        markdown_table(rows, metric),
+        "",
+        f"Dev-set noise: the full model's {metric} has a 95% bootstrap interval of {_interval(list(noise))} "
+        f"over the {dev.num_inputs} dev inputs; differences smaller than that are not evidence.",
+        "",
+        "![metric against speed-up](curves.png)",
+        "",
+        "## Claims tested",
+        "",
+        *[f"- {line}" for line in found],
+        "",
+        "## Reproduce",
+        "",
+        f"```bash\n{command}\n```",
+        "",
+        f"{time.perf_counter() - began:.0f} s on {platform.machine()}; versions and every run's numbers in "
+        "`results.json`.",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(text))
+    print("\n".join(text[:8]))
+    print("\n".join(f"- {line}" for line in found))
+    print(f"\nwritten: {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

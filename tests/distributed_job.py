@@ -1,0 +1,57 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: stage 3 and a cache build.
+
+argv: <model folder> <data folder> <output folder> <agent>. Each process writes
+``rank<r>.json`` with the fingerprint of its final model and of the cache it opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from ee_gym.cache import build_cache
+from ee_gym.joint import Stage3Config, train_stage3
+from ee_gym.multiexit import MultiExitModel
+
+
+def main(model_dir: str, data_dir: str, out: str, agent: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    model = MultiExitModel.from_pretrained(model_dir)
+    cache = build_cache(
+        model, "sst2", "dev", f"{out}/cache", data_dir=data_dir, max_length=32, progress=False
+    )
+    config = Stage3Config(
+        task="sst2",
+        agent=agent,
+        data_dir=data_dir,
+        output_dir=f"{out}/stage3",
+        batch_size=8,
+        replicas=4,
+        learning_rate=5e-3,
+        max_length=32,
+        train_limit=32,
+        progress=False,
+    )
+    kwargs = {}
+    if agent != "reinforce":
+        import agents
+
+        kwargs["policy"] = agents.make(agent)
+    result = train_stage3(config, model=model, memorized=np.ones(32, dtype=np.int64), **kwargs)
+    record = {
+        "model": result.model.fingerprint(),
+        "cache_rows": int(cache.num_inputs),
+        "cache_logits_sum": float(np.asarray(cache.logits, dtype=np.float64).sum()),
+        "history": result.history,
+    }
+    with open(f"{out}/rank{rank}.json", "w") as stream:
+        json.dump(record, stream)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,79 @@
+"""benchmarks.compare end to end on a tiny model and synthetic data: table, plot and JSON agree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import compare
+from ee_gym.multiexit import MultiExitModel
+from tests.conftest import tiny_bert_config
+
+
+def test_auc_reads_the_frontier_between_its_anchors():
+    # full model 0.8 at 1x, layer 1 at 0.5 (L = 4); one point (2x, 0.8): flat to 2x, then down to L
+    auc = compare.curve_auc([(2.0, 0.8)], full=0.8, first_layer=0.5, num_layers=4)
+    assert auc == pytest.approx(0.8)  # the range 1x..L/2 = 1x..2x lies on the flat part
+    worse = compare.curve_auc([(1.5, 0.6)], full=0.8, first_layer=0.5, num_layers=4)
+    grid = np.linspace(1, 2, 101)
+    assert worse == pytest.approx(np.interp(grid, [1, 1.5, 4], [0.8, 0.6, 0.5]).mean())
+    dominated = compare.curve_auc([(1.5, 0.6), (1.2, 0.55)], full=0.8, first_layer=0.5, num_layers=4)
+    assert dominated == pytest.approx(worse)  # (1.2, 0.55) is beaten by (1.5, 0.6)
+    assert compare.frontier([(1, 0.5), (2, 0.7), (3, 0.6), (2.5, 0.4)]).tolist() == [[2, 0.7], [3, 0.6]]
+
+
+def test_mean_ci_brackets_the_mean():
+    mean, low, high = compare.mean_ci([0.5, 0.6, 0.7])
+    assert low <= mean <= high and mean == pytest.approx(0.6)
+    assert np.isnan(compare.mean_ci([0.5])[1])
+    assert compare.mean_ci([0.4, 0.4]) == (0.4, 0.4, 0.4)
+
+
+def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("EE_GYM_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer, task="sst2")
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "results"
+    argv = [
+        "--task", "sst2", "--model", str(tmp_path / "model"), "--data-dir", str(tiny_data),
+        "--agents", "reinforce,ppo,entropy,static,oracle,oracle-consistent", "--seeds", "2",
+        "--alpha-scales", "1,2", "--rewards", "hardness,plain", "--sb3-timesteps", "256",
+        "--wall-limit", "8", "--wall-repeat", "1", "--wall-batch-size", "4",
+        "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+
+    record = json.loads((out / "results.json").read_text())
+    args = compare.CompareArgs(seeds=2, alpha_scales="1,2", rewards="hardness,plain",
+                               agents="reinforce,ppo,entropy,static,oracle,oracle-consistent")  # fmt: skip
+    assert len(record["runs"]) == compare.count_runs(args, 4)
+    labels = {row["label"] for row in record["table"]}
+    assert labels == {"reinforce", "reinforce (plain)", "ppo", "entropy", "static", "oracle",
+                      "oracle-consistent", "full model"}  # fmt: skip
+    assert record["command"].startswith("python -m benchmarks.compare --task sst2")
+    assert "torch" in record["versions"]
+
+    # every table row of results.md carries the JSON's numbers
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert len(table) == len(record["table"])
+    by_label = {row["label"]: row for row in record["table"]}
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = by_label[cells[0].removesuffix(" (reference)")]
+        assert cells[2] == f"{100 * row['metric']:.1f}"
+        assert cells[5] == f"{row['speedup']:.2f}x"
+        assert cells[8] == f"{100 * row['auc']:.1f}"
+        assert (cells[6] == "") == (row["wall_speedup"] is None)
+    # learners: the table's metric is the mean over seeds of the default-price runs
+    runs = [r for r in record["runs"] if r["label"] == "ppo" and r["default"]]
+    assert len(runs) == 2 and by_label["ppo"]["metric"] == pytest.approx(np.mean([r["metric"] for r in runs]))
+    assert by_label["oracle"]["wall_speedup"] is None and by_label["entropy"]["wall_speedup"] > 0
+
+    import matplotlib.image
+
+    image = matplotlib.image.imread(out / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200

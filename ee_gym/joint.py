@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -620,8 +620,13 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     )
     run_dir = Path(config.output_dir)
     _check_run_config(run_dir, config, "pipeline run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    # under torchrun / accelerate launch: stages 1 and 3 and the caches run on every process; the
+    # main process alone trains stage 2 (small, on a cached table) and writes the run's files
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    main = processes.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     log_path = run_dir / "pipeline.jsonl"
     done = {}
     if log_path.is_file():
@@ -629,6 +634,8 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
 
     def finish(record: dict) -> None:
         done[record["stage"]] = record
+        if not main:
+            return
         with log_path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         if config.progress:
@@ -676,7 +683,8 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     else:
         train_table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
         memorized = np.asarray(train_table.memorized, dtype=np.int64)
-        np.save(memorized_path, memorized)
+        if main:
+            np.save(memorized_path, memorized)
         finish(
             {
                 "stage": "memorized",
@@ -692,6 +700,10 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
         stage2_dir = run_dir / f"round{r}" / "stage2"
         if f"stage2-round{r}" in done:
             policy = load_policy(stage2_dir)
+        elif not main:  # the main process trains it; take its saved policy
+            processes.wait_for_everyone()
+            policy = load_policy(stage2_dir)
+            done[f"stage2-round{r}"] = {}
         else:
             table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
             table = dataclasses.replace(table, memorized=memorized, derived={})  # stage-1 m(x)
@@ -700,6 +712,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
             began = time.perf_counter()
             _learn(policy, config, table, seed=config.seed + r)
             policy.save(stage2_dir)
+            processes.wait_for_everyone()
             finish(
                 {
                     "stage": f"stage2-round{r}",
@@ -746,6 +759,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
                     "dev": dev_scores(current, policy),
                 }
             )
+    processes.wait_for_everyone()  # the main process has written every record
     stages = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     return PipelineResult(current, policy, Path(model_dir), Path(policy_dir or ""), stages)
 

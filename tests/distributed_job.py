@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: stage 3 and a cache build.
 
-argv: <model folder> <data folder> <output folder> <agent>. Each process writes
-``rank<r>.json`` with the fingerprint of its final model and of the cache it opened.
+argv: <model folder> <data folder> <output folder> <agent> [pipeline]. Each process writes
+``rank<r>.json`` with the fingerprint of its final model and what its cache holds. With ``pipeline``
+the whole method runs instead (``ee_gym.joint.train_pipeline``: stage 1, stage 2, stage 3).
 """
 
 from __future__ import annotations
@@ -18,8 +19,35 @@ from ee_gym.joint import Stage3Config, train_stage3
 from ee_gym.multiexit import MultiExitModel
 
 
-def main(model_dir: str, data_dir: str, out: str, agent: str) -> None:
+def pipeline(model_dir: str, data_dir: str, out: str, agent: str) -> None:
+    from ee_gym.joint import PipelineConfig, train_pipeline
+
+    config = PipelineConfig(
+        task="sst2",
+        agent=agent,
+        data_dir=data_dir,
+        output_dir=f"{out}/pipeline",
+        max_length=32,
+        train_limit=32,
+        dev_limit=16,
+        stage1_epochs=1,
+        stage1_batch_size=8,
+        policy_batch_size=8,
+        policy_timesteps=512,
+        replicas=2,
+        progress=False,
+    )
+    result = train_pipeline(config, model=MultiExitModel.from_pretrained(model_dir))
+    with open(f"{out}/rank{os.environ.get('RANK', '0')}.json", "w") as stream:
+        json.dump(
+            {"model": result.model.fingerprint(), "stages": [s["stage"] for s in result.stages]}, stream
+        )
+
+
+def main(model_dir: str, data_dir: str, out: str, agent: str, mode: str = "stage3") -> None:
     torch.set_num_threads(1)
+    if mode == "pipeline":
+        return pipeline(model_dir, data_dir, out, agent)
     rank = int(os.environ.get("RANK", "0"))
     model = MultiExitModel.from_pretrained(model_dir)
     cache = build_cache(

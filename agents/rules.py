@@ -155,7 +155,8 @@ class Entropy(_Threshold):
 
     name = "entropy"
     default = 0.3
-    thresholds = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.005, 0.001)
+    # dense near ln 2 (a uniform binary head), where a weak model's heads sit on hard tasks
+    thresholds = (0.7, 0.69, 0.68, 0.67, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.005, 0.001)
 
     def exits(self, view, layer, num_layers, num_labels):
         current = view.entropy_history[np.arange(len(layer)), layer - 1]  # H / log K
@@ -167,7 +168,7 @@ class NormalizedEntropy(_Threshold):
 
     name = "normentropy"
     default = 0.3
-    thresholds = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01)
+    thresholds = (0.99, 0.98, 0.96, 0.93, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01)
 
     def exits(self, view, layer, num_layers, num_labels):
         return view.entropy_history[np.arange(len(layer)), layer - 1] < self.threshold
@@ -178,7 +179,7 @@ class MaxProb(_Threshold):
 
     name = "maxprob"
     default = 0.9
-    thresholds = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+    thresholds = (0.5, 0.52, 0.55, 0.58, 0.6, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
     def exits(self, view, layer, num_layers, num_labels):
         return view.probs.max(-1) >= self.threshold
@@ -189,7 +190,7 @@ class Top2Gap(_Threshold):
 
     name = "top2gap"
     default = 0.8
-    thresholds = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    thresholds = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
     def exits(self, view, layer, num_layers, num_labels):
         top2 = np.partition(view.probs, -2, axis=-1)[:, -2:]

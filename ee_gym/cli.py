@@ -72,7 +72,7 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ee_gym.joint import PipelineConfig, train_pipeline
+    from ee_gym.pipeline import PipelineConfig, train_pipeline
 
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
     result = train_pipeline(PipelineConfig(**{k: v for k, v in vars(args).items() if k in fields}))
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, Stage1Config)
     p.set_defaults(func=_cmd_stage1)
 
-    from ee_gym.joint import PipelineConfig
+    from ee_gym.pipeline import PipelineConfig
 
     p = sub.add_parser("train", help="the whole method: stage 1, then rounds of stage 2 + stage 3")
     add_dataclass_arguments(p, PipelineConfig)

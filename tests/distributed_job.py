@@ -2,7 +2,7 @@
 
 argv: <model folder> <data folder> <output folder> <agent> [pipeline]. Each process writes
 ``rank<r>.json`` with the fingerprint of its final model and what its cache holds. With ``pipeline``
-the whole method runs instead (``ee_gym.joint.train_pipeline``: stage 1, stage 2, stage 3).
+the whole method runs instead (``ee_gym.pipeline.train_pipeline``: stage 1, stage 2, stage 3).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ee_gym.multiexit import MultiExitModel
 
 
 def pipeline(model_dir: str, data_dir: str, out: str, agent: str) -> None:
-    from ee_gym.joint import PipelineConfig, train_pipeline
+    from ee_gym.pipeline import PipelineConfig, train_pipeline
 
     config = PipelineConfig(
         task="sst2",

@@ -1,0 +1,311 @@
+"""The whole method in one run folder: stage 1, the memorized layer, then rounds of (stage 2, stage 3).
+
+``ee-gym train --task rte --agent reinforce --rounds 2`` calls :func:`train_pipeline`. Stage 1 is
+:func:`ee_gym.training.train_stage1`, stage 2 the agent's ``learn`` on the current model's cached
+training table, stage 3 :func:`ee_gym.joint.train_stage3`. Every finished stage appends one record
+(with the dev scores of the policy and of the full-depth model) to ``pipeline.jsonl``; a re-run
+resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from ee_gym import paths
+from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.joint import Stage3Config, train_stage3
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.tasks import get_task
+from ee_gym.training import _check_run_config
+
+
+@dataclass
+class PipelineConfig:
+    """Arguments of :func:`train_pipeline` (``ee-gym train``). ``None`` fields take defaults."""
+
+    task: str = "rte"
+    backbone: str = DEFAULT_BACKBONE
+    agent: str = "reinforce"  # any registered policy name; stage 2 trains it, stage 3 uses it
+    # default: $EE_GYM_HOME/runs/<task>-<backbone>-<agent>
+    output_dir: str | None = None
+    data_dir: str | None = None
+    rounds: int = 1
+    seed: int = 42
+    max_length: int | None = None  # None: the task's stage-1 default
+    train_limit: int | None = None  # first N training rows, in every stage
+    dev_limit: int | None = None
+    stage1_model: str | None = None  # a finished stage-1 model folder: used instead of training one
+    stage1_epochs: int | None = None  # None: the task's stage-1 default
+    stage1_learning_rate: float | None = None
+    stage1_batch_size: int | None = None
+    policy_epochs: int = 1  # stage 2 (reinforce)
+    policy_batch_size: int = 32
+    policy_learning_rate: float = 3e-4
+    policy_timesteps: int | None = None  # stage 2 (SB3 learners); None: the agent's default
+    replicas: int = 8
+    separate_replicas: bool = False
+    rollout: str = "sample"
+    reward: str = "hardness"
+    alpha: float | None = None
+    stage3_epochs: int = 1
+    stage3_learning_rate: float = 2e-5
+    stage3_batch_size: int = 8
+    stage3_train_limit: int | None = None  # first N training rows in stage 3 (default: train_limit)
+    progress: bool = True
+
+
+@dataclass
+class PipelineResult:
+    model: MultiExitModel
+    policy: Any  # an agents.ExitPolicy
+    model_dir: Path
+    policy_dir: Path
+    stages: list[dict]  # as in pipeline.jsonl
+
+
+def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel | None = None, **overrides):
+    """ConsistentEE end to end in one run folder: stage 1, the memorized layer, then ``rounds`` rounds
+    of (stage 2: the agent learns on the current model's cached training table; stage 3:
+    :func:`train_stage3`, the model trains with the agent's exits).
+
+    ``reinforce`` carries its networks from round to round and trains in stage 3 too. Any other learner
+    is trained anew in each stage 2 on the refreshed table (an SB3 algorithm's ``learn`` starts a new
+    model) and held fixed in stage 3; rules have nothing to learn and only decide stage 3's exits.
+
+    Folder: ``config.json``, ``pipeline.jsonl`` (one record per finished stage, with its dev scores),
+    ``stage1/``, ``memorized.npy``, ``round<r>/stage2/`` (policy), ``round<r>/stage3/`` (a stage-3 run
+    folder). A re-run resumes after the last finished stage (and inside an unfinished stage 1 or 3
+    after its last finished epoch). The reward of every round uses the stage-1 model's m(x)
+    (METHOD.md), also in stage 2 of later rounds, whose table comes from the refreshed model's cache
+    (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model
+    stage 1 starts from (a tiny one in tests) instead of ``config.backbone``.
+    """
+    import agents
+    from agents.base import load_policy
+    from agents.evaluate import evaluate
+    from ee_gym.envs.prepare import load_table
+    from ee_gym.training import Stage1Config, train_stage1
+
+    config = dataclasses.replace(config or PipelineConfig(), **overrides)
+    if model is not None:
+        config.backbone = model.config.backbone
+    task = get_task(config.task)
+    if config.agent not in agents.REGISTRY:
+        raise ValueError(f"unknown agent {config.agent!r}; known: {', '.join(agents.names())}")
+    slug = str(config.backbone).strip("/").replace("/", "--")
+    max_length = config.max_length or Stage1Config(task=task.name).resolved().max_length
+    config = dataclasses.replace(
+        config,
+        task=task.name,
+        max_length=max_length,
+        output_dir=config.output_dir or str(paths.home() / "runs" / f"{task.name}-{slug}-{config.agent}"),
+    )
+    run_dir = Path(config.output_dir)
+    _check_run_config(run_dir, config, "pipeline run")
+    # under torchrun / accelerate launch: stages 1 and 3 and the caches run on every process; the
+    # main process alone trains stage 2 (small, on a cached table) and writes the run's files
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    main = processes.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    log_path = run_dir / "pipeline.jsonl"
+    done = {}
+    if log_path.is_file():
+        done = {r["stage"]: r for r in map(json.loads, log_path.read_text().splitlines()) if r}
+
+    def finish(record: dict) -> None:
+        done[record["stage"]] = record
+        if not main:
+            return
+        with log_path.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if config.progress:
+            print(f"[{record['stage']}] done: {record.get('dev', '')}")
+
+    tables = dict(data_dir=config.data_dir, max_length=max_length, progress=config.progress)
+
+    def dev_scores(current_model, current_policy) -> dict:
+        """The policy's dev scores, and (under "full_depth") the current model's at layer L."""
+        dev = load_table(current_model, task.name, "dev", max_inputs=config.dev_limit, **tables)
+        full = evaluate(agents.make("static", layer=current_model.num_layers), dev)
+        if current_policy is None:
+            return {"full_depth": full.metrics}
+        result = evaluate(current_policy, dev)
+        scores = {**result.metrics, "mean_exit_layer": result.mean_exit_layer, "speedup": result.speedup}
+        return {**scores, "full_depth": full.metrics}
+
+    if config.stage1_model:
+        stage1 = _given_stage1(config.stage1_model)
+    else:
+        stage1 = train_stage1(
+            Stage1Config(
+                task=task.name,
+                backbone=config.backbone,
+                output_dir=str(run_dir / "stage1"),
+                data_dir=config.data_dir,
+                epochs=config.stage1_epochs,
+                learning_rate=config.stage1_learning_rate,
+                batch_size=config.stage1_batch_size,
+                max_length=max_length,
+                seed=config.seed,
+                train_limit=config.train_limit,
+                dev_limit=config.dev_limit,
+                progress=config.progress,
+            ),
+            model=model,
+        )
+    current = stage1.model.eval()
+    if "stage1" not in done:
+        finish({"stage": "stage1", "model_dir": str(stage1.model_dir), "dev": dev_scores(current, None)})
+
+    memorized_path = run_dir / "memorized.npy"
+    if "memorized" in done:
+        memorized = np.load(memorized_path)
+    else:
+        train_table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
+        memorized = np.asarray(train_table.memorized, dtype=np.int64)
+        if main:
+            np.save(memorized_path, memorized)
+        finish(
+            {
+                "stage": "memorized",
+                "path": str(memorized_path),
+                "histogram": np.bincount(memorized, minlength=current.num_layers + 1)[1:].tolist(),
+            }
+        )
+
+    reinforce = config.agent == "reinforce"
+    policy = _new_agent(config, config.seed) if reinforce else None
+    model_dir, policy_dir = stage1.model_dir, None
+    for r in range(1, config.rounds + 1):
+        stage2_dir = run_dir / f"round{r}" / "stage2"
+        if f"stage2-round{r}" in done:
+            policy = load_policy(stage2_dir)
+        elif not main:  # the main process trains it; take its saved policy
+            processes.wait_for_everyone()
+            policy = load_policy(stage2_dir)
+            done[f"stage2-round{r}"] = {}
+        else:
+            table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
+            table = dataclasses.replace(table, memorized=memorized, derived={})  # stage-1 m(x)
+            if not reinforce:  # a new learner on the refreshed table (rules: nothing to learn)
+                policy = _new_agent(config, config.seed + r)
+            began = time.perf_counter()
+            _learn(policy, config, table, seed=config.seed + r)
+            policy.save(stage2_dir)
+            processes.wait_for_everyone()
+            finish(
+                {
+                    "stage": f"stage2-round{r}",
+                    "policy_dir": str(stage2_dir),
+                    "train": policy.history[-1] if getattr(policy, "history", None) else None,
+                    "seconds": round(time.perf_counter() - began, 2),
+                    "dev": dev_scores(current, policy),
+                }
+            )
+        policy_dir = stage2_dir
+
+        stage3 = train_stage3(
+            Stage3Config(
+                task=task.name,
+                data_dir=config.data_dir,
+                output_dir=str(run_dir / f"round{r}" / "stage3"),
+                epochs=config.stage3_epochs,
+                learning_rate=config.stage3_learning_rate,
+                policy_learning_rate=config.policy_learning_rate,
+                batch_size=config.stage3_batch_size,
+                replicas=config.replicas,
+                separate_replicas=config.separate_replicas,
+                max_length=max_length,
+                reward=config.reward,
+                alpha=config.alpha,
+                rollout=config.rollout,
+                seed=config.seed + r,
+                train_limit=config.stage3_train_limit or config.train_limit,
+                progress=config.progress,
+            ),
+            model=current,
+            policy=policy,
+            memorized=memorized,
+        )
+        current, policy = stage3.model.eval(), stage3.policy
+        model_dir, policy_dir = stage3.model_dir, stage3.policy_dir
+        if f"stage3-round{r}" not in done:
+            finish(
+                {
+                    "stage": f"stage3-round{r}",
+                    "model_dir": str(model_dir),
+                    "policy_dir": str(policy_dir),
+                    "train": stage3.history[-1] if stage3.history else None,
+                    "dev": dev_scores(current, policy),
+                }
+            )
+    processes.wait_for_everyone()  # the main process has written every record
+    stages = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return PipelineResult(current, policy, Path(model_dir), Path(policy_dir or ""), stages)
+
+
+def _new_agent(config: PipelineConfig, seed: int):
+    """A new policy of ``config.agent`` (reinforce with the pipeline's rollout)."""
+    import agents
+
+    if config.agent == "reinforce":
+        return agents.make("reinforce", rollout=config.rollout, seed=seed)
+    policy = agents.make(config.agent)
+    if hasattr(policy, "seed"):  # SB3 learners
+        policy.seed = seed
+    return policy
+
+
+def _learn(policy, config: PipelineConfig, table, seed: int) -> None:
+    """Stage 2: train ``policy`` on ``table`` with the pipeline's reward and price (rules: no-op)."""
+    from ee_gym.envs import ConsistentEEVectorEnv
+
+    if not policy.learns:
+        return
+    env = ConsistentEEVectorEnv(
+        1 if config.agent == "reinforce" else 256,
+        table=table,
+        split=table.split,
+        reward=config.reward,
+        alpha=config.alpha,
+        obs_mode=policy.obs_mode,
+    )
+    if config.agent == "reinforce":
+        policy.learn(
+            env,
+            epochs=config.policy_epochs,
+            batch_size=config.policy_batch_size,
+            replicas=config.replicas,
+            lr=config.policy_learning_rate,
+            rollout=config.rollout,
+            seed=seed,
+            progress=config.progress,
+        )
+    elif config.policy_timesteps is not None:
+        policy.learn(env, total_timesteps=config.policy_timesteps, seed=seed, progress=config.progress)
+    else:
+        policy.learn(env, seed=seed, progress=config.progress)
+
+
+def _given_stage1(folder: str):
+    """A finished stage-1 model folder in the shape :func:`train_stage1` returns."""
+    from ee_gym.training import Stage1Result
+
+    path = Path(folder)
+    if not (path / "fingerprint").is_file():
+        raise FileNotFoundError(
+            f"stage1_model={folder!r} is not a saved multi-exit model (no fingerprint file); pass the "
+            "model/ folder of a finished stage-1 run"
+        )
+    return Stage1Result(MultiExitModel.from_pretrained(path), path, [])

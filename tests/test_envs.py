@@ -40,7 +40,7 @@ from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import TaskSpec, get_task, task_from_files
 from tests.conftest import FILLER, NEGATIVE, POSITIVE, tiny_bert_config
 
-TASK_IDS = registered_ids()
+TASK_IDS = registered_ids("classification")  # the generation ids: tests/test_generation_env.py
 N_TRAIN, N_DEV = 24, 12
 MNLI = "ConsistentEE-MNLI-v0"  # three labels: catches code that assumes two
 

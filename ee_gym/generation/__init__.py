@@ -3,13 +3,24 @@
 :class:`MultiExitDecoder` runs a Hugging Face causal LM one layer at a time with a KV cache, asks an
 exit callback after every layer whether the current token may leave, and fills the skipped layers'
 cache from the exit layer's hidden state (state propagation) so that later tokens attend at every
-layer.
+layer. Around it, one module per step of the pipeline:
+
+    data.py        XSum prompts and splits ($EE_GYM_DATA/xsum/xsum_0shot.jsonl)
+    distill.py     self-distillation: every layer's state of each token the full model generates
+    training.py    stage 1 for decoders: exit heads trained with the depth-weighted cross-entropy
+    table.py       the per-token table the token env (ConsistentEE-XSum-v0) replays
+    prepare.py     first-use heads and cached tables for the env
+    policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity, learned
+    evaluate.py    ROUGE, exit layers and decoding speed of any set of exit policies
 """
 
 from ee_gym.generation.decoder import (
     EMBEDDED_DECODERS,
+    HEAD_KINDS,
     SUPPORTED_DECODER_TYPES,
+    AdapterHead,
     DecodeState,
+    ExitAdapter,
     ExitFn,
     GenerationOutput,
     LayerView,
@@ -18,16 +29,50 @@ from ee_gym.generation.decoder import (
     exit_at_layer,
     resolve_decoder,
 )
+from ee_gym.generation.distill import TokenStates, collect_token_states
+from ee_gym.generation.evaluate import GenerationRun, evaluate_generation, rouge_scores
+from ee_gym.generation.policies import (
+    ConfidenceExit,
+    GenerationExit,
+    PolicyExit,
+    StateSimilarityExit,
+    StaticExit,
+    set_exit_prior,
+    threshold_for_speedup,
+)
+from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale
+from ee_gym.generation.training import HeadTrainingConfig, train_exit_heads, weighted_exit_loss
 
 __all__ = [
     "EMBEDDED_DECODERS",
+    "GENERATION_OBS_MODES",
+    "HEAD_KINDS",
     "SUPPORTED_DECODER_TYPES",
+    "AdapterHead",
+    "ConfidenceExit",
     "DecodeState",
+    "ExitAdapter",
     "ExitFn",
+    "GenerationExit",
     "GenerationOutput",
+    "GenerationRun",
+    "HeadTrainingConfig",
     "LayerView",
     "MultiExitDecoder",
+    "PolicyExit",
+    "StateSimilarityExit",
+    "StaticExit",
     "StepOutput",
+    "TokenStates",
+    "TokenTable",
+    "collect_token_states",
+    "evaluate_generation",
     "exit_at_layer",
+    "observation_scale",
     "resolve_decoder",
+    "rouge_scores",
+    "set_exit_prior",
+    "threshold_for_speedup",
+    "train_exit_heads",
+    "weighted_exit_loss",
 ]

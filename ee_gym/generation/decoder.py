@@ -2,7 +2,10 @@
 
 Exit l is ``head_l(final_norm(h_l))``: the model's own final norm followed by a language-model head
 initialised from the model's LM head (METHOD.md, "Generation"). The last exit *is* the model's LM head,
-so full-depth decoding reproduces the model's own greedy ``generate``.
+so full-depth decoding reproduces the model's own greedy ``generate``. Three kinds of head for layers
+1..L-1 (``head_kind``): ``copy`` (a trainable copy of the LM head per layer, METHOD.md), ``shared``
+(the LM head itself, CALM's choice) and ``adapter`` (the LM head after a per-layer affine map of the
+state, initialised to the identity: the "tuned lens", trainable at a fraction of a copy's size).
 
 Decoding runs in two calls: :meth:`MultiExitDecoder.prefill` runs the prompt at full depth and fills
 every layer's cache; :meth:`MultiExitDecoder.step` runs one new token layer by layer and asks an exit
@@ -18,14 +21,19 @@ Qwen3: they share the LlamaModel layout of ``embed_tokens``, ``layers``, ``norm`
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -43,6 +51,11 @@ DEFAULT_DECODER = "smollm2"
 #: Families laid out as LlamaModel (embed_tokens, layers, norm, rotary_emb) whose layers take the same
 #: arguments. GPT-2 (fused c_attn, learned positions) would need its own adapter.
 SUPPORTED_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+#: Exit heads of layers 1..L-1 (exit L is always the model's own LM head), see MultiExitDecoder.
+HEAD_KINDS = ("copy", "shared", "adapter")
+HEADS_CONFIG = "exit_heads.json"
+HEADS_WEIGHTS = "exit_heads.safetensors"
 
 
 def resolve_decoder(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -69,6 +82,14 @@ def resolve_decoder(name_or_path: str | os.PathLike, gguf_file: str | None = Non
             raise FileNotFoundError(f"no .gguf file in {folder}")
         file_name = found[0].name
     return str(folder), gguf_file or file_name
+
+
+def _resolve_head_kind(head_kind: str | None, share_heads: bool) -> str:
+    if head_kind is None:
+        return "shared" if share_heads else "copy"
+    if share_heads and head_kind != "shared":
+        raise ValueError(f"share_heads=True contradicts head_kind={head_kind!r}: give only head_kind")
+    return head_kind
 
 
 def _default_device() -> torch.device:
@@ -99,6 +120,10 @@ class DecodeState:
         """Cached positions, padding included (the same at every layer)."""
         return self.attention_mask.shape[1]
 
+    def clone(self) -> DecodeState:
+        """An independent copy (cache included): decode several ways from one prefill."""
+        return copy.deepcopy(self)
+
 
 @dataclass
 class StepOutput:
@@ -112,15 +137,24 @@ class StepOutput:
 class LayerView:
     """What an exit callback sees after layer ``layer`` (1-based) for the current token.
 
-    ``states`` (final norm of ``hidden``, the s_l of METHOD.md) and ``logits`` (exit ``layer``'s
-    next-token logits) are computed on first access only, so callbacks that need neither pay nothing.
+    ``states`` (final norm of ``hidden``, the s_l of METHOD.md), ``logits`` (exit ``layer``'s
+    next-token logits) and ``similarity`` (cosine of h_l and h_{l-1}, CALM's state signal) are
+    computed on first access only, so callbacks that need none of them pay nothing.
     """
 
-    def __init__(self, decoder: MultiExitDecoder, layer: int, hidden: torch.Tensor, active: torch.Tensor):
+    def __init__(
+        self,
+        decoder: MultiExitDecoder,
+        layer: int,
+        hidden: torch.Tensor,
+        active: torch.Tensor,
+        previous: torch.Tensor | None = None,
+    ):
         self.decoder = decoder
         self.layer = layer
         self.hidden = hidden  # [B, d] h_l
         self.active = active  # [B] bool, rows that have not exited yet (decisions for others are ignored)
+        self.previous = previous  # [B, d] h_{l-1}; h_0 is the token's embedding
 
     @property
     def batch_size(self) -> int:
@@ -137,6 +171,13 @@ class LayerView:
     @cached_property
     def logits(self) -> torch.Tensor:
         return self.decoder.head(self.layer)(self.states)
+
+    @cached_property
+    def similarity(self) -> torch.Tensor:
+        """[B] cos(h_l, h_{l-1}) in float32."""
+        if self.previous is None:
+            raise ValueError("this view carries no previous hidden state (h_{l-1})")
+        return F.cosine_similarity(self.hidden.float(), self.previous.float(), dim=-1)
 
 
 #: After layer l < L: a bool per row, True = this row's token exits here.
@@ -173,16 +214,69 @@ class GenerationOutput:
         return float(used.float().mean()) if used.numel() else float("nan")
 
 
+class ExitAdapter(nn.Module):
+    """s -> s + W s + b (``rank=None``, W: d x d) or s + U V s + b (rank r, V: d -> r, U: r -> d).
+
+    Zero at initialisation (W = 0, or U = 0 with V random as LoRA does, so that V still gets a
+    gradient): an adapted exit starts as the model's own LM head on its layer's state.
+    """
+
+    def __init__(self, hidden_size: int, rank: int | None = None):
+        super().__init__()
+        if rank is not None and not 1 <= int(rank) <= hidden_size:
+            raise ValueError(f"adapter rank must be in 1..{hidden_size} (or None for full d x d), got {rank}")
+        self.rank = None if rank is None else int(rank)
+        self.down = None if rank is None else nn.Linear(hidden_size, self.rank, bias=False)
+        self.up = nn.Linear(hidden_size if rank is None else self.rank, hidden_size)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return states + self.up(states if self.down is None else self.down(states))
+
+
+class AdapterHead(nn.Module):
+    """An exit head of the ``adapter`` kind: ``lm_head(s + adapter(s))``.
+
+    The LM head is the model's own, shared by every exit and frozen: it is held outside the module's
+    parameters, so the head's state dict (what is trained and saved) is the adapter alone.
+    """
+
+    def __init__(self, lm_head: nn.Module, hidden_size: int, rank: int | None = None):
+        super().__init__()
+        self.adapter = ExitAdapter(hidden_size, rank)
+        self.__dict__["lm_head"] = lm_head  # bypasses nn.Module registration on purpose
+
+    @property
+    def out_features(self) -> int:
+        return self.lm_head.out_features
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.adapter(states))
+
+
 class MultiExitDecoder(nn.Module):
     """A causal LM with a next-token exit after every layer, decoded layer by layer.
 
-    ``share_heads=False`` (the default, as METHOD.md) gives layers 1..L-1 their own copy of the LM head,
-    to be trained; it costs (L - 1) x vocab x d parameters (3.3 GB in float32 for SmolLM2-135M).
-    ``share_heads=True`` uses the model's own LM head at every layer, CALM's choice and a valid
-    zero-training start. Either way exit L is the model's own head.
+    ``head_kind`` chooses the heads of layers 1..L-1 (exit L is always the model's own head):
+
+    * ``copy`` (the default, as METHOD.md): a trainable copy of the LM head per layer; it costs
+      (L - 1) x vocab x d parameters (3.3 GB in float32 for SmolLM2-135M).
+    * ``shared``: the model's own LM head at every layer, CALM's choice and a valid zero-training
+      start (``share_heads=True`` is the older spelling of it).
+    * ``adapter``: ``lm_head(s + W_l s + b_l)`` with W_l d x d (or of rank ``adapter_rank``) starting
+      at zero, i.e. the shared head at first; 29 x (576^2 + 576) = 9.6 M parameters for SmolLM2-135M
+      at full rank, trainable on a CPU (:mod:`ee_gym.generation.training`).
     """
 
-    def __init__(self, model: PreTrainedModel, share_heads: bool = False, tokenizer=None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        share_heads: bool = False,
+        tokenizer=None,
+        head_kind: str | None = None,
+        adapter_rank: int | None = None,
+    ):
         super().__init__()
         model_type = model.config.model_type
         if model_type not in SUPPORTED_DECODER_TYPES:
@@ -193,13 +287,31 @@ class MultiExitDecoder(nn.Module):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
-        self.share_heads = share_heads
-        lm_head = model.get_output_embeddings()
-        # Copies, not views: a tied LM head shares its weight with the input embeddings, and the
-        # copies must be free to train apart from it.
-        self.heads = (
-            None if share_heads else nn.ModuleList(copy.deepcopy(lm_head) for _ in range(self.num_layers - 1))
-        )
+        self.name: str | None = None  # what from_pretrained loaded ("smollm2", a folder, ...)
+        self.heads_metadata: dict = {}  # what load_heads read beside the weights (how they were trained)
+        self.set_head_kind(_resolve_head_kind(head_kind, share_heads), adapter_rank)
+
+    def set_head_kind(self, head_kind: str, adapter_rank: int | None = None) -> MultiExitDecoder:
+        """(Re)build the heads of layers 1..L-1 as ``head_kind``, at their initialisation."""
+        if head_kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {head_kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+        if adapter_rank is not None and head_kind != "adapter":
+            raise ValueError(f"adapter_rank is for head_kind='adapter', not {head_kind!r}")
+        lm_head = self.model.get_output_embeddings()
+        self.head_kind, self.adapter_rank = head_kind, adapter_rank
+        self.share_heads = head_kind == "shared"
+        if head_kind == "shared":
+            self.heads = None
+        elif head_kind == "copy":
+            # Copies, not views: a tied LM head shares its weight with the input embeddings, and the
+            # copies must be free to train apart from it.
+            self.heads = nn.ModuleList(copy.deepcopy(lm_head) for _ in range(self.num_layers - 1))
+        else:
+            self.heads = nn.ModuleList(
+                AdapterHead(lm_head, self.hidden_size, adapter_rank) for _ in range(self.num_layers - 1)
+            )
+            self.heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        return self
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -211,11 +323,15 @@ class MultiExitDecoder(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         load_tokenizer: bool = True,
+        head_kind: str | None = None,
+        adapter_rank: int | None = None,
+        heads: str | os.PathLike | None = None,
     ) -> MultiExitDecoder:
         """Load a pretrained causal LM (a hub name, a folder, or an embedded short name like ``smollm2``).
 
         ``gguf_file`` names a GGUF file inside the folder (dequantised on load). ``dtype=None``
-        picks float32 on CPU and bfloat16 (else float16) on CUDA.
+        picks float32 on CPU and bfloat16 (else float16) on CUDA. ``heads`` is a folder written by
+        :meth:`save_heads`: its heads replace the fresh ones (and set the head kind).
         """
         path, gguf_file = resolve_decoder(name_or_path, gguf_file)
         device = torch.device(device) if device is not None else _default_device()
@@ -225,14 +341,102 @@ class MultiExitDecoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs) if load_tokenizer else None
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # batching needs one; it is always masked out
-        return cls(model, share_heads=share_heads, tokenizer=tokenizer).to(device).eval()
+        if heads is not None:  # the folder decides the kind: no copies made only to be replaced
+            head_kind, adapter_rank, share_heads = "shared", None, False
+        decoder = cls(
+            model,
+            share_heads=share_heads,
+            tokenizer=tokenizer,
+            head_kind=head_kind,
+            adapter_rank=adapter_rank,
+        )
+        decoder.name = str(name_or_path)
+        if heads is not None:
+            decoder.load_heads(heads)
+        return decoder.to(device).eval()
 
     @classmethod
     def from_config(
-        cls, config: PretrainedConfig, share_heads: bool = False, tokenizer=None
+        cls,
+        config: PretrainedConfig,
+        share_heads: bool = False,
+        tokenizer=None,
+        head_kind: str | None = None,
+        adapter_rank: int | None = None,
     ) -> MultiExitDecoder:
         """Random weights from a config (the tests use tiny ones)."""
-        return cls(AutoModelForCausalLM.from_config(config), share_heads=share_heads, tokenizer=tokenizer)
+        return cls(
+            AutoModelForCausalLM.from_config(config),
+            share_heads=share_heads,
+            tokenizer=tokenizer,
+            head_kind=head_kind,
+            adapter_rank=adapter_rank,
+        )
+
+    # -- exit heads on disk ----------------------------------------------------------------------
+    def save_heads(self, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+        """Write the heads of layers 1..L-1: ``exit_heads.json`` (kind, sizes, ``metadata``) and
+        ``exit_heads.safetensors`` (absent for the ``shared`` kind, which has no weights).
+
+        Written to a temporary sibling first and renamed, so an interrupted save never leaves a
+        half-written folder behind.
+        """
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        record = {
+            "head_kind": self.head_kind,
+            "adapter_rank": self.adapter_rank,
+            "model_type": self.config.model_type,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "metadata": metadata or {},
+        }
+        (tmp / HEADS_CONFIG).write_text(json.dumps(record, indent=2))
+        if self.heads is not None:
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+            save_file(weights, str(tmp / HEADS_WEIGHTS))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    def load_heads(self, folder: str | os.PathLike) -> MultiExitDecoder:
+        """Replace the heads of layers 1..L-1 with those saved in ``folder`` by :meth:`save_heads`."""
+        folder = Path(folder)
+        if not (folder / HEADS_CONFIG).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no exit heads (no {HEADS_CONFIG}): write one with decoder.save_heads(folder) "
+                "or train one with ee_gym.generation.training.train_exit_heads"
+            )
+        record = json.loads((folder / HEADS_CONFIG).read_text())
+        mine = (self.config.model_type, self.num_layers, self.hidden_size, self.vocab_size)
+        theirs = tuple(record[k] for k in ("model_type", "num_layers", "hidden_size", "vocab_size"))
+        if mine != theirs:
+            raise ValueError(
+                f"{folder} holds heads for (model type, layers, hidden size, vocab) = {theirs}, "
+                f"this decoder is {mine}: load heads trained on this model"
+            )
+        self.set_head_kind(record["head_kind"], record["adapter_rank"])
+        if self.heads is not None:
+            state = load_file(str(folder / HEADS_WEIGHTS), device=str(self.device))
+            self.heads.load_state_dict(state, strict=True)
+        self.heads_metadata = record.get("metadata", {})
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of the config, the head kind and every weight (heads included): caches record it."""
+        digest = hashlib.sha256()
+        digest.update(self.config.to_json_string(use_diff=False).encode())
+        digest.update(f"{self.head_kind}:{self.adapter_rank}".encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # -- sizes and parts ---------------------------------------------------------------------
     @property
@@ -357,11 +561,12 @@ class MultiExitDecoder(nn.Module):
             if bool(exited.all()):
                 self._propagate(index, hidden, position_embeddings, state.cache)
                 continue
+            previous = hidden
             out = self._run_layer(index, hidden, masks[index], position_embeddings, position_ids, state.cache)
             hidden = torch.where(exited[:, None, None], hidden, out)
             layer = index + 1
             if exit_fn is not None and layer < L:
-                decision = exit_fn(LayerView(self, layer, hidden[:, 0], ~exited))
+                decision = exit_fn(LayerView(self, layer, hidden[:, 0], ~exited, previous[:, 0]))
                 decision = torch.as_tensor(decision, dtype=torch.bool, device=self.device).reshape(B)
                 decision &= ~exited
                 exit_layers[decision] = layer
@@ -384,6 +589,7 @@ class MultiExitDecoder(nn.Module):
         stop_at_eos: bool = True,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        prefilled: tuple[StepOutput, DecodeState] | None = None,
     ) -> GenerationOutput:
         """Greedy decoding with token-level exits (``exit_fn=None``: full depth).
 
@@ -391,6 +597,9 @@ class MultiExitDecoder(nn.Module):
         padded). As Hugging Face generate, a row that emits an end-of-sequence token is padded with
         ``pad_token_id`` from then on, and decoding stops once every row has ended. ``eos_token_id`` and
         ``pad_token_id`` default to the model's generation config.
+
+        ``prefilled``: what :meth:`prefill` returned for these ``input_ids``, to decode from without
+        running the prompt again (its state is consumed: pass ``state.clone()`` to decode it twice).
         """
         if (input_ids is None) == (prompts is None):
             raise ValueError("give exactly one of input_ids and prompts")
@@ -406,7 +615,9 @@ class MultiExitDecoder(nn.Module):
         if pad_token_id is None:
             pad_token_id = int(eos[0]) if eos.numel() else 0
 
-        out, state = self.prefill(input_ids, attention_mask)
+        out, state = self.prefill(input_ids, attention_mask) if prefilled is None else prefilled
+        if state.batch_size != input_ids.shape[0]:
+            raise ValueError(f"prefilled holds {state.batch_size} rows, input_ids {input_ids.shape[0]}")
         B = state.batch_size
         unfinished = torch.ones(B, dtype=torch.bool, device=self.device)
         tokens, layers = [], []

@@ -1,0 +1,327 @@
+"""Token-level early exit on XSum: full depth against CALM's rules, static exits and ConsistentEE.
+
+    python -m benchmarks.generation                      # SmolLM2-135M-Instruct, the first 100 articles
+    python -m benchmarks.generation --articles 5         # a quick run (same training, fewer scored)
+
+One run, in order, with the time of each phase recorded:
+
+1. exit heads (stage 1 for decoders): self-distillation on ``--head-rows`` (the model's own greedy
+   continuations, teacher forced) and adapter heads trained with the depth-weighted cross-entropy
+   (``ee_gym.generation.training``), unless ``--heads`` names a folder of trained ones;
+2. the token table of ``--policy-rows`` (held out from the heads): the per-layer exits of every token
+   the full model generates there;
+3. thresholds of the CALM rules placed on that table at the layer speed-ups ``--speedups``
+   (``threshold_for_speedup``; never on the scored articles), and ConsistentEE's REINFORCE policy
+   trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
+   starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
+   past the first layers of a 30-layer model);
+4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
+   from one shared prompt pass per batch: ROUGE-1/2/L (x100) against the references, mean exit layer
+   over the tokens an exit decided, layer speed-up L / mean; and wall-clock tokens per second at batch
+   size 1 on the first ``--timing-articles`` articles, prompt pass excluded.
+
+Writes ``results.md`` (the table, the target check, the settings) and ``results.json`` (everything,
+summaries included) to ``--output-dir`` (default ``benchmarks/results/xsum``). Heads are saved under
+``$EE_GYM_HOME/generation/heads/`` (``--save-heads`` to choose), never into the repository.
+Threads: ``--threads`` (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.throughput import limit_threads
+
+TARGET_SPEEDUP, TARGET_ROUGE_DROP = 1.5, 1.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n")[0])
+    p.add_argument("--decoder", default="smollm2", help="an embedded name, a hub name or a model folder")
+    p.add_argument("--data-dir", default=None, help="holds xsum/xsum_0shot.jsonl (default: $EE_GYM_DATA)")
+    p.add_argument("--eval-rows", default="eval", help="scored articles: a split name or rows 'start:stop'")
+    p.add_argument("--articles", type=int, default=100, help="score the first N articles of --eval-rows")
+    p.add_argument("--head-rows", default="100:200", help="articles the exit heads learn from")
+    p.add_argument("--policy-rows", default="200:240", help="articles of the policy's table (and thresholds)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="articles decoded together (scores only)")
+    p.add_argument("--heads", default=None, help="a folder of trained exit heads: skip head training")
+    p.add_argument("--save-heads", default=None, help="where trained heads go (default under $EE_GYM_HOME)")
+    p.add_argument("--adapter-rank", type=int, default=64, help="0: full d x d adapters")
+    p.add_argument("--head-epochs", type=int, default=3)
+    p.add_argument("--head-lr", type=float, default=3e-3)
+    p.add_argument("--head-batch-size", type=int, default=32)
+    p.add_argument("--layers-per-step", type=int, default=8, help="heads trained per step (0: all)")
+    p.add_argument("--head-targets", default="greedy", choices=["greedy", "distribution"])
+    p.add_argument("--static-layers", type=int, nargs="*", default=[20, 24])
+    p.add_argument("--speedups", type=float, nargs="*", default=[1.25, 1.5],
+                   help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
+    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.2, 0.3])
+    p.add_argument("--reward", default="plain")
+    p.add_argument("--policy-epochs", type=int, default=40)
+    p.add_argument("--policy-lr", type=float, default=1e-3)
+    p.add_argument("--exit-prior", type=float, default=None,
+                   help="REINFORCE's starting exit probability per layer (default 1/L, see set_exit_prior)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-articles", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results" / "xsum"))
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(record: dict) -> str:
+    """The results table, the target check and the settings."""
+    runs, full = record["runs"], record["runs"][0]
+    lines = [
+        f"# Token-level early exit on XSum ({record['settings']['decoder']}, {record['settings']['articles']} articles)",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Wall time: {record['seconds']['total']:.0f} s on {record['settings']['threads']} thread(s) "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds'].items() if k != 'total')}).",
+        "",
+        "| policy | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L vs full | mean exit | layer speed-up "
+        "| tokens/s (batch 1) | wall-clock speed-up | speed-up on policy table |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        tps, base = run.get("tokens_per_second"), full.get("tokens_per_second")
+        wall = tps / base if tps and base else None
+        lines.append(
+            f"| {run['name']} | {run['rouge']['rouge1']:.2f} | {run['rouge']['rouge2']:.2f} | "
+            f"{run['rouge']['rougeL']:.2f} | {run['rouge']['rougeL'] - full['rouge']['rougeL']:+.2f} | "
+            f"{run['mean_exit_layer']:.2f} | {run['speedup']:.2f}x | {_fmt(tps, 1)} | "
+            f"{_fmt(wall)}{'x' if wall else ''} | {_fmt(run.get('table_speedup'))}{'x' if run.get('table_speedup') else ''} |"
+        )
+    check = record["target"]
+    lines += [
+        "",
+        f"Target: at >= {TARGET_SPEEDUP}x layer speed-up, ROUGE-L within {TARGET_ROUGE_DROP} point of full depth "
+        f"({full['rouge']['rougeL']:.2f}). **{'Met' if check['met'] else 'Not met'}**: {check['detail']}",
+        "",
+        "Mean exit and layer speed-up count the tokens an exit decided (all generated tokens but the first, "
+        "which the full-depth prompt pass produces). Tokens/s: decoding alone at batch size 1 on the first "
+        f"{record['settings']['timing_articles']} articles (prompt pass excluded, the same for every policy). "
+        "The last column is the policy's layer speed-up on the held-out policy table (teacher forced on the "
+        "full model's own tokens), where CALM thresholds were placed.",
+        "",
+        "Held-out cross-entropy of each exit against the full model's greedy token (policy table), layers 1..L:",
+        "",
+        "    " + " ".join(f"{x:.2f}" for x in record["table_summary"]["cross_entropy"]),
+        "",
+        "Agreement of each exit's top-1 with the full model's token:",
+        "",
+        "    " + " ".join(f"{x:.2f}" for x in record["table_summary"]["agreement"]),
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in record["settings"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def target_check(runs: list[dict]) -> dict:
+    """Whether some policy reaches TARGET_SPEEDUP with ROUGE-L within TARGET_ROUGE_DROP of full depth."""
+    full = runs[0]["rouge"]["rougeL"]
+    fast = [r for r in runs[1:] if r["speedup"] >= TARGET_SPEEDUP]
+    if not fast:
+        return {"met": False, "detail": f"no policy reached {TARGET_SPEEDUP}x."}
+    best = max(fast, key=lambda r: r["rouge"]["rougeL"])
+    drop = full - best["rouge"]["rougeL"]
+    return {
+        "met": drop <= TARGET_ROUGE_DROP,
+        "best": best["name"],
+        "detail": f"the best policy at >= {TARGET_SPEEDUP}x is {best['name']} ({best['speedup']:.2f}x), "
+        f"ROUGE-L {best['rouge']['rougeL']:.2f}, {drop:+.2f} below full depth.",
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = limit_threads(args.threads)
+    import numpy as np
+    import torch
+
+    import agents
+    from agents.evaluate import evaluate
+    from ee_gym.envs import ConsistentEEVectorEnv
+    from ee_gym.generation import (
+        ConfidenceExit,
+        HeadTrainingConfig,
+        MultiExitDecoder,
+        PolicyExit,
+        StateSimilarityExit,
+        StaticExit,
+        TokenTable,
+        evaluate_generation,
+        set_exit_prior,
+        threshold_for_speedup,
+        train_exit_heads,
+    )
+    from ee_gym.generation.data import load_xsum
+    from ee_gym.generation.prepare import collect_split, default_heads_dir
+
+    progress = not args.no_progress
+    seconds: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+        print(f"[{name}] {seconds[name]:.0f} s", flush=True)
+
+    torch.manual_seed(args.seed)
+    rank = args.adapter_rank or None
+    if args.heads:
+        decoder = MultiExitDecoder.from_pretrained(args.decoder, heads=args.heads, device="cpu")
+        head_history, head_tokens = decoder.heads_metadata.get("history", []), None
+    else:
+        decoder = MultiExitDecoder.from_pretrained(
+            args.decoder, head_kind="adapter", adapter_rank=rank, device="cpu"
+        )
+    lap("load")
+
+    if not args.heads:
+        tokens = collect_split(
+            decoder, "xsum", args.head_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )  # fmt: skip
+        head_tokens = tokens.num_tokens
+        lap("heads: self-distillation")
+        config = HeadTrainingConfig(
+            epochs=args.head_epochs,
+            batch_size=args.head_batch_size,
+            layers_per_step=args.layers_per_step or None,
+            learning_rate=args.head_lr,
+            targets=args.head_targets,
+            seed=args.seed,
+        )
+        head_history = train_exit_heads(decoder, tokens, config, progress=progress)
+        del tokens
+        folder = (
+            Path(args.save_heads) if args.save_heads else default_heads_dir(args.decoder, "xsum-benchmark")
+        )
+        decoder.save_heads(folder, metadata={**decoder.heads_metadata, "rows": args.head_rows})
+        print(f"heads saved to {folder}")
+        lap("heads: training")
+
+    policy_tokens = collect_split(
+        decoder, "xsum", args.policy_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
+        progress=progress,
+    )  # fmt: skip
+    table = TokenTable.build(decoder, policy_tokens, split="train", progress=progress)
+    del policy_tokens
+    summary = table.layer_summary()
+    print("held-out CE per layer:", " ".join(f"{x:.2f}" for x in summary["cross_entropy"]))
+    lap("policy table")
+
+    num_layers = decoder.num_layers
+    policies: dict[str, object] = {"full depth": None}
+    table_speedup: dict[str, float] = {}
+    for layer in args.static_layers:
+        rule = StaticExit(layer)
+        policies[f"static (layer {layer})"] = rule
+        table_speedup[f"static (layer {layer})"] = num_layers / rule.table_exit_layers(table).mean()
+    for kind, values, make in (
+        ("calm-confidence", table.top2_gap, ConfidenceExit),
+        ("calm-similarity", table.similarity, StateSimilarityExit),
+    ):
+        for target in args.speedups:
+            rule = make(threshold_for_speedup(values, target))
+            name = f"{kind} (lambda={rule.threshold:.4g})"
+            policies[name] = rule
+            table_speedup[name] = num_layers / rule.table_exit_layers(table).mean()
+    policy_history = {}
+    for alpha in args.alphas:
+        env = ConsistentEEVectorEnv(
+            64, table=table, split="train", reward=args.reward, alpha=alpha, final_obs=False
+        )
+        policy = agents.make("reinforce", seed=args.seed)
+        policy.bind(env)
+        set_exit_prior(policy, args.exit_prior or 1.0 / num_layers)
+        policy.learn(env, epochs=args.policy_epochs, lr=args.policy_lr, progress=progress)
+        name = f"consistentee (alpha={alpha:g})"
+        policies[name] = PolicyExit(policy, decoder, label=name)
+        result = evaluate(policy, table)
+        table_speedup[name] = result.speedup
+        policy_history[name] = {"history": policy.history, "table": result.to_dict()}
+        print(f"{name}: table mean exit {result.mean_exit_layer:.2f} ({result.speedup:.2f}x)", flush=True)
+    lap("policies")
+
+    articles = load_xsum(args.eval_rows, args.data_dir, args.articles)
+    runs = evaluate_generation(
+        decoder,
+        articles,
+        policies,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        timing_articles=args.timing_articles,
+        progress=progress,
+    )
+    lap("evaluation")
+    seconds["total"] = time.perf_counter() - started
+
+    records = []
+    for run in runs:
+        record = run.to_dict(with_summaries=True)
+        record["table_speedup"] = table_speedup.get(run.name)
+        records.append(record)
+    record = {
+        "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {
+            "decoder": args.decoder,
+            "articles": len(articles),
+            "eval_rows": args.eval_rows,
+            "head_rows": args.head_rows if not args.heads else f"(loaded from {args.heads})",
+            "head_tokens": head_tokens,
+            "policy_rows": args.policy_rows,
+            "policy_tokens": table.num_inputs,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "adapter_rank": rank or "full",
+            "head_epochs": args.head_epochs,
+            "head_lr": args.head_lr,
+            "layers_per_step": args.layers_per_step or "all",
+            "head_targets": args.head_targets,
+            "reward": args.reward,
+            "policy_epochs": args.policy_epochs,
+            "policy_lr": args.policy_lr,
+            "exit_prior": args.exit_prior or f"1/{decoder.num_layers}",
+            "timing_articles": args.timing_articles,
+            "threads": args.threads,
+            "seed": args.seed,
+        },
+        "seconds": seconds,
+        "target": target_check(records),
+        "table_summary": summary,
+        "head_history": head_history,
+        "policy_history": policy_history,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "threads": threads,
+        "runs": records,
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    text = markdown(record)
+    (out / "results.md").write_text(text)
+    print(text)
+    return record
+
+
+if __name__ == "__main__":
+    main()

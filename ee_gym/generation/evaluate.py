@@ -1,0 +1,199 @@
+"""Score early-exit generation: ROUGE against references, exit layers, and decoding speed.
+
+For each exit policy (``None`` = full depth) over the same articles:
+
+* ROUGE-1/2/L F-measure (x100, ``rouge-score`` with its Porter stemmer, as the XSum literature
+  reports) of the greedy summaries, cut at the data's ``###`` stop marker;
+* the mean exit layer over the tokens an exit decided (every generated token but the first, which
+  the prompt's full-depth pass produces), the layer speed-up L / mean and the saved layers 1 - mean/L;
+* wall-clock decoding speed: generated tokens per second at batch size 1 on the first
+  ``timing_articles`` articles, prompt pass excluded (it is the same full-depth pass for every
+  policy), so that it shows what exits save where they can save it. At batch size > 1 a row that
+  exited still rides along through the later layers (one cache write serves the batch), so batched
+  decoding is used for the scores only.
+
+Every policy decodes from one shared prefill per batch of articles (``DecodeState.clone``): the
+prompt runs once, whatever the number of policies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ee_gym.generation.data import Article, clean_summary, format_prompt
+from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure x 100 of ``predictions`` against ``references``."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError("ROUGE needs the rouge-score package: pip install 'ee-gym[generation]'") from None
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # (target, prediction)
+        for kind in ROUGE_TYPES:
+            totals[kind] += scores[kind].fmeasure
+    n = max(len(predictions), 1)
+    return {kind: 100.0 * total / n for kind, total in totals.items()}
+
+
+@dataclass
+class GenerationRun:
+    """One exit policy's results over the evaluated articles."""
+
+    name: str
+    rouge: dict[str, float]
+    mean_exit_layer: float
+    speedup: float
+    saved_layers: float
+    num_layers: int
+    decided_tokens: int  # tokens whose exit a policy decided
+    exit_histogram: list[int]  # decided tokens exiting at layer 1..L
+    tokens_per_second: float | None = None  # batch 1, prompt pass excluded
+    timing_tokens: int = 0
+    summaries: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_summaries: bool = False) -> dict:
+        record = asdict(self)
+        if not with_summaries:
+            record.pop("summaries")
+        return record
+
+
+def _encode(decoder: MultiExitDecoder, articles: Sequence[Article]) -> list[str]:
+    if decoder.tokenizer is None:
+        raise ValueError("generation from text needs the decoder's tokenizer")
+    return [format_prompt(decoder.tokenizer, a.article) for a in articles]
+
+
+def _batches(decoder: MultiExitDecoder, prompts: list[str], batch_size: int) -> list[np.ndarray]:
+    """Indices of prompts in length-sorted batches (little padding)."""
+    lengths = [len(decoder.tokenizer(p)["input_ids"]) for p in prompts]
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate_with_policies(
+    decoder: MultiExitDecoder,
+    articles: Sequence[Article],
+    exit_fns: Mapping[str, ExitFn | None],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, tuple[list[str], list[np.ndarray]]]:
+    """Per policy: (summaries, exit layers of each article's generated tokens), in article order."""
+    prompts = _encode(decoder, articles)
+    texts = {name: [""] * len(prompts) for name in exit_fns}
+    layers: dict[str, list[np.ndarray]] = {
+        name: [np.zeros(0, dtype=np.int64)] * len(prompts) for name in exit_fns
+    }
+    batches = _batches(decoder, prompts, batch_size)
+    bar = tqdm(total=len(batches) * len(exit_fns), desc="generation", unit="run", disable=not progress)
+    for rows in batches:
+        batch = decoder.tokenizer(
+            [prompts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left"
+        )
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        first, state = decoder.prefill(ids, mask)
+        for name, exit_fn in exit_fns.items():
+            out = decoder.generate(
+                ids, mask, max_new_tokens=max_new_tokens, exit_fn=exit_fn, prefilled=(first, state.clone())
+            )
+            for j, i in enumerate(rows.tolist()):
+                used = out.exit_layers[j] > 0
+                texts[name][i] = clean_summary(
+                    decoder.tokenizer.decode(out.tokens[j][used], skip_special_tokens=True)
+                )
+                layers[name][i] = out.exit_layers[j][used].cpu().numpy()
+            bar.update(1)
+            bar.set_postfix(policy=name)
+    bar.close()
+    return {name: (texts[name], layers[name]) for name in exit_fns}
+
+
+@torch.no_grad()
+def time_decoding(
+    decoder: MultiExitDecoder,
+    articles: Sequence[Article],
+    exit_fns: Mapping[str, ExitFn | None],
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> dict[str, tuple[float, int]]:
+    """Per policy: (tokens per second, tokens timed) decoding each article alone (batch size 1), the
+    prompt pass excluded; the tokens timed are those after the first."""
+    seconds = dict.fromkeys(exit_fns, 0.0)
+    tokens = dict.fromkeys(exit_fns, 0)
+    prompts = _encode(decoder, articles)
+    bar = tqdm(total=len(prompts) * len(exit_fns), desc="timing (batch 1)", unit="run", disable=not progress)
+    for prompt in prompts:
+        ids = decoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        first, state = decoder.prefill(ids)
+        for name, exit_fn in exit_fns.items():
+            copy = state.clone()
+            started = time.perf_counter()
+            out = decoder.generate(
+                ids, max_new_tokens=max_new_tokens, exit_fn=exit_fn, prefilled=(first, copy)
+            )
+            seconds[name] += time.perf_counter() - started
+            tokens[name] += max(int((out.exit_layers[0] > 0).sum()) - 1, 0)
+            bar.update(1)
+    bar.close()
+    return {
+        name: (tokens[name] / seconds[name] if seconds[name] else float("nan"), tokens[name])
+        for name in exit_fns
+    }
+
+
+def evaluate_generation(
+    decoder: MultiExitDecoder,
+    articles: Sequence[Article],
+    exit_fns: Mapping[str, ExitFn | None],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    timing_articles: int = 5,
+    progress: bool = True,
+) -> list[GenerationRun]:
+    """Score every policy of ``exit_fns`` (name -> exit_fn, ``None`` = full depth) on ``articles``."""
+    generated = generate_with_policies(decoder, articles, exit_fns, max_new_tokens, batch_size, progress)
+    timed = (
+        time_decoding(decoder, articles[:timing_articles], exit_fns, max_new_tokens, progress)
+        if timing_articles
+        else {}
+    )
+    references = [a.reference for a in articles]
+    num_layers = decoder.num_layers
+    runs = []
+    for name, (texts, layers) in generated.items():
+        decided = np.concatenate([row[1:] for row in layers]) if layers else np.zeros(0, dtype=np.int64)
+        mean = float(decided.mean()) if decided.size else float(num_layers)
+        speed, count = timed.get(name, (None, 0))
+        runs.append(
+            GenerationRun(
+                name=name,
+                rouge=rouge_scores(texts, references),
+                mean_exit_layer=mean,
+                speedup=num_layers / mean,
+                saved_layers=1.0 - mean / num_layers,
+                num_layers=num_layers,
+                decided_tokens=int(decided.size),
+                exit_histogram=np.bincount(decided, minlength=num_layers + 1)[1:].tolist(),
+                tokens_per_second=speed,
+                timing_tokens=count,
+                summaries=texts,
+            )
+        )
+    return runs

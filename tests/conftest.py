@@ -38,10 +38,15 @@ def tokenizer():
     return load_tokenizer("minilm-l6")
 
 
+def new_tiny_model(tokenizer, seed: int = 0, **kwargs) -> MultiExitModel:
+    """A seeded random tiny two-label multi-exit BERT (``tiny_bert_config``) with the real tokenizer."""
+    torch.manual_seed(seed)
+    return MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer, **kwargs)
+
+
 @pytest.fixture
 def tiny_model(tokenizer) -> MultiExitModel:
-    torch.manual_seed(0)
-    return MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer).eval()
+    return new_tiny_model(tokenizer).eval()
 
 
 def _sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:

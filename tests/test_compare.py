@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks import compare
-from ee_gym.multiexit import MultiExitModel
-from tests.conftest import tiny_bert_config
+from tests.conftest import new_tiny_model
 
 
 def test_auc_reads_the_frontier_between_its_anchors():
@@ -34,8 +32,7 @@ def test_mean_ci_brackets_the_mean():
 
 def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("EE_GYM_HOME", str(tmp_path / "home"))
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer, task="sst2")
+    model = new_tiny_model(tokenizer, task="sst2")
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "results"
     argv = [

@@ -10,11 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from ee_gym.cache import build_cache, open_cache
 from ee_gym.multiexit import MultiExitModel
-from tests.conftest import tiny_bert_config
+from tests.conftest import new_tiny_model
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +32,7 @@ def _torchrun(tmp_path, tiny_data, *job_args: str) -> list[dict]:
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("agent", ["reinforce", "entropy"])
 def test_two_processes_train_stage3_in_step_and_build_one_cache(agent, tokenizer, tiny_data, tmp_path):
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    model = new_tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "start")
     ranks = _torchrun(tmp_path, tiny_data, agent)
     # averaged gradients keep the two copies of the model identical, and the main process saved it
@@ -56,10 +54,7 @@ def test_two_processes_train_stage3_in_step_and_build_one_cache(agent, tokenizer
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_the_whole_pipeline_runs_under_torchrun_and_writes_each_record_once(tokenizer, tiny_data, tmp_path):
-    torch.manual_seed(0)
-    MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer).save_pretrained(
-        tmp_path / "start"
-    )
+    new_tiny_model(tokenizer).save_pretrained(tmp_path / "start")
     ranks = _torchrun(tmp_path, tiny_data, "ppo", "pipeline")
     stages = ["stage1", "memorized", "stage2-round1", "stage3-round1"]
     assert ranks[0] == ranks[1] and ranks[0]["stages"] == stages

@@ -14,7 +14,7 @@ from agents.reinforce import PerLayerPolicy, Reinforce
 from ee_gym import joint
 from ee_gym.joint import FixedAgentExits, LearnedExits, Stage3Config, joint_rollout, train_stage3
 from ee_gym.multiexit import MultiExitModel
-from tests.conftest import killed_after_first_checkpoint, tiny_bert_config
+from tests.conftest import killed_after_first_checkpoint, new_tiny_model
 
 
 class ExitAtLayer(nn.Module):
@@ -120,8 +120,7 @@ def test_a_fixed_agent_decides_the_exits_as_in_inference(tiny_model):
 def test_a_fixed_agent_trains_the_model_and_stays_as_it_was(tokenizer, tiny_data, tmp_path):
     import agents
 
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    model = new_tiny_model(tokenizer)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     config = Stage3Config(
         task="sst2",
@@ -152,8 +151,7 @@ def test_threshold_rollout_needs_separate_replicas(tiny_model, tmp_path):
 
 
 def _tiny_run(tokenizer, tiny_data, output_dir, **overrides):
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    model = new_tiny_model(tokenizer)
     policy = Reinforce(seed=1)
     settings = dict(
         task="sst2",

@@ -11,12 +11,11 @@ import torch
 from agents.reinforce import Reinforce
 from ee_gym import pipeline
 from ee_gym.multiexit import MultiExitModel
-from tests.conftest import tiny_bert_config
+from tests.conftest import new_tiny_model
 
 
 def _pipeline(tokenizer, tiny_data, output_dir, **overrides):
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    model = new_tiny_model(tokenizer)
     settings = dict(
         task="sst2",
         data_dir=str(tiny_data),

@@ -13,7 +13,7 @@ import torch
 from ee_gym import training
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.training import Stage1Config, train_stage1, weighted_exit_loss
-from tests.conftest import killed_after_first_checkpoint, tiny_bert_config
+from tests.conftest import killed_after_first_checkpoint, new_tiny_model
 
 
 def test_weighted_loss_matches_hand_computation():
@@ -40,8 +40,7 @@ def test_task_defaults_are_recorded_in_the_resolved_config():
 
 
 def _tiny_run(tokenizer, tiny_data, output_dir, **overrides):
-    torch.manual_seed(0)
-    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=2, tokenizer=tokenizer)
+    model = new_tiny_model(tokenizer)
     settings = dict(
         task="sst2",
         data_dir=str(tiny_data),

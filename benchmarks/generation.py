@@ -5,9 +5,11 @@
 
 One run, in order, with the time of each phase recorded:
 
-1. exit heads (stage 1 for decoders): self-distillation on ``--head-rows`` (the model's own greedy
-   continuations, teacher forced) and adapter heads trained with the depth-weighted cross-entropy
-   (``ee_gym.generation.training``), unless ``--heads`` names a folder of trained ones;
+1. exit heads (stage 1 for decoders) on ``--head-rows``, unless ``--heads`` names a folder of trained
+   ones: ``--head-method regression`` (the default) fits full-rank adapters in closed form on the
+   teacher-forced articles and reference summaries (``ee_gym.generation.regression``);
+   ``gradient`` self-distils the rows (the model's own greedy continuations) and trains adapters
+   with the depth-weighted cross-entropy (``ee_gym.generation.training``);
 2. the token table of ``--policy-rows`` (held out from the heads): the per-layer exits of every token
    the full model generates there;
 3. thresholds of the CALM rules placed on that table at the layer speed-ups ``--speedups``
@@ -52,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="articles decoded together (scores only)")
     p.add_argument("--heads", default=None, help="a folder of trained exit heads: skip head training")
     p.add_argument("--save-heads", default=None, help="where trained heads go (default under $EE_GYM_HOME)")
-    p.add_argument("--adapter-rank", type=int, default=64, help="0: full d x d adapters")
+    p.add_argument("--head-method", default="regression", choices=["regression", "gradient"])
+    p.add_argument("--adapter-rank", type=int, default=0,
+                   help="0: full d x d adapters (regression needs them); e.g. 64 for gradient training")  # fmt: skip
     p.add_argument("--head-epochs", type=int, default=3)
     p.add_argument("--head-lr", type=float, default=3e-3)
     p.add_argument("--head-batch-size", type=int, default=32)
@@ -168,6 +172,7 @@ def main(argv=None) -> dict:
     )
     from ee_gym.generation.data import load_xsum
     from ee_gym.generation.prepare import collect_split, default_heads_dir
+    from ee_gym.generation.regression import fit_exit_heads, xsum_texts
 
     progress = not args.no_progress
     seconds: dict[str, float] = {}
@@ -192,22 +197,27 @@ def main(argv=None) -> dict:
     lap("load")
 
     if not args.heads:
-        tokens = collect_split(
-            decoder, "xsum", args.head_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
-            progress=progress,
-        )  # fmt: skip
-        head_tokens = tokens.num_tokens
-        lap("heads: self-distillation")
-        config = HeadTrainingConfig(
-            epochs=args.head_epochs,
-            batch_size=args.head_batch_size,
-            layers_per_step=args.layers_per_step or None,
-            learning_rate=args.head_lr,
-            targets=args.head_targets,
-            seed=args.seed,
-        )
-        head_history = train_exit_heads(decoder, tokens, config, progress=progress)
-        del tokens
+        if args.head_method == "regression":
+            texts = xsum_texts(decoder, args.head_rows, args.data_dir)
+            head_history = [fit_exit_heads(decoder, texts, progress=progress)]
+            head_tokens = head_history[0]["positions"]
+        else:
+            tokens = collect_split(
+                decoder, "xsum", args.head_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
+                progress=progress,
+            )  # fmt: skip
+            head_tokens = tokens.num_tokens
+            lap("heads: self-distillation")
+            config = HeadTrainingConfig(
+                epochs=args.head_epochs,
+                batch_size=args.head_batch_size,
+                layers_per_step=args.layers_per_step or None,
+                learning_rate=args.head_lr,
+                targets=args.head_targets,
+                seed=args.seed,
+            )
+            head_history = train_exit_heads(decoder, tokens, config, progress=progress)
+            del tokens
         folder = (
             Path(args.save_heads) if args.save_heads else default_heads_dir(args.decoder, "xsum-benchmark")
         )
@@ -283,6 +293,7 @@ def main(argv=None) -> dict:
             "articles": len(articles),
             "eval_rows": args.eval_rows,
             "head_rows": args.head_rows if not args.heads else f"(loaded from {args.heads})",
+            "head_method": args.head_method if not args.heads else "(loaded)",
             "head_tokens": head_tokens,
             "policy_rows": args.policy_rows,
             "policy_tokens": table.num_inputs,

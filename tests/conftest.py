@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from ee_gym.backbones import load_tokenizer
+from ee_gym.generation import MultiExitDecoder
 from ee_gym.multiexit import MultiExitModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +80,62 @@ def write_tiny_glue(root: Path, n_train: int = 64, n_dev: int = 32) -> Path:
             for i, (s, y) in enumerate(_sentiment_rows(n, seed + 10))
         ]
         (rte / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- generation: decoder and XSum
+
+DECODER_LAYERS = 4
+XSUM_WORDS = ["the", "a", "man", "police", "said", "on", "in", "court", "was", "of", "and", "to", "city"]
+XSUM_WORDS += ["council", "new", "plan", "year", "people", "found", "club"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # </s> is id 2: LlamaConfig's default eos
+
+
+def tiny_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :data:`XSUM_WORDS` and the prompt markers."""
+    vocab = {word: i for i, word in enumerate(SPECIAL_TOKENS + XSUM_WORDS + ["Article:", "###", "Summarize"])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    )
+
+
+def tiny_llama_decoder(
+    head_kind: str = "adapter", adapter_rank: int | None = None, seed: int = 0
+) -> MultiExitDecoder:
+    """A seeded random 4-layer, 32-wide Llama with :func:`tiny_word_tokenizer`, as a multi-exit decoder."""
+    tokenizer = tiny_word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=DECODER_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(seed)
+    decoder = MultiExitDecoder.from_config(
+        config, tokenizer=tokenizer, head_kind=head_kind, adapter_rank=adapter_rank
+    )
+    return decoder.eval()
+
+
+def write_tiny_xsum(root: Path, rows: int = 12, seed: int = 0) -> Path:
+    """A tiny file in the layout of xsum_0shot.jsonl (row i is the same whatever ``rows``; rows 200 and
+    up form the ``train`` split)."""
+    rng = random.Random(seed)
+    folder = root / "xsum"
+    folder.mkdir(parents=True)
+    lines = []
+    for _ in range(rows):
+        body = " ".join(rng.choice(XSUM_WORDS) for _ in range(rng.randint(6, 14)))
+        summary = " ".join(rng.choice(XSUM_WORDS) for _ in range(6))
+        lines.append(json.dumps({"article": f"### Article: {body} Summarize", "summary_gt": summary}))
+    (folder / "xsum_0shot.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 

@@ -1,7 +1,10 @@
 """The ConsistentEE environments: API checks for every registered id, rewards, live vs cached, vector env.
 
 Every task id runs on a tiny random multi-exit model and a tiny GLUE-layout data folder written for
-it (session fixtures, built once), so the whole file runs in seconds.
+it, every generation id (``ConsistentEE-XSum-v0``) on a tiny random Llama decoder and a tiny
+XSum-layout file (session fixtures, built once), so the whole file runs in seconds. Section 1 runs every
+registered id, of both kinds, through the checkers, seeded rollouts and pickling; what is particular to
+the token env (its table, live decoding) is in tests/test_generation_env.py.
 """
 
 from __future__ import annotations
@@ -36,11 +39,28 @@ from ee_gym.envs import (
     env_id,
     registered_ids,
 )
+from ee_gym.generation import MultiExitDecoder
+from ee_gym.generation.table import GENERATION_OBS_MODES
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import TaskSpec, get_task, task_from_files
-from tests.conftest import FILLER, NEGATIVE, POSITIVE, tiny_bert_config
+from tests.conftest import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    tiny_bert_config,
+    tiny_llama_decoder,
+    write_tiny_xsum,
+)
 
-TASK_IDS = registered_ids("classification")  # the generation ids: tests/test_generation_env.py
+TASK_IDS = registered_ids("classification")  # one input per episode
+GENERATION_IDS = registered_ids("generation")  # one generated token per episode
+ALL_IDS = TASK_IDS + GENERATION_IDS
+#: every registered id with each observation mode it serves (a token table holds no logits)
+ID_OBS_MODES = [
+    (name, obs_mode)
+    for name in ALL_IDS
+    for obs_mode in (GENERATION_OBS_MODES if name in GENERATION_IDS else OBS_MODES)
+]
 N_TRAIN, N_DEV = 24, 12
 MNLI = "ConsistentEE-MNLI-v0"  # three labels: catches code that assumes two
 
@@ -114,10 +134,37 @@ class Assets:
         )
 
 
+@dataclass
+class TokenAssets:
+    """A generation id's tiny decoder (passed as an object: its table is built on first use), XSum
+    folder and table folder."""
+
+    decoder: MultiExitDecoder
+    data: Path
+    cache: Path
+
+    def kwargs(self, split: str = "train", **extra) -> dict:
+        return dict(
+            decoder=self.decoder,
+            split=split,
+            data_dir=self.data,
+            cache_dir=self.cache,
+            max_prompts=None,
+            max_new_tokens=8,
+            progress=False,
+            **extra,
+        )
+
+
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory, tokenizer) -> dict[str, Assets]:
+def assets(tmp_path_factory, tokenizer) -> dict[str, Assets | TokenAssets]:
     """One tiny model and data folder per registered id."""
-    out = {}
+    out: dict[str, Assets | TokenAssets] = {}
+    for name in GENERATION_IDS:  # rows 200-205 of the file are the XSum train split
+        root = tmp_path_factory.mktemp(name)
+        out[name] = TokenAssets(
+            tiny_llama_decoder(), write_tiny_xsum(root / "data", rows=206), root / "cache"
+        )
     for name in TASK_IDS:
         spec = spec_of(name)
         root = tmp_path_factory.mktemp(name)
@@ -259,33 +306,33 @@ def test_every_builtin_task_is_registered():
     expected = {f"ConsistentEE-{t}-v0" for t in ("RTE", "MRPC", "SST2", "CoLA", "QNLI", "QQP", "MNLI")}
     assert expected <= set(TASK_IDS)
     assert gym.spec(MNLI).kwargs["task"] == "mnli" and spec_of(MNLI).num_labels == 3
+    assert GENERATION_IDS == ["ConsistentEE-XSum-v0"]  # run by the tests of this section too
 
 
-@pytest.mark.parametrize("obs_mode", OBS_MODES)
-@pytest.mark.parametrize("name", TASK_IDS)
+@pytest.mark.parametrize(("name", "obs_mode"), ID_OBS_MODES)
 def test_env_checkers_pass_without_warnings(assets, name, obs_mode):
     """Gymnasium's and SB3's env checkers pass, warnings as errors (see ALLOWED_WARNINGS)."""
     env = make(assets, name, obs_mode=obs_mode)
     assert env.unwrapped.action_space == gym.spaces.Discrete(2)
-    assert env.unwrapped.num_inputs == N_TRAIN
+    if name in TASK_IDS:  # a token env's items are the tokens its decoder generated: no fixed count
+        assert env.unwrapped.num_inputs == N_TRAIN
     checked(gym_check_env, env.unwrapped)
     checked(sb3_check_env, env.unwrapped)
 
 
-@pytest.mark.parametrize("obs_mode", OBS_MODES)
-@pytest.mark.parametrize("name", TASK_IDS)
+@pytest.mark.parametrize(("name", "obs_mode"), ID_OBS_MODES)
 def test_observations_stay_inside_the_space(assets, name, obs_mode):
     """Every observation of every mode, at every layer, lies in the observation space."""
     env = make(assets, name, obs_mode=obs_mode)
     num_layers = env.unwrapped.num_layers
-    for index in range(0, N_TRAIN, 5):
+    for index in range(0, env.unwrapped.num_inputs, 5):
         observations, _, _ = run_episode(env, [CONTINUE] * num_layers, index=index)
         assert len(observations) == num_layers + 1
         for obs in observations:
             assert env.observation_space.contains(obs), (index, obs)
 
 
-@pytest.mark.parametrize("name", TASK_IDS)
+@pytest.mark.parametrize("name", ALL_IDS)
 def test_same_seed_same_rollout_and_other_seeds_other_inputs(assets, name):
     """Equal seeds give equal rollouts (obs, rewards, infos); other seeds draw other inputs."""
     first = random_rollout(make(assets, name), seed=123, episodes=12)
@@ -300,7 +347,7 @@ def test_same_seed_same_rollout_and_other_seeds_other_inputs(assets, name):
     assert indices(first) != indices(other)
 
 
-@pytest.mark.parametrize("name", TASK_IDS)
+@pytest.mark.parametrize("name", ALL_IDS)
 def test_pickled_env_continues_identically(assets, name):
     """A pickled copy taken mid-episode continues exactly as the original (state and RNG)."""
     env = make(assets, name)
@@ -316,7 +363,7 @@ def test_pickled_env_continues_identically(assets, name):
             assert_same(env.reset(), copy.reset())
 
 
-@pytest.mark.parametrize("name", TASK_IDS)
+@pytest.mark.parametrize("name", ALL_IDS)
 def test_invalid_actions_and_steps_out_of_episode_raise(assets, name):
     """Bad actions raise a clear ValueError and change nothing; stepping outside an episode raises."""
     env = make(assets, name)

@@ -252,3 +252,60 @@ def test_smollm2_full_depth_matches_its_own_generate():
     theirs = decoder.model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours.sequences, theirs)
     assert "Paris" in decoder.tokenizer.decode(ours.tokens[0])
+
+
+# -- closed-form exit heads (ee_gym.generation.regression) ------------------------------------------
+
+
+def test_layer_states_are_the_teacher_forced_pass(decoder):
+    ids, _ = prompts([7])
+    states = decoder.layer_states(ids)
+    assert states.shape == (1, 7, NUM_LAYERS, decoder.hidden_size)
+    with torch.no_grad():
+        out = decoder.model(ids, output_hidden_states=True)
+    for layer in range(1, NUM_LAYERS):  # hidden_states[l] is h_l before the final norm for l < L
+        expected = decoder.final_norm(out.hidden_states[layer])
+        torch.testing.assert_close(states[:, :, layer - 1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoder.head(NUM_LAYERS)(states[:, :, -1]), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_normal_equations_recover_an_exact_linear_map():
+    from ee_gym.generation.regression import NormalEquations
+
+    generator = torch.Generator().manual_seed(0)
+    n, num_layers, d = 200, 3, 5
+    states = torch.randn(n, num_layers, d, generator=generator, dtype=torch.float64)
+    maps = torch.randn(num_layers - 1, d, d, generator=generator, dtype=torch.float64)
+    bias = torch.randn(d, generator=generator, dtype=torch.float64)
+    states[:, -1] = states[:, 0] @ maps[0].T + bias  # s_L is exactly A s_1 + b
+    equations = NormalEquations(num_layers, d)
+    equations.add(states[:120])
+    equations.add(states[120:])  # streaming in parts = all at once
+    fitted, biases = equations.solve(ridge=0.0)
+    torch.testing.assert_close(fitted[0], maps[0])
+    torch.testing.assert_close(biases[0], bias)
+    with pytest.raises(ValueError, match="more text"):
+        NormalEquations(num_layers, d).solve()
+
+
+def test_fitted_adapters_are_the_least_squares_maps():
+    from ee_gym.generation.regression import NormalEquations, set_adapters
+
+    torch.manual_seed(0)
+    decoder = MultiExitDecoder.from_config(tiny_config(), head_kind="adapter").eval()
+    ids, _ = prompts([40, 40], seed=3)
+    with torch.no_grad():
+        states = decoder.layer_states(ids).reshape(-1, NUM_LAYERS, decoder.hidden_size)
+    equations = NormalEquations(NUM_LAYERS, decoder.hidden_size)
+    equations.add(states)
+    set_adapters(decoder, *equations.solve(ridge=0.0))
+    x = torch.cat([states[:, 1], torch.ones(len(states), 1)], dim=1).double()
+    solution = torch.linalg.lstsq(x, states[:, -1].double()).solution
+    with torch.no_grad():
+        adapted = decoder.heads[1].adapter(states[:, 1])
+        torch.testing.assert_close(adapted.double(), x @ solution, atol=1e-4, rtol=1e-4)
+        # The identity (the shared LM head) is one candidate map, so the fit is at least as close.
+        assert (adapted - states[:, -1]).pow(2).sum() < (states[:, 1] - states[:, -1]).pow(2).sum()
+    low_rank = MultiExitDecoder.from_config(tiny_config(), head_kind="adapter", adapter_rank=4)
+    with pytest.raises(ValueError, match="adapter_rank=None"):
+        set_adapters(low_rank, *equations.solve())

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import pickle
-import random
 import types
 import warnings
 
@@ -18,10 +17,7 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig
 
 import agents
 from agents.evaluate import evaluate
@@ -50,86 +46,24 @@ from ee_gym.generation import (
     train_exit_heads,
 )
 from ee_gym.generation.data import format_prompt, load_xsum
+from ee_gym.generation.decoder import exit_at_layer
+from ee_gym.generation.table import GENERATION_OBS_MODES
 from ee_gym.generation.training import HeadTrainingConfig, exit_cross_entropy, weighted_exit_loss
+from tests.conftest import DECODER_LAYERS, tiny_llama_decoder, tiny_word_tokenizer, write_tiny_xsum
 
 GENERATION_IDS = registered_ids("generation")
-NUM_LAYERS = 4
-WORDS = [
-    "the",
-    "a",
-    "man",
-    "police",
-    "said",
-    "on",
-    "in",
-    "court",
-    "was",
-    "of",
-    "and",
-    "to",
-    "city",
-    "council",
-]
-WORDS += ["new", "plan", "year", "people", "found", "club"]
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # </s> is id 2: LlamaConfig's default eos
-
-
-# --------------------------------------------------------------------------- tiny model, tokenizer, data
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS + ["Article:", "###", "Summarize"])}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
-    )
-
-
-def tiny_decoder(
-    head_kind: str = "adapter", adapter_rank: int | None = None, seed: int = 0
-) -> MultiExitDecoder:
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        pad_token_id=3,
-    )
-    torch.manual_seed(seed)
-    decoder = MultiExitDecoder.from_config(
-        config, tokenizer=tokenizer, head_kind=head_kind, adapter_rank=adapter_rank
-    )
-    return decoder.eval()
-
-
-def write_xsum(root, rows: int = 12, seed: int = 0):
-    """A tiny file in the layout of xsum_0shot.jsonl."""
-    rng = random.Random(seed)
-    folder = root / "xsum"
-    folder.mkdir(parents=True)
-    lines = []
-    for _ in range(rows):
-        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
-        summary = " ".join(rng.choice(WORDS) for _ in range(6))
-        lines.append(json.dumps({"article": f"### Article: {body} Summarize", "summary_gt": summary}))
-    (folder / "xsum_0shot.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+NUM_LAYERS = DECODER_LAYERS
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_xsum(tmp_path_factory.mktemp("xsum-data"))
+    """Rows 0-11, and rows 200-205 (the ``train`` split: some of its prompts end with an EOS)."""
+    return write_tiny_xsum(tmp_path_factory.mktemp("xsum-data"), rows=206)
 
 
 @pytest.fixture(scope="module")
 def prompts(data_dir):
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_word_tokenizer()
     return [format_prompt(tokenizer, a.article) for a in load_xsum("0:8", data_dir)]
 
 
@@ -137,12 +71,12 @@ def prompts(data_dir):
 def tokens(prompts):
     """Self-distilled states of 8 prompts x up to 8 generated tokens."""
     torch.set_num_threads(1)
-    return collect_token_states(tiny_decoder(), prompts, max_new_tokens=8, batch_size=3, progress=False)
+    return collect_token_states(tiny_llama_decoder(), prompts, max_new_tokens=8, batch_size=3, progress=False)
 
 
 @pytest.fixture(scope="module")
 def table(tokens):
-    return TokenTable.build(tiny_decoder(), tokens, split="train", progress=False)
+    return TokenTable.build(tiny_llama_decoder(), tokens, split="train", progress=False)
 
 
 # --------------------------------------------------------------------------- exit heads
@@ -151,7 +85,7 @@ def table(tokens):
 @pytest.mark.parametrize("rank", [None, 4])
 def test_zero_initialised_adapter_head_is_the_lm_head(rank):
     """Before training, every adapter exit equals the model's own LM head on its state, exactly."""
-    decoder = tiny_decoder(adapter_rank=rank)
+    decoder = tiny_llama_decoder(adapter_rank=rank)
     lm_head = decoder.model.get_output_embeddings()
     states = torch.randn(5, 32)
     for layer in range(1, NUM_LAYERS + 1):
@@ -164,21 +98,21 @@ def test_zero_initialised_adapter_head_is_the_lm_head(rank):
 
 
 def test_head_kinds_and_their_errors():
-    assert tiny_decoder("shared").heads is None
-    assert len(tiny_decoder("copy").heads) == NUM_LAYERS - 1
+    assert tiny_llama_decoder("shared").heads is None
+    assert len(tiny_llama_decoder("copy").heads) == NUM_LAYERS - 1
     with pytest.raises(ValueError, match="unknown head kind"):
-        tiny_decoder("lens")
+        tiny_llama_decoder("lens")
     with pytest.raises(ValueError, match="adapter_rank is for"):
-        tiny_decoder("copy", adapter_rank=4)
+        tiny_llama_decoder("copy", adapter_rank=4)
     with pytest.raises(ValueError, match="contradicts"):
-        MultiExitDecoder(tiny_decoder().model, share_heads=True, head_kind="adapter")
+        MultiExitDecoder(tiny_llama_decoder().model, share_heads=True, head_kind="adapter")
     with pytest.raises(ValueError, match="nothing to train"):
-        train_exit_heads(tiny_decoder("shared"), None)
+        train_exit_heads(tiny_llama_decoder("shared"), None)
 
 
 def test_collected_states_are_the_teacher_forced_states(prompts, tokens):
     """The recorded s_l, similarities and targets equal one teacher-forced forward over prompt + generation."""
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     generated = decoder.generate(prompts=prompts[:1], max_new_tokens=8).tokens[0].tolist()
     mine = tokens.select(tokens.prompt == 0)
     assert mine.targets.tolist() == generated[1 : 1 + mine.num_tokens]
@@ -205,7 +139,7 @@ def test_collected_states_are_the_teacher_forced_states(prompts, tokens):
 
 
 def test_head_training_lowers_the_weighted_loss(tokens):
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     lm_head_before = decoder.model.get_output_embeddings().weight.clone()
     before = weighted_exit_loss(exit_cross_entropy(decoder, tokens))
     config = HeadTrainingConfig(epochs=4, batch_size=8, layers_per_step=2, learning_rate=1e-2)
@@ -222,7 +156,7 @@ def test_head_training_lowers_the_weighted_loss(tokens):
 
 
 def test_soft_targets_train_too(tokens):
-    decoder = tiny_decoder(adapter_rank=8)
+    decoder = tiny_llama_decoder(adapter_rank=8)
     before = weighted_exit_loss(exit_cross_entropy(decoder, tokens))
     config = HeadTrainingConfig(
         epochs=3, batch_size=8, layers_per_step=None, learning_rate=1e-2, targets="distribution"
@@ -234,20 +168,20 @@ def test_soft_targets_train_too(tokens):
 
 
 def test_heads_save_and_load(tmp_path, tokens):
-    trained = tiny_decoder(adapter_rank=4)
+    trained = tiny_llama_decoder(adapter_rank=4)
     train_exit_heads(
         trained, tokens, HeadTrainingConfig(epochs=1, batch_size=8, learning_rate=1e-2), progress=False
     )
     folder = trained.save_heads(tmp_path / "heads", metadata={"note": "tiny"})
     assert sorted(p.name for p in folder.iterdir()) == ["exit_heads.json", "exit_heads.safetensors"]
     assert not (tmp_path / "heads.tmp").exists()
-    fresh = tiny_decoder("shared").load_heads(folder)  # same base weights (same seed), other kind
+    fresh = tiny_llama_decoder("shared").load_heads(folder)  # same base weights (same seed), other kind
     assert (fresh.head_kind, fresh.adapter_rank) == ("adapter", 4)
     assert fresh.heads_metadata["note"] == "tiny"
     states = torch.randn(3, 32)
     for layer in range(1, NUM_LAYERS + 1):
         assert torch.equal(fresh.head(layer)(states), trained.head(layer)(states))
-    assert fresh.fingerprint() == trained.fingerprint() != tiny_decoder().fingerprint()
+    assert fresh.fingerprint() == trained.fingerprint() != tiny_llama_decoder().fingerprint()
     with pytest.raises(FileNotFoundError, match="save_heads"):
         fresh.load_heads(tmp_path / "nothing")
     other = MultiExitDecoder.from_config(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3,
@@ -260,7 +194,7 @@ def test_heads_save_and_load(tmp_path, tokens):
 
 
 def test_token_table_matches_a_direct_computation(tokens, table):
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     scale = observation_scale(decoder)
     assert scale == pytest.approx(4.0)  # a fresh RMSNorm weighs 1
     assert table.states.dtype == np.float16 and table.num_labels == decoder.vocab_size
@@ -305,96 +239,22 @@ def checked(check, env) -> None:
         check(env)
 
 
-def test_generation_ids_are_registered():
+def test_generation_ids_are_registered(table):
     assert GENERATION_IDS == ["ConsistentEE-XSum-v0"]
     assert "ConsistentEE-XSum-v0" not in registered_ids("classification")
     with pytest.raises(ValueError, match="unknown env kind"):
         registered_ids("vision")
-
-
-@pytest.mark.parametrize("obs_mode", ["state", "state+layer"])
-@pytest.mark.parametrize("name", GENERATION_IDS)
-def test_env_checkers_pass(table, name, obs_mode):
-    env = gym.make(name, table=table, obs_mode=obs_mode)
+    # The checkers, seeded rollouts, pickling and action errors of every id: tests/test_envs.py.
+    env = gym.make("ConsistentEE-XSum-v0", table=table)
     assert env.unwrapped.num_inputs == table.num_inputs and env.unwrapped.alpha > 0
-    checked(gym_check_env, env.unwrapped)
-    checked(sb3_check_env, env.unwrapped)
-    obs, _ = env.reset(seed=0)
-    for _ in range(NUM_LAYERS):
-        assert env.observation_space.contains(obs)
-        obs, _, terminated, _, _ = env.step(CONTINUE)
-    assert terminated
 
 
 @pytest.mark.parametrize("obs_mode", ["stats", "full"])
-def test_modes_without_logits_are_refused(table, obs_mode):
+@pytest.mark.parametrize("mode", ["cached", "live"])
+def test_modes_without_logits_are_refused(table, obs_mode, mode):
+    source = {"table": table} if mode == "cached" else {"decoder": tiny_llama_decoder()}
     with pytest.raises(ValueError, match="not available for generation"):
-        gym.make("ConsistentEE-XSum-v0", table=table, obs_mode=obs_mode)
-    with pytest.raises(ValueError, match="no live mode"):
-        gym.make("ConsistentEE-XSum-v0", table=table, mode="live")
-
-
-def _rollout(env, seed, episodes=10):
-    rng = np.random.default_rng(0)
-    trace = [env.reset(seed=seed)]
-    for _ in range(episodes):
-        done = False
-        while not done:
-            step = env.step(int(rng.integers(2)))
-            trace.append(step)
-            done = step[2]
-        trace.append(env.reset())
-    return trace
-
-
-def _same(a, b):
-    if isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _same(x, y)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _same(a[key], b[key])
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b)
-    else:
-        assert a == b
-
-
-@pytest.mark.parametrize("name", GENERATION_IDS)
-def test_seeded_determinism_and_pickling(table, name):
-    first = _rollout(gym.make(name, table=table), seed=3)
-    _same(first, _rollout(gym.make(name, table=table), seed=3))
-    other = _rollout(gym.make(name, table=table), seed=4)
-    assert [s[1]["index"] for s in first if len(s) == 2] != [s[1]["index"] for s in other if len(s) == 2]
-    env = gym.make(name, table=table)
-    env.reset(seed=7)
-    env.step(CONTINUE)
-    copy = pickle.loads(pickle.dumps(env))
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        action = int(rng.integers(2))
-        a, b = env.step(action), copy.step(action)
-        _same(a, b)
-        if a[2]:
-            _same(env.reset(), copy.reset())
-
-
-@pytest.mark.parametrize("name", GENERATION_IDS)
-def test_invalid_actions_and_steps_outside_an_episode(table, name):
-    env = gym.make(name, table=table)
-    with pytest.raises(EpisodeOverError, match="reset"):
-        env.unwrapped.step(CONTINUE)
-    env.reset(seed=0)
-    for bad in (2, -1, 0.5, "x", None):
-        with pytest.raises(ValueError, match=r"invalid action .*0 \(CONTINUE\) or 1 \(EXIT\)"):
-            env.step(bad)
-    _, _, terminated, _, info = env.step(CONTINUE)
-    assert not terminated and info["layer"] == 2
-    assert env.step(EXIT)[2]
-    with pytest.raises(EpisodeOverError, match="ended"):
-        env.step(CONTINUE)
+        gym.make("ConsistentEE-XSum-v0", obs_mode=obs_mode, mode=mode, **source)
 
 
 @pytest.mark.parametrize("exit_layer", [1, 3, NUM_LAYERS])
@@ -447,7 +307,7 @@ def test_vector_env_is_the_native_one_and_agrees_with_single_envs(table):
 
 def test_env_builds_and_caches_its_table_from_a_decoder(tmp_path, data_dir, tokens):
     """gym.make with a decoder: the table is built once from the split's prompts, then read from disk."""
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     kwargs = dict(decoder=decoder, split="0:8", data_dir=data_dir, cache_dir=tmp_path, max_prompts=None,
                   max_new_tokens=8, progress=False)  # fmt: skip
     env = gym.make("ConsistentEE-XSum-v0", **kwargs)
@@ -497,6 +357,204 @@ def test_exit_prior_starts_reinforce_deep(table):
         set_exit_prior(policy, 1.0)
 
 
+# --------------------------------------------------------------------------- the env, live mode
+
+
+def live_env(data_dir, split: str = "0:8", decoder: MultiExitDecoder | None = None, **kwargs):
+    """The token env decoding ``split``'s prompts of the tiny data with the agent's own exits."""
+    kwargs = {"max_prompts": None, "max_new_tokens": 8, "progress": False} | kwargs
+    decoder = decoder or tiny_llama_decoder()
+    return ConsistentEETokenEnv(split=split, decoder=decoder, data_dir=data_dir, mode="live", **kwargs)
+
+
+def _rollout(env, seed, episodes=10):
+    rng = np.random.default_rng(0)
+    trace = [env.reset(seed=seed)]
+    for _ in range(episodes):
+        done = False
+        while not done:
+            step = env.step(int(rng.integers(2)))
+            trace.append(step)
+            done = step[2]
+        trace.append(env.reset())
+    return trace
+
+
+def _same(a, b):
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("obs_mode", GENERATION_OBS_MODES)
+def test_live_env_checkers_pass(data_dir, table, obs_mode):
+    """gym.make(..., mode="live") passes both checkers, in the observation space of cached mode."""
+    env = gym.make("ConsistentEE-XSum-v0", mode="live", decoder=tiny_llama_decoder(), split="train",
+                   data_dir=data_dir, max_prompts=None, max_new_tokens=4, obs_mode=obs_mode,
+                   progress=False)  # fmt: skip
+    cached = gym.make("ConsistentEE-XSum-v0", table=table, obs_mode=obs_mode)
+    assert env.observation_space == cached.observation_space  # one policy acts in both modes
+    assert env.unwrapped.num_inputs == 6  # the train split's prompts (rows 200-205)
+    checked(gym_check_env, env.unwrapped)
+    checked(sb3_check_env, env.unwrapped)
+
+
+def test_live_decoding_at_full_depth_is_the_table(data_dir, table):
+    """An agent that never exits early decodes at full depth, which is what the table recorded: on the
+    same prompts (walked in order, each for max_new_tokens - 1 tokens), every token shows the table
+    row's observation at every layer, and pays its reward with its info."""
+    env = live_env(data_dir, alpha=0.1, reward="hardness")
+    cached = ConsistentEETokenEnv(table=table, alpha=0.1, reward="hardness")
+    for row in range(table.num_inputs):  # the table's rows: prompt by prompt, position by position
+        obs, info = env.reset()
+        assert (info["index"], info["position"]) == (table.prompt[row], table.position[row])
+        expected, _ = cached.reset(options={"index": row})
+        for layer in range(1, NUM_LAYERS + 1):
+            np.testing.assert_allclose(obs, expected, rtol=0, atol=1e-3)  # the table holds float16
+            obs, reward, terminated, _, info = env.step(CONTINUE)
+            expected, paid, done, _, cached_info = cached.step(CONTINUE)
+            assert terminated == done == (layer == NUM_LAYERS)
+            assert reward == pytest.approx(paid, abs=1e-4)
+        assert info.pop("position") == table.position[row]
+        assert info | {"index": row} == pytest.approx(cached_info, abs=1e-4)  # live indexes prompts
+    assert env.reset()[1] == {"index": 0, "layer": 1, "position": 1}  # the walk starts over
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+def test_live_decoding_with_a_static_exit_is_generate_with_it(data_dir, prompts, exit_layer):
+    """An agent that always exits at layer t emits exit t's argmax and writes the propagated keys and
+    values of the layers it skips: it decodes exactly the tokens of generate(exit_at_layer(t))."""
+    decoder = tiny_llama_decoder()
+    env = live_env(data_dir, decoder=decoder)
+    plan = [CONTINUE] * (exit_layer - 1) + [EXIT]
+    for prompt in (0, 5):
+        _, info = env.reset(options={"index": prompt})
+        emitted = []
+        while not emitted or info["position"] > 1:  # until the next reset starts another sequence
+            assert (info["index"], info["position"]) == (prompt, len(emitted) + 1)
+            for action in plan:
+                _, _, terminated, _, final = env.step(action)
+            assert terminated and final["exit_layer"] == exit_layer
+            emitted.append(final["prediction"])
+            _, info = env.reset()
+        ids = decoder.tokenizer(prompts[prompt], return_tensors="pt")["input_ids"]
+        expected = decoder.generate(ids, max_new_tokens=8, exit_fn=exit_at_layer(exit_layer))
+        assert emitted == expected.tokens[0, 1:].tolist()
+
+    # White box: after one early exit, the env's decode state is that of a direct step with the exit.
+    env.reset(options={"index": 3})
+    for action in plan:
+        env.step(action)
+    state = env._live._state
+    ids = decoder.tokenizer(prompts[3], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out, direct = decoder.prefill(ids)
+        full = direct.clone()
+        decoder.step(direct, out.logits.argmax(-1), exit_at_layer(exit_layer))
+        decoder.step(full, out.logits.argmax(-1))
+    for index, (mine, theirs, deep) in enumerate(
+        zip(state.cache.layers, direct.cache.layers, full.cache.layers, strict=True)
+    ):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        # Layers 1..t ran and layer t+1 reads h_t at full depth too: their keys are the full-depth
+        # pass's. Layers t+2..L hold the keys of h_t (propagated), not of their own full-depth input.
+        as_full_depth = torch.allclose(mine.keys[..., -1, :], deep.keys[..., -1, :], atol=1e-6)
+        assert as_full_depth == (index <= exit_layer), index
+
+
+def test_live_rollouts_are_seeded_and_pickle(data_dir):
+    """Equal seeds give equal live rollouts (prompts drawn at random on train); other seeds draw other
+    prompts; a pickled copy taken mid-sequence continues identically."""
+
+    def rollout(seed):
+        return _rollout(live_env(data_dir, split="train", max_new_tokens=4), seed, episodes=12)
+
+    def prompts_drawn(trace):
+        return [step[1]["index"] for step in trace if len(step) == 2 and step[1]["position"] == 1]
+
+    first = rollout(3)
+    _same(first, rollout(3))
+    assert len(prompts_drawn(first)) > 2 and prompts_drawn(first) != prompts_drawn(rollout(4))
+    env = live_env(data_dir, split="train", max_new_tokens=4)
+    env.reset(seed=7)
+    env.step(EXIT)
+    env.reset()
+    env.step(CONTINUE)
+    copy = pickle.loads(pickle.dumps(env))
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        action = int(rng.integers(2))
+        a, b = env.step(action), copy.step(action)
+        _same(a, b)
+        if a[2]:
+            _same(env.reset(), copy.reset())
+
+
+def test_live_sequences_end_at_eos_or_max_new_tokens(data_dir):
+    """A sequence lasts until its token is an end-of-sequence or max_new_tokens are generated, then the
+    next reset takes the next prompt; a prompt whose first token already ends it is skipped."""
+    decoder = tiny_llama_decoder()
+    texts = [format_prompt(decoder.tokenizer, a.article) for a in load_xsum("200:206", data_dir)]
+    first = int(decoder.generate(prompts=texts[2:3], max_new_tokens=1).tokens[0, 0])
+    config = decoder.model.generation_config
+    config.eos_token_id = [config.eos_token_id, first]  # prompt 2's first token ends its sequence
+    expected, lengths = [], []
+    for index, text in enumerate(texts):
+        tokens = decoder.generate(prompts=[text], max_new_tokens=8).tokens[0].tolist()
+        lengths.append(len(tokens))
+        expected += [(index, position) for position in range(1, len(tokens))]
+    assert 1 in lengths and any(1 < n < 8 for n in lengths) and 8 in lengths  # every kind of ending
+    env = live_env(data_dir, split="200:206", decoder=decoder)
+    seen = []
+    for _ in expected:
+        _, info = env.reset()
+        seen.append((info["index"], info["position"]))
+        for _ in range(NUM_LAYERS):
+            env.step(CONTINUE)
+    assert seen == expected
+    assert env.reset()[1]["index"] == 0
+    with pytest.raises(ValueError, match="ends at its first generated token"):
+        env.reset(options={"index": lengths.index(1)})
+
+
+def test_live_mode_errors_and_render(data_dir, table):
+    with pytest.raises(ValueError, match="live mode runs a decoder"):
+        gym.make("ConsistentEE-XSum-v0", table=table, mode="live")
+    with pytest.raises(ValueError, match="unknown mode 'replay'"):
+        gym.make("ConsistentEE-XSum-v0", table=table, mode="replay")
+    with pytest.raises(ValueError, match="live mode is single-env"):
+        gym.make_vec("ConsistentEE-XSum-v0", num_envs=2, decoder=tiny_llama_decoder(), mode="live")
+    env = live_env(data_dir, render_mode="ansi")
+    with pytest.raises(EpisodeOverError, match="reset"):
+        env.step(CONTINUE)
+    with pytest.raises(IndexError, match="out of range for 8 prompts"):
+        env.reset(options={"index": 8})
+    env.reset()
+    for bad in (2, 0.5, None):
+        with pytest.raises(ValueError, match="invalid action"):
+            env.step(bad)
+    env.step(CONTINUE)
+    final = env.step(EXIT)[4]
+    with pytest.raises(EpisodeOverError, match="ended"):
+        env.step(CONTINUE)
+    lines = env.render().strip().splitlines()
+    assert lines[0].startswith("prompt    0 token   1 layer  1/4: predicts ") and lines[0].endswith(
+        "continue"
+    )
+    assert f"predicts {final['prediction']} " in lines[1] and lines[1].endswith(
+        f"target {final['label']}) -> EXIT"
+    )
+
+
 # --------------------------------------------------------------------------- exit rules
 
 
@@ -531,7 +589,7 @@ def test_similarity_and_static_rules_on_a_hand_made_view():
 
 
 def test_policy_rule_builds_the_env_observation():
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     seen = {}
 
     class Recorder:
@@ -587,7 +645,7 @@ def _gap(view):
 def test_generate_with_a_rule_exits_where_the_rule_says(prompts, rule, signal):
     """At every decoding step of a batch of 2, each row exits at the first layer where the rule's signal
     reaches the threshold (computed by hand from a no-exit pass of the same step), else at L."""
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     batch = decoder.tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
     steps, layers_seen = 6, []
     with torch.no_grad():
@@ -641,7 +699,7 @@ def test_rouge_on_a_hand_example():
 
 
 def test_evaluate_generation_shares_the_prefill(data_dir):
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     articles = load_xsum("0:5", data_dir)
     policies = {"full": None, "static-2": StaticExit(2), "calm": ConfidenceExit(0.05)}
     runs = {r.name: r for r in evaluate_generation(decoder, articles, policies, max_new_tokens=6, batch_size=2,
@@ -660,18 +718,20 @@ def test_evaluate_generation_shares_the_prefill(data_dir):
     assert runs["full"].rouge == pytest.approx(rouge_scores(runs["full"].summaries, refs))
 
 
-def test_benchmark_script_end_to_end(tmp_path, data_dir):
+@pytest.mark.parametrize("heads", [["--head-method", "gradient", "--adapter-rank", "8"],
+                                   ["--head-method", "regression", "--adapter-rank", "0"]], ids=["gradient", "regression"])  # fmt: skip
+def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     """benchmarks/generation.py on the tiny model: heads, table, policies, evaluation, table + JSON."""
     from benchmarks import generation as bench
 
-    decoder = tiny_decoder()
+    decoder = tiny_llama_decoder()
     decoder.model.save_pretrained(tmp_path / "tiny")
     decoder.tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "results"
     bench.main([
         "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--output-dir", str(out),
         "--eval-rows", "0:4", "--head-rows", "4:8", "--policy-rows", "8:12", "--max-new-tokens", "6",
-        "--head-epochs", "1", "--adapter-rank", "8", "--static-layers", "2", "3", "--speedups", "1.5", "--alphas", "0.05",
+        "--head-epochs", "1", *heads, "--static-layers", "2", "3", "--speedups", "1.5", "--alphas", "0.05",
         "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
     ])  # fmt: skip
     record = json.loads((out / "results.json").read_text())
@@ -683,6 +743,7 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir):
         n.startswith("calm-similarity") for n in names
     )
     assert record["settings"]["max_new_tokens"] == 6 and "command" in record
+    assert record["settings"]["head_method"] == heads[1]
     markdown = (out / "results.md").read_text()
     assert "| policy |" in markdown and "ROUGE-L" in markdown
 

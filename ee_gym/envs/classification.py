@@ -49,6 +49,13 @@ def check_action(action: Any) -> int:
     return value
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a clear error."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose 'cached' or 'live'")
+    return mode
+
+
 def draws_at_random(split: str) -> bool:
     """Whether an env draws inputs at random from ``split``: yes for the training split and its
     slices (``"train"``, ``"train[90%:]"``), no (walks in order) for the others."""
@@ -61,8 +68,9 @@ class LayerEpisodeEnv(gym.Env):
 
     Subclasses set ``num_layers``, ``num_inputs``, ``split``, ``alpha``, ``reward_fn``, ``encoder``
     and ``render_mode``, call :meth:`_init_episode_state`, and implement :meth:`_observation`,
-    :meth:`_exit_info` and :meth:`_trace_line`; :meth:`_begin` and :meth:`_advance` are hooks for
-    envs that run a model as they go.
+    :meth:`_exit_info` and :meth:`_trace_line`; :meth:`_begin`, :meth:`_advance` and :meth:`_end`
+    are hooks for envs that run a model as they go, and :meth:`_pick_index` for envs that choose
+    their items another way.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 30}
@@ -80,15 +88,7 @@ class LayerEpisodeEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
             self._next_in_order = 0
-        if options and "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < self.num_inputs:
-                raise IndexError(f"index {index} out of range for {self.num_inputs} {self.item_name}")
-        elif draws_at_random(self.split):
-            index = int(self.np_random.integers(self.num_inputs))
-        else:
-            index = self._next_in_order
-            self._next_in_order = (index + 1) % self.num_inputs
+        index = self._pick_index(options, reseeded=seed is not None)
         self._index, self._layer, self._done = index, 1, False
         self._begin(index)
         self._trace = []
@@ -107,6 +107,7 @@ class LayerEpisodeEnv(gym.Env):
             self._advance()
             return self._observation(), 0.0, False, False, {"layer": self._layer}
         self._done = True
+        self._end()
         info = self._exit_info()
         reward = float(
             self.reward_fn(
@@ -126,11 +127,28 @@ class LayerEpisodeEnv(gym.Env):
         return None
 
     # -- what subclasses provide -------------------------------------------------------------
+    def _pick_index(self, options: dict | None, reseeded: bool) -> int:
+        """The item of the new episode: ``options["index"]``, else a seeded draw on training splits,
+        else the next in order. ``reseeded``: reset() was given a seed."""
+        if options and "index" in options:
+            index = int(options["index"])
+            if not 0 <= index < self.num_inputs:
+                raise IndexError(f"index {index} out of range for {self.num_inputs} {self.item_name}")
+            return index
+        if draws_at_random(self.split):
+            return int(self.np_random.integers(self.num_inputs))
+        index = self._next_in_order
+        self._next_in_order = (index + 1) % self.num_inputs
+        return index
+
     def _begin(self, index: int) -> None:
         """A new episode on item ``index`` starts at layer 1."""
 
     def _advance(self) -> None:
         """The episode moved to the next layer (``self._layer``)."""
+
+    def _end(self) -> None:
+        """The episode ended at layer ``self._layer`` (before :meth:`_exit_info` reports it)."""
 
     def _observation(self):
         raise NotImplementedError
@@ -187,8 +205,7 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         progress: bool = True,
         table: ExitTable | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose 'cached' or 'live'")
+        check_mode(mode)
         if render_mode not in (None, "ansi"):
             raise ValueError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
         self.reward_fn = get_reward(reward)

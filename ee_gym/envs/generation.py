@@ -1,8 +1,8 @@
 """ConsistentEE-XSum-v0: token-level early exit, one generated token per episode, one layer per step.
 
-reset() shows layer 1 of a token the decoder generated (its full-depth greedy continuation of an XSum
-prompt, see :mod:`ee_gym.generation.distill`); each step takes 0 (CONTINUE) or 1 (EXIT). The episode
-ends at the first EXIT or at layer L, whatever the action there, and pays its one reward then:
+reset() shows layer 1 of a token the decoder generated from an XSum prompt; each step takes 0
+(CONTINUE) or 1 (EXIT). The episode ends at the first EXIT or at layer L, whatever the action there,
+and pays its one reward then:
 
     plain (the default here, METHOD.md "Generation")   R = -CE(next token under exit t) - alpha * t
 
@@ -10,14 +10,31 @@ with the next token the full model's own greedy choice; every reward of :mod:`ee
 accepted (``hardness`` reads the token's memorized layer: the first layer from which every exit agrees
 with the full model). The observation is the exit's state, squashed into [-1, 1] as
 :mod:`ee_gym.generation.table` explains (``state``), followed by the one-hot of the layer
-(``state+layer``, the default). Tokens are drawn with the env's seeded generator on ``train`` splits,
-walked in order on the others, or chosen with ``reset(options={"index": i})``.
+(``state+layer``, the default).
 
-The env replays a :class:`~ee_gym.generation.table.TokenTable` (``mode="cached"``; no live mode yet).
-The table has the attributes of a classification ``ExitTable`` that the vector env and the agents
-read, so ``gym.make_vec("ConsistentEE-XSum-v0", num_envs=...)`` returns the same
-:class:`~ee_gym.envs.ConsistentEEVectorEnv` as the classification ids, and ``agents.make("reinforce")``
-or ``agents.make("ppo")`` train on it unchanged.
+Two sources for the tokens, with the same episodes, observations and rewards (a policy trained on one
+acts in the other):
+
+* ``mode="cached"`` (the default) replays a :class:`~ee_gym.generation.table.TokenTable`: the tokens of
+  the full model's own greedy continuations (:mod:`ee_gym.generation.distill`), so an exit changes no
+  later token. Tokens are drawn with the env's seeded generator on ``train`` splits, walked in order on
+  the others, or chosen with ``reset(options={"index": i})``. The table has the attributes of a
+  classification ``ExitTable`` that the vector env and the agents read, so
+  ``gym.make_vec("ConsistentEE-XSum-v0", num_envs=...)`` returns the same
+  :class:`~ee_gym.envs.ConsistentEEVectorEnv` as the classification ids, and ``agents.make("reinforce")``
+  or ``agents.make("ppo")`` train on it unchanged.
+* ``mode="live"`` decodes the split's prompts with the agent's own exits, as at deployment: the token an
+  episode emits is exit t's argmax, it is what the next episode feeds, and the layers it skipped hold
+  the propagated keys and values of h_t (state propagation) that later tokens attend to. Consecutive
+  episodes are consecutive tokens of one prompt; once it ends (end-of-sequence or ``max_new_tokens``),
+  the next reset starts another prompt, drawn as the cached mode draws tokens (``index`` then names a
+  prompt of the split, ``position`` its token); ``reset(seed=...)`` and
+  ``reset(options={"index": i})`` start a prompt afresh. The target is the full model's greedy next
+  token given the text so far. Cost: two decoder passes per token, one at full depth on a copy of the
+  decode state (every layer's state for the observations, and the target) and one for real with the
+  agent's exit (saved when the agent runs to layer L, where the full pass is the real one), plus exit
+  t's head for the reward and, for the info's memorized layer, the heads from L down to the first that
+  disagrees with the target. Single env only: the vector env replays tables.
 """
 
 from __future__ import annotations
@@ -25,20 +42,33 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ee_gym.envs.classification import LayerEpisodeEnv
+import torch
+
+from ee_gym.envs.classification import LayerEpisodeEnv, check_mode
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.vector import ConsistentEEVectorEnv
-from ee_gym.generation.decoder import MultiExitDecoder
+from ee_gym.generation.data import format_prompt, load_xsum
+from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer
 from ee_gym.generation.prepare import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TABLE_PROMPTS,
     load_decoder,
     load_token_table,
 )
-from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable
+from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
 from ee_gym.rewards import default_alpha, get_reward
 
 DEFAULT_REWARD = "plain"
+
+
+def check_obs_mode(obs_mode: str) -> str:
+    """``obs_mode`` if the token env serves it, else a clear error."""
+    if obs_mode not in GENERATION_OBS_MODES:
+        raise ValueError(
+            f"observation mode {obs_mode!r} is not available for generation (the token table holds no "
+            f"logits); choose one of {', '.join(GENERATION_OBS_MODES)}"
+        )
+    return obs_mode
 
 
 def resolve_table(
@@ -56,14 +86,10 @@ def resolve_table(
     mode: str = "cached",
     progress: bool = True,
 ) -> TokenTable:
-    """The table an env replays: ``table`` as given, else built (or loaded) from the decoder."""
-    if mode != "cached":
-        raise ValueError("the token env replays a token table: use mode='cached' (no live mode yet)")
-    if obs_mode not in GENERATION_OBS_MODES:
-        raise ValueError(
-            f"observation mode {obs_mode!r} is not available for generation (the token table holds no "
-            f"logits); choose one of {', '.join(GENERATION_OBS_MODES)}"
-        )
+    """The table a cached env replays: ``table`` as given, else built (or loaded) from the decoder."""
+    if check_mode(mode) != "cached":
+        raise ValueError("a token table is what cached mode replays; live mode decodes (single env only)")
+    check_obs_mode(obs_mode)
     if table is not None:
         return table
     loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
@@ -82,10 +108,14 @@ def resolve_table(
 class ConsistentEETokenEnv(LayerEpisodeEnv):
     """Token-level early exit as a Gymnasium env (see the module docstring).
 
+    In live mode (``mode="live"``) the env decodes the prompts itself, with the agent's exits: two
+    decoder passes per token (a full-depth one on a copy of the state for the observations and the
+    target, the real one with the exit), against a table read per token in cached mode.
+
     Args:
         task: ``xsum``.
-        split: which prompts' tokens episodes draw from (``train``, ``eval``, ``heads`` or a row
-            range ``start:stop``, see :mod:`ee_gym.generation.data`).
+        split: which prompts episodes draw from (``train``, ``eval``, ``heads`` or a row range
+            ``start:stop``, see :mod:`ee_gym.generation.data`).
         decoder: a :class:`MultiExitDecoder` (its heads as they are) or a name (default ``smollm2``,
             with first-use heads, see :mod:`ee_gym.generation.prepare`).
         heads: a folder of exit heads (``MultiExitDecoder.save_heads``) to load into the decoder.
@@ -93,10 +123,11 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         alpha: price of one layer; default ``ee_gym.rewards.default_alpha(task, L)``.
         obs_mode: ``state+layer`` (default) or ``state``.
         data_dir, cache_dir: the data folder (default ``$EE_GYM_DATA``) and where tables are kept.
-        max_prompts: tokens of the first N prompts of the split (default 40).
-        max_new_tokens: tokens generated per prompt (default 32).
+        max_prompts: the first N prompts of the split (default 40).
+        max_new_tokens: tokens generated per prompt (default 32), the first included.
+        mode: ``cached`` (replay a token table) or ``live`` (decode with the agent's exits).
         render_mode: ``ansi`` for a text line per step.
-        table: a :class:`TokenTable` to replay as is.
+        table: a :class:`TokenTable` to replay as is (cached mode).
     """
 
     item_name = "tokens"
@@ -120,37 +151,100 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         progress: bool = True,
         table: TokenTable | None = None,
     ):
+        check_mode(mode)
+        check_obs_mode(obs_mode)
         if render_mode not in (None, "ansi"):
             raise ValueError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
         self.reward_fn, self.reward_name = get_reward(reward), reward
-        self.table = resolve_table(
-            task,
-            split,
-            table=table,
-            decoder=decoder,
-            heads=heads,
-            data_dir=data_dir,
-            cache_dir=cache_dir,
-            max_prompts=max_prompts,
-            max_new_tokens=max_new_tokens,
-            obs_mode=obs_mode,
-            mode=mode,
-            progress=progress,
-        )
-        self.task, self.split, self.mode, self.render_mode = self.table.task, split, mode, render_mode
-        self.num_layers, self.num_inputs = self.table.num_layers, self.table.num_inputs
+        self.split, self.mode, self.render_mode = split, mode, render_mode
+        self.table: TokenTable | None = None
+        self._live: _LiveTokens | None = None
+        if mode == "live":
+            if table is not None:
+                raise ValueError("live mode runs a decoder: pass decoder=..., not table=...")
+            loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
+            new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            self._live = _LiveTokens(loaded, split, data_dir, max_prompts, new_tokens)
+            self.task, self.item_name = str(task).lower(), "prompts"
+            self.num_layers, self.num_inputs = loaded.num_layers, len(self._live)
+            hidden_size, vocab_size = loaded.hidden_size, loaded.vocab_size
+        else:
+            self.table = resolve_table(
+                task,
+                split,
+                table=table,
+                decoder=decoder,
+                heads=heads,
+                data_dir=data_dir,
+                cache_dir=cache_dir,
+                max_prompts=max_prompts,
+                max_new_tokens=max_new_tokens,
+                obs_mode=obs_mode,
+                progress=progress,
+            )
+            self.task = self.table.task
+            self.num_layers, self.num_inputs = self.table.num_layers, self.table.num_inputs
+            hidden_size, vocab_size = self.table.hidden_size, self.table.num_labels
         self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else float(alpha)
-        self.encoder = ObservationEncoder(
-            obs_mode, self.num_layers, self.table.hidden_size, self.table.num_labels
-        )
+        self.encoder = ObservationEncoder(obs_mode, self.num_layers, hidden_size, vocab_size)
         self._init_episode_state()
 
-    def _observation(self):
-        return self.encoder.at(self.table, self._index, self._layer)
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        if self._live is not None:
+            info["position"] = self._live.position
+        return obs, info
+
+    # -- internals: live mode -----------------------------------------------------------------
+    def _pick_index(self, options: dict | None, reseeded: bool) -> int:
+        live = self._live
+        if live is None:
+            return super()._pick_index(options, reseeded)
+        chosen = bool(options and "index" in options)
+        if not (reseeded or chosen or live.ended):
+            # The sequence goes on: its next token (or the same one again if the last episode was
+            # abandoned before its exit, which is what decodes a token).
+            return live.prompt
+        self._done = True  # whatever happens below, the episode under way is abandoned
+        while True:  # a new sequence, skipping prompts whose first token already ends them
+            index = super()._pick_index(options, reseeded)
+            if live.start(index):
+                return index
+            if chosen:
+                raise ValueError(f"prompt {index} ends at its first generated token: no token to decide")
+            if len(live.empty) == len(live):
+                raise ValueError("every prompt of the split ends at its first generated token")
+
+    def _begin(self, index: int) -> None:
+        if self._live is not None:
+            self._live.begin()
+
+    def _end(self) -> None:
+        if self._live is not None:
+            self._live.exit(self._layer)
 
     # -- internals ---------------------------------------------------------------------------
+    def _observation(self):
+        if self._live is None:
+            return self.encoder.at(self.table, self._index, self._layer)
+        return self.encoder.from_state(self._live.observations[self._layer - 1], self._layer)
+
     def _exit_info(self) -> dict[str, Any]:
-        """The fields of the vector env's ``final_info``, for this token at its exit."""
+        """The fields of the vector env's ``final_info``, for this token at its exit (live mode adds
+        ``position``, the token's generated position)."""
+        if self._live is not None:
+            live = self._live
+            emitted = live.tokens[-1]  # what the real pass emitted: exit t's argmax
+            return {
+                "index": self._index,
+                "exit_layer": self._layer,
+                "prediction": emitted,
+                "label": live.label,
+                "correct": emitted == live.label,
+                "memorized_layer": live.memorized(),
+                "cross_entropy": live.cross_entropy(self._layer),
+                "position": live.position,
+            }
         table, i, column = self.table, self._index, self._layer - 1
         return {
             "index": i,
@@ -163,12 +257,137 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         }
 
     def _trace_line(self, action: int) -> str:
-        table, i, column = self.table, self._index, self._layer - 1
+        layer, live = self._layer, self._live
+        if live is not None:
+            where = f"prompt {self._index:4d} token {live.position:3d}"
+            prediction, gap, label = live.prediction(layer), live.top2_gap(layer), live.label
+        else:
+            table, i = self.table, self._index
+            where = f"token {i:6d}"
+            prediction, label = int(table.predictions[i, layer - 1]), int(table.labels[i])
+            gap = float(table.top2_gap[i, layer - 1])
         return (
-            f"token {i:6d} layer {self._layer:2d}/{self.num_layers}: predicts {int(table.predictions[i, column])} "
-            f"(gap={float(table.top2_gap[i, column]):.3f}, target {int(table.labels[i])}) -> "
-            f"{self._exit_word(action)}"
+            f"{where} layer {layer:2d}/{self.num_layers}: predicts {prediction} "
+            f"(gap={gap:.3f}, target {label}) -> {self._exit_word(action)}"
         )
+
+
+class _LiveTokens:
+    """The prompts of a split decoded with the agent's exits, one token per episode (live mode).
+
+    A sequence is one prompt being decoded. :meth:`start` runs the prompt at full depth, which gives
+    the first generated token (no decision, as in the token table). For each later token,
+    :meth:`begin` runs it at full depth on a copy of the decode state: every layer's state (layers
+    1..t of that pass are exactly what the real pass computes, so the observations are exact) and the
+    full model's greedy next token, the target. :meth:`exit` then runs it for real with the agent's
+    exit t, on the real state: it emits exit t's argmax and writes the propagated keys and values of
+    the skipped layers. The exits' logits are computed when asked for, once per token.
+    """
+
+    def __init__(
+        self,
+        decoder: MultiExitDecoder,
+        split: str,
+        data_dir: str | os.PathLike | None,
+        max_prompts: int | None,
+        max_new_tokens: int,
+    ):
+        if decoder.tokenizer is None:
+            raise ValueError("live mode tokenises the prompts: the decoder needs a tokenizer")
+        if max_new_tokens < 2:
+            raise ValueError("the first generated token has no decision: live mode needs max_new_tokens >= 2")
+        self.decoder = decoder.eval()
+        self.prompts = [
+            format_prompt(decoder.tokenizer, a.article) for a in load_xsum(split, data_dir, max_prompts)
+        ]
+        self.max_new_tokens = max_new_tokens
+        self.scale = observation_scale(decoder)
+        self.eos = set(decoder._eos_ids(None).tolist())  # as generate and collect_token_states stop
+        self.empty: set[int] = set()  # prompts whose first generated token ends them
+        self.prompt, self.position, self.ended = -1, 0, True
+        self.tokens: list[int] = []  # generated so far; the last one is fed next
+        self._state: DecodeState | None = None  # the real decode state of the sequence
+        self._full_state: DecodeState | None = None  # after the full-depth pass of the current token
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @torch.no_grad()
+    def start(self, prompt: int) -> bool:
+        """Start decoding ``prompt``; whether it has a token to decide."""
+        self.prompt = prompt
+        if prompt in self.empty:
+            self.ended = True
+            return False
+        ids = self.decoder.tokenizer(self.prompts[prompt], return_tensors="pt")
+        out, self._state = self.decoder.prefill(ids["input_ids"], ids["attention_mask"])
+        self.tokens = [int(out.logits[0].argmax())]
+        self.ended = self.tokens[0] in self.eos
+        if self.ended:
+            self.empty.add(prompt)
+        return not self.ended
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        """The full-depth pass of the next token (see the class docstring)."""
+        decoder = self.decoder
+        states: list[torch.Tensor] = []
+
+        def record(view) -> torch.Tensor:  # never exits: keeps s_l of layers 1..L-1
+            states.append(view.states)
+            return torch.zeros(view.batch_size, dtype=torch.bool)
+
+        self._full_state = self._state.clone()
+        full = decoder.step(self._full_state, torch.tensor([self.tokens[-1]]), record)
+        states.append(decoder.final_norm(full.hidden))
+        self._states = torch.cat(states)  # [L, d] s_1..s_L in the decoder's dtype, for the heads
+        self.observations = squash(self._states, self.scale).cpu().numpy()  # [L, d] float32
+        self.label = int(full.logits[0].argmax())
+        self._logits = {decoder.num_layers: full.logits[0].float()}
+        self._memorized: int | None = None
+        self.position = len(self.tokens)  # the generated position of the token this episode emits
+
+    @torch.no_grad()
+    def exit(self, layer: int) -> int:
+        """Run the token for real with the exit at ``layer``; the emitted token (exit ``layer``'s argmax)."""
+        if layer == self.decoder.num_layers:  # full depth: the full pass was the real one
+            self._state, emitted = self._full_state, self.label
+        else:
+            out = self.decoder.step(self._state, torch.tensor([self.tokens[-1]]), exit_at_layer(layer))
+            emitted = int(out.logits[0].argmax())
+        self._full_state = None
+        self.tokens.append(emitted)
+        self.ended = emitted in self.eos or len(self.tokens) >= self.max_new_tokens
+        return emitted
+
+    # -- the exits of the current token, against the target --------------------------------------
+    @torch.no_grad()
+    def logits(self, layer: int) -> torch.Tensor:
+        """Exit ``layer``'s next-token logits [V] in float32 (computed once per token)."""
+        if layer not in self._logits:
+            self._logits[layer] = self.decoder.head(layer)(self._states[layer - 1 : layer])[0].float()
+        return self._logits[layer]
+
+    def prediction(self, layer: int) -> int:
+        return int(self.logits(layer).argmax())
+
+    def cross_entropy(self, layer: int) -> float:
+        """-log p_layer(target), as the token table computes it."""
+        return float(-torch.log_softmax(self.logits(layer), -1)[self.label].double())
+
+    def top2_gap(self, layer: int) -> float:
+        top2 = torch.softmax(self.logits(layer), -1).topk(2).values
+        return float(top2[0] - top2[1])
+
+    def memorized(self) -> int:
+        """The first layer from which every exit predicts the target (``ee_gym.hardness``), read from
+        exit L down to the first that disagrees: exit L always agrees (the target is its argmax)."""
+        if self._memorized is None:
+            layer = self.decoder.num_layers
+            while layer > 1 and self.prediction(layer - 1) == self.label:
+                layer -= 1
+            self._memorized = layer
+        return self._memorized
 
 
 def make_token_vector_env(
@@ -187,6 +406,11 @@ def make_token_vector_env(
     """``gym.make_vec``'s entry point for the token env: the native vector env over the split's token
     table. ``source`` takes the single env's table arguments (``decoder``, ``heads``, ``table``,
     ``data_dir``, ``cache_dir``, ``max_prompts``, ``max_new_tokens``, ``mode``, ``progress``)."""
+    if check_mode(source.get("mode", "cached")) == "live":
+        raise ValueError(
+            "the vector env replays a token table: use mode='cached' (live mode is single-env: "
+            "gym.make('ConsistentEE-XSum-v0', mode='live'))"
+        )
     table = resolve_table(task, split, obs_mode=obs_mode, **source)
     return ConsistentEEVectorEnv(
         num_envs,

@@ -118,15 +118,21 @@ class ObservationEncoder:
     def single(self, state: np.ndarray | None, logits_so_far: np.ndarray):
         """Observation at layer l = len(logits_so_far) from s_l and the logits of layers 1..l."""
         layer = logits_so_far.shape[0]
-        if self.uses_stats:
-            stats = stats_features(logits_so_far[None], self.num_layers)[0, -1]
+        if not self.uses_stats:
+            return self.from_state(state, layer)
+        stats = stats_features(logits_so_far[None], self.num_layers)[0, -1]
         if self.mode == "stats":
             return stats
+        return {"state": np.array(state, dtype=np.float32), "stats": stats}
+
+    def from_state(self, state: np.ndarray, layer: int) -> np.ndarray:
+        """Observation at layer ``layer`` from s_l alone, in the modes that read no logits (``state``,
+        ``state+layer``): what the token env shows in live mode."""
+        if self.uses_stats:
+            raise ValueError(f"observation mode {self.mode!r} reads the logits: use single()")
         state = np.array(state, dtype=np.float32)  # a copy: callers may keep observations
         if self.mode == "state":
             return state
-        if self.mode == "full":
-            return {"state": state, "stats": stats}
         one_hot = np.zeros(self.num_layers, dtype=np.float32)
         one_hot[layer - 1] = 1.0
         return np.concatenate([state, one_hot])

@@ -513,20 +513,7 @@ class MultiExitDecoder(nn.Module):
         Returns the last position's logits (exit L) and the state that :meth:`step` continues from.
         Gradients follow the caller's mode (wrap in ``torch.no_grad()`` for inference).
         """
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("prefill needs left padding: every row's last position must be a token")
-        # Position ids as Hugging Face generate makes them: padding does not count.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        cache = DynamicCache(config=self.config)
-        hidden = self.backbone.embed_tokens(input_ids)
-        masks = self._layer_masks(hidden, attention_mask, cache, position_ids)
-        position_embeddings = self.backbone.rotary_emb(hidden, position_ids)
-        for index in range(self.num_layers):
-            hidden = self._run_layer(index, hidden, masks[index], position_embeddings, position_ids, cache)
+        hidden, cache, attention_mask, position_ids = self._full_pass(input_ids, attention_mask)
         last = hidden[:, -1]
         L = self.num_layers
         out = StepOutput(
@@ -535,6 +522,18 @@ class MultiExitDecoder(nn.Module):
             hidden=last,
         )
         return out, DecodeState(cache, attention_mask, position_ids[:, -1] + 1)
+
+    def layer_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher forcing: s_l = final_norm(h_l) of every position and layer, [B, T, L, d].
+
+        One full-depth pass over (left-padded) text, as :meth:`prefill` runs it; what
+        :mod:`ee_gym.generation.regression` fits exit heads on. Gradients follow the caller's mode.
+        """
+        states: list[torch.Tensor] = []
+        self._full_pass(input_ids, attention_mask, on_layer=lambda h: states.append(self.final_norm(h)))
+        return torch.stack(states, dim=2)
 
     def step(self, state: DecodeState, input_ids: torch.Tensor, exit_fn: ExitFn | None = None) -> StepOutput:
         """Feed one token per row, layer by layer, exiting where ``exit_fn`` says (None = full depth).
@@ -649,6 +648,34 @@ class MultiExitDecoder(nn.Module):
         if isinstance(eos_token_id, int):
             eos_token_id = [eos_token_id]
         return torch.tensor(list(eos_token_id), dtype=torch.long)
+
+    def _full_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        on_layer: Callable[[torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Every layer over a left-padded batch, filling a fresh cache; ``on_layer`` sees each h_l.
+
+        Returns (h_L [B, T, d], the cache, the attention mask, the position ids).
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("prefill needs left padding: every row's last position must be a token")
+        # Position ids as Hugging Face generate makes them: padding does not count.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.config)
+        hidden = self.backbone.embed_tokens(input_ids)
+        masks = self._layer_masks(hidden, attention_mask, cache, position_ids)
+        position_embeddings = self.backbone.rotary_emb(hidden, position_ids)
+        for index in range(self.num_layers):
+            hidden = self._run_layer(index, hidden, masks[index], position_embeddings, position_ids, cache)
+            if on_layer is not None:
+                on_layer(hidden)
+        return hidden, cache, attention_mask, position_ids
 
     def _layer_types(self) -> list[str]:
         types = getattr(self.config, "layer_types", None)

@@ -1,8 +1,9 @@
 """Find (or make) what the token env needs: a decoder with trained exit heads, and a split's table.
 
-``gym.make("ConsistentEE-XSum-v0")`` with nothing else said loads SmolLM2-135M-Instruct, trains its
-adapter exit heads on the ``heads`` split on first use (self-distillation, a progress bar, about 10
-minutes on one CPU thread; saved under ``$EE_GYM_HOME/generation/heads/`` and reused afterwards),
+``gym.make("ConsistentEE-XSum-v0")`` with nothing else said loads SmolLM2-135M-Instruct, fits its
+full-rank adapter exit heads on the ``heads`` split on first use (closed-form regression on the
+teacher-forced articles and reference summaries, :mod:`ee_gym.generation.regression`; a progress bar,
+about 4 minutes on one CPU thread; saved under ``$EE_GYM_HOME/generation/heads/`` and reused afterwards),
 then builds the token table of the split once (3 minutes; saved under
 ``$EE_GYM_HOME/generation/tables/``, named by the decoder's fingerprint, heads included) and loads it. Every step can be pointed elsewhere with the
 env's keyword arguments: ``decoder=`` (a :class:`MultiExitDecoder` or a name), ``heads=`` (a folder
@@ -19,6 +20,7 @@ from ee_gym import paths
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import DEFAULT_DECODER, MultiExitDecoder
 from ee_gym.generation.distill import TokenStates, collect_token_states
+from ee_gym.generation.regression import fit_exit_heads, xsum_texts
 from ee_gym.generation.table import TokenTable
 from ee_gym.generation.training import HeadTrainingConfig, train_exit_heads
 
@@ -27,7 +29,10 @@ GENERATION_TASKS = ("xsum",)
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_HEAD_PROMPTS = 100  # the whole "heads" split
 DEFAULT_TABLE_PROMPTS = 40  # of the env's split (the policy's episodes)
-DEFAULT_ADAPTER_RANK: int | None = 64  # rank-64 adapters overfit 3,000 tokens less than full d x d
+DEFAULT_ADAPTER_RANK: int | None = None  # full d x d: the closed-form fit has ~60,000 rows to fit it on
+#: how first-use heads are made: "regression" (closed form, teacher forcing) or "gradient" (CE on
+#: self-distilled tokens, ee_gym.generation.training)
+HEAD_METHODS = ("regression", "gradient")
 
 _TABLES: dict[tuple, TokenTable] = {}  # tables already loaded in this process
 
@@ -78,21 +83,34 @@ def train_heads(
     task: str = "xsum",
     *,
     split: str = "heads",
+    method: str = "regression",
     data_dir: str | os.PathLike | None = None,
     max_prompts: int | None = DEFAULT_HEAD_PROMPTS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     config: HeadTrainingConfig | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Collect ``split`` and train ``decoder``'s exit heads on it (in place); the training history."""
-    tokens = collect_split(
-        decoder, task, split, data_dir=data_dir, max_prompts=max_prompts, max_new_tokens=max_new_tokens,
-        progress=progress,
-    )  # fmt: skip
-    history = train_exit_heads(decoder, tokens, config, progress=progress)
+    """Make ``decoder``'s exit heads on ``split`` (in place); the record of how.
+
+    ``regression``: fit full-rank adapters in closed form on the split's articles and reference
+    summaries, teacher forced. ``gradient``: self-distil the split (the model's own greedy
+    continuations, ``max_new_tokens`` each) and train with the depth-weighted cross-entropy
+    (``config``); its history is one record per epoch.
+    """
+    if method not in HEAD_METHODS:
+        raise ValueError(f"unknown head method {method!r}; choose one of {', '.join(HEAD_METHODS)}")
+    if method == "regression":
+        texts = xsum_texts(decoder, split, data_dir, max_prompts)
+        history = [fit_exit_heads(decoder, texts, progress=progress)]
+    else:
+        tokens = collect_split(
+            decoder, task, split, data_dir=data_dir, max_prompts=max_prompts,
+            max_new_tokens=max_new_tokens, progress=progress,
+        )  # fmt: skip
+        history = train_exit_heads(decoder, tokens, config, progress=progress)
+        decoder.heads_metadata["tokens"] = tokens.num_tokens
     decoder.heads_metadata.update(
-        {"task": task, "split": split, "max_prompts": max_prompts, "max_new_tokens": max_new_tokens,
-         "tokens": tokens.num_tokens}
+        {"task": task, "split": split, "max_prompts": max_prompts, "method": method}
     )  # fmt: skip
     return history
 

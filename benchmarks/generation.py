@@ -16,7 +16,9 @@ One run, in order, with the time of each phase recorded:
    (``threshold_for_speedup``; never on the scored articles), and ConsistentEE's REINFORCE policy
    trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
-   past the first layers of a 30-layer model);
+   past the first layers of a 30-layer model); and, unless ``--no-oracle``, the oracle reference
+   (``OracleExit``: each token leaves at the first layer whose head says the full model's next token
+   for that history, which it finds by decoding every token twice);
 4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
    from one shared prompt pass per batch: ROUGE-1/2/L (x100) against the references, mean exit layer
    over the tokens an exit decided, layer speed-up L / mean; and wall-clock tokens per second at batch
@@ -40,6 +42,7 @@ from pathlib import Path
 from benchmarks.throughput import limit_threads
 
 TARGET_SPEEDUP, TARGET_ROUGE_DROP = 1.5, 1.0
+ORACLE = "oracle (reference, not deployable)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,14 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers-per-step", type=int, default=8, help="heads trained per step (0: all)")
     p.add_argument("--head-targets", default="greedy", choices=["greedy", "distribution"])
     p.add_argument("--static-layers", type=int, nargs="*", default=[20, 24])
-    p.add_argument("--speedups", type=float, nargs="*", default=[1.25, 1.5],
+    p.add_argument("--speedups", type=float, nargs="*", default=[1.2, 1.3],
                    help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
-    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.2, 0.3])
+    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.12, 0.13, 0.14, 0.16])
     p.add_argument("--reward", default="plain")
     p.add_argument("--policy-epochs", type=int, default=40)
     p.add_argument("--policy-lr", type=float, default=1e-3)
     p.add_argument("--exit-prior", type=float, default=None,
                    help="REINFORCE's starting exit probability per layer (default 1/L, see set_exit_prior)")  # fmt: skip
+    p.add_argument("--no-oracle", action="store_true",
+                   help="skip the oracle reference (perfect per-token exits; about 5x the cost of full depth)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing-articles", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -116,7 +121,10 @@ def markdown(record: dict) -> str:
         "which the full-depth prompt pass produces). Tokens/s: decoding alone at batch size 1 on the first "
         f"{record['settings']['timing_articles']} articles (prompt pass excluded, the same for every policy). "
         "The last column is the policy's layer speed-up on the held-out policy table (teacher forced on the "
-        "full model's own tokens), where CALM thresholds were placed.",
+        "full model's own tokens), where CALM thresholds were placed. The oracle exits each token at the first "
+        "layer whose head says what the full model would say next for that history (it decodes every token "
+        "twice, so it has no speed to time): what perfect exit decisions reach under state propagation; "
+        "it does not count for the target.",
         "",
         "Held-out cross-entropy of each exit against the full model's greedy token (policy table), layers 1..L:",
         "",
@@ -135,7 +143,7 @@ def markdown(record: dict) -> str:
 def target_check(runs: list[dict]) -> dict:
     """Whether some policy reaches TARGET_SPEEDUP with ROUGE-L within TARGET_ROUGE_DROP of full depth."""
     full = runs[0]["rouge"]["rougeL"]
-    fast = [r for r in runs[1:] if r["speedup"] >= TARGET_SPEEDUP]
+    fast = [r for r in runs[1:] if r["speedup"] >= TARGET_SPEEDUP and r["name"] != ORACLE]
     if not fast:
         return {"met": False, "detail": f"no policy reached {TARGET_SPEEDUP}x."}
     best = max(fast, key=lambda r: r["rouge"]["rougeL"])
@@ -161,6 +169,7 @@ def main(argv=None) -> dict:
         ConfidenceExit,
         HeadTrainingConfig,
         MultiExitDecoder,
+        OracleExit,
         PolicyExit,
         StateSimilarityExit,
         StaticExit,
@@ -238,6 +247,10 @@ def main(argv=None) -> dict:
     num_layers = decoder.num_layers
     policies: dict[str, object] = {"full depth": None}
     table_speedup: dict[str, float] = {}
+    if not args.no_oracle:
+        oracle = OracleExit()
+        policies[ORACLE] = oracle
+        table_speedup[ORACLE] = num_layers / oracle.table_exit_layers(table).mean()
     for layer in args.static_layers:
         rule = StaticExit(layer)
         policies[f"static (layer {layer})"] = rule

@@ -309,3 +309,63 @@ def test_fitted_adapters_are_the_least_squares_maps():
     low_rank = MultiExitDecoder.from_config(tiny_config(), head_kind="adapter", adapter_rank=4)
     with pytest.raises(ValueError, match="adapter_rank=None"):
         set_adapters(low_rank, *equations.solve())
+
+
+# -- the oracle reference ---------------------------------------------------------------------------
+
+
+def hidden_states_of_step(decoder, state, token) -> list[torch.Tensor]:
+    """h_1..h_{L-1} of one full-depth step."""
+    seen: list[torch.Tensor] = []
+
+    def record(view):
+        seen.append(view.hidden)
+        return torch.zeros(view.batch_size, dtype=torch.bool)
+
+    decoder.step(state, token, record)
+    return seen
+
+
+@torch.no_grad()
+def oracle_by_hand(decoder, ids, steps: int) -> tuple[list[int], list[int]]:
+    """Full depth on a copy for the target, the first head that says it, then the real step."""
+    first, state = decoder.prefill(ids)
+    token, tokens, layers = first.logits.argmax(-1), [], []
+    for _ in range(steps):
+        views = hidden_states_of_step(decoder, state.clone(), token)
+        target = int(decoder.step(state.clone(), token).logits.argmax(-1))
+        said = [int(decoder.exit_logits(k + 1, h).argmax(-1)) for k, h in enumerate(views)]
+        layer = said.index(target) + 1 if target in said else NUM_LAYERS
+        token = decoder.step(state, token, exit_at_layer(layer)).logits.argmax(-1)
+        assert int(token) == target  # the oracle's token is the full model's choice for this history
+        tokens.append(int(token))
+        layers.append(layer)
+    return tokens, layers
+
+
+def test_oracle_exits_where_a_head_first_says_the_full_models_token(decoder):
+    from ee_gym.generation import OracleExit
+
+    for seed in (1, 2):
+        ids, _ = prompts([6], seed=seed)
+        out = decoder.generate(ids, max_new_tokens=8, exit_fn=OracleExit(), stop_at_eos=False)
+        tokens, layers = oracle_by_hand(decoder, ids, 7)
+        assert out.tokens[0, 1:].tolist() == tokens
+        assert out.exit_layers[0, 1:].tolist() == layers
+    assert min(layers) < NUM_LAYERS  # some token left early: the comparison means something
+
+
+def test_oracle_on_a_table_and_its_errors():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ee_gym.generation import OracleExit
+
+    table = SimpleNamespace(
+        correct=np.array([[False, True, True], [True, False, True], [False, False, True]])
+    )
+    assert OracleExit().table_exit_layers(table).tolist() == [2, 1, 3]
+    assert OracleExit(min_layer=2).table_exit_layers(table).tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match="min_layer"):
+        OracleExit(0)

@@ -744,6 +744,8 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     )
     assert record["settings"]["max_new_tokens"] == 6 and "command" in record
     assert record["settings"]["head_method"] == heads[1]
+    oracle = next(r for r in record["runs"] if r["name"].startswith("oracle"))
+    assert oracle["tokens_per_second"] is None and record["target"].get("best") != oracle["name"]
     markdown = (out / "results.md").read_text()
     assert "| policy |" in markdown and "ROUGE-L" in markdown
 

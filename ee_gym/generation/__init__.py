@@ -7,7 +7,8 @@ layer. Around it, one module per step of the pipeline:
 
     data.py        XSum prompts and splits ($EE_GYM_DATA/xsum/xsum_0shot.jsonl)
     distill.py     self-distillation: every layer's state of each token the full model generates
-    training.py    stage 1 for decoders: exit heads trained with the depth-weighted cross-entropy
+    regression.py  stage 1 for decoders, closed form: exit adapters fitted by least squares (default)
+    training.py    stage 1 for decoders by gradient: the depth-weighted cross-entropy
     table.py       the per-token table the token env (ConsistentEE-XSum-v0) replays
     prepare.py     first-use heads and cached tables for the env
     policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity, learned
@@ -34,12 +35,14 @@ from ee_gym.generation.evaluate import GenerationRun, evaluate_generation, rouge
 from ee_gym.generation.policies import (
     ConfidenceExit,
     GenerationExit,
+    OracleExit,
     PolicyExit,
     StateSimilarityExit,
     StaticExit,
     set_exit_prior,
     threshold_for_speedup,
 )
+from ee_gym.generation.regression import NormalEquations, fit_exit_heads, xsum_texts
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale
 from ee_gym.generation.training import HeadTrainingConfig, train_exit_heads, weighted_exit_loss
 
@@ -59,6 +62,8 @@ __all__ = [
     "HeadTrainingConfig",
     "LayerView",
     "MultiExitDecoder",
+    "OracleExit",
+    "NormalEquations",
     "PolicyExit",
     "StateSimilarityExit",
     "StaticExit",
@@ -68,6 +73,7 @@ __all__ = [
     "collect_token_states",
     "evaluate_generation",
     "exit_at_layer",
+    "fit_exit_heads",
     "observation_scale",
     "resolve_decoder",
     "rouge_scores",
@@ -75,4 +81,5 @@ __all__ = [
     "threshold_for_speedup",
     "train_exit_heads",
     "weighted_exit_loss",
+    "xsum_texts",
 ]

@@ -542,11 +542,16 @@ class MultiExitDecoder(nn.Module):
         exited at layer t keeps h_t as its hidden state and still goes through the later layers, which
         writes exactly the propagated keys/values of h_t to their cache (its output is discarded).
         Once every row has exited, the remaining layers only compute those keys/values.
-        ``state`` is updated in place. Gradients follow the caller's mode.
+        ``state`` is updated in place. Gradients follow the caller's mode. An ``exit_fn`` with a
+        ``prepare_step(decoder, state, input_ids)`` method has it called first (it must not change
+        ``state``: :class:`~ee_gym.generation.policies.OracleExit` decodes a copy).
         """
         B = state.batch_size
         ids = input_ids.to(self.device).reshape(B, 1)
         L = self.num_layers
+        prepare = getattr(exit_fn, "prepare_step", None)
+        if prepare is not None:  # an exit rule that looks ahead before deciding (the oracle)
+            prepare(self, state, ids)
         # The mask is built against the cache before this position is appended, as LlamaModel does.
         attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(B, 1)], dim=1)
         position_ids = state.next_positions.reshape(B, 1)

@@ -9,6 +9,8 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
                                   env) acting on the state of layer l, as the env showed it
+    OracleExit()                  reference, not deployable: the first layer whose exit says the token
+                                  the full model would say next (it decodes every token twice)
 
 The rules also answer on a :class:`~ee_gym.generation.table.TokenTable` (``table_exit_layers``): the
 exit each table token would take, from the same quantities the table holds, with no decoding. On the
@@ -29,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ee_gym.generation.decoder import LayerView, MultiExitDecoder
+from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
 
 
@@ -221,3 +223,61 @@ def threshold_for_speedup(values: np.ndarray, speedup: float, num_layers: int | 
         else:
             hi = mid - 1
     return best
+
+
+class OracleExit(GenerationExit):
+    """Reference, not deployable: each token exits at the first layer >= ``min_layer`` whose head's
+    top-1 is the token the full model would say next, given the text and the cache so far.
+
+    Before each token (``prepare_step``, which the decoder calls first) it decodes the token at full
+    depth on a copy of the decode state, takes the full model's greedy token, and reads the heads from
+    ``min_layer`` up until each row's agrees. Every emitted token is then the full model's own choice
+    for that history: what remains between this and full depth is state propagation alone (the
+    skipped layers' keys and values), so it shows what perfect exit decisions reach. It costs a second
+    full-depth pass and up to L - 1 LM-head products per token.
+    """
+
+    name = "oracle"
+    deployable = False
+
+    def __init__(self, min_layer: int = 1):
+        if int(min_layer) < 1:
+            raise ValueError(f"oracle: min_layer must be 1 or more, got {min_layer}")
+        self.min_layer = int(min_layer)
+        self._exit_layers: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prepare_step(self, decoder: MultiExitDecoder, state: DecodeState, input_ids: torch.Tensor) -> None:
+        hidden: list[torch.Tensor] = []
+
+        def record(view: LayerView) -> torch.Tensor:
+            hidden.append(view.hidden)
+            return torch.zeros(view.batch_size, dtype=torch.bool)
+
+        target = decoder.step(state.clone(), input_ids, record).logits.argmax(-1)
+        exit_layers = torch.full_like(target, decoder.num_layers)
+        undecided = torch.ones_like(target, dtype=torch.bool)
+        for layer in range(self.min_layer, decoder.num_layers):
+            rows = undecided.nonzero()[:, 0]
+            if rows.numel() == 0:
+                break
+            said = decoder.exit_logits(layer, hidden[layer - 1][rows]).argmax(-1)
+            agree = rows[said == target[rows]]
+            exit_layers[agree] = layer
+            undecided[agree] = False
+        self._exit_layers = exit_layers
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        if self._exit_layers is None:
+            raise RuntimeError(
+                "OracleExit decides in prepare_step: use it through MultiExitDecoder.step/generate"
+            )
+        return (view.layer >= self._exit_layers).cpu()
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        correct = np.asarray(table.correct).copy()
+        correct[:, : self.min_layer - 1] = False
+        return _first_exit(correct)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"min_layer": self.min_layer}

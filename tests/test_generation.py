@@ -314,25 +314,14 @@ def test_fitted_adapters_are_the_least_squares_maps():
 # -- the oracle reference ---------------------------------------------------------------------------
 
 
-def hidden_states_of_step(decoder, state, token) -> list[torch.Tensor]:
-    """h_1..h_{L-1} of one full-depth step."""
-    seen: list[torch.Tensor] = []
-
-    def record(view):
-        seen.append(view.hidden)
-        return torch.zeros(view.batch_size, dtype=torch.bool)
-
-    decoder.step(state, token, record)
-    return seen
-
-
 @torch.no_grad()
 def oracle_by_hand(decoder, ids, steps: int) -> tuple[list[int], list[int]]:
     """Full depth on a copy for the target, the first head that says it, then the real step."""
     first, state = decoder.prefill(ids)
     token, tokens, layers = first.logits.argmax(-1), [], []
     for _ in range(steps):
-        views = hidden_states_of_step(decoder, state.clone(), token)
+        _, hidden = decoder.step_with_states(state.clone(), token)
+        views = hidden[0, 1:NUM_LAYERS]  # h_1..h_{L-1}
         target = int(decoder.step(state.clone(), token).logits.argmax(-1))
         said = [int(decoder.exit_logits(k + 1, h).argmax(-1)) for k, h in enumerate(views)]
         layer = said.index(target) + 1 if target in said else NUM_LAYERS

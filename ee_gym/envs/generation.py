@@ -331,16 +331,11 @@ class _LiveTokens:
     def begin(self) -> None:
         """The full-depth pass of the next token (see the class docstring)."""
         decoder = self.decoder
-        states: list[torch.Tensor] = []
-
-        def record(view) -> torch.Tensor:  # never exits: keeps s_l of layers 1..L-1
-            states.append(view.states)
-            return torch.zeros(view.batch_size, dtype=torch.bool)
-
         self._full_state = self._state.clone()
-        full = decoder.step(self._full_state, torch.tensor([self.tokens[-1]]), record)
-        states.append(decoder.final_norm(full.hidden))
-        self._states = torch.cat(states)  # [L, d] s_1..s_L in the decoder's dtype, for the heads
+        full, hidden = decoder.step_with_states(self._full_state, torch.tensor([self.tokens[-1]]))
+        self._states = decoder.final_norm(
+            hidden[0, 1:]
+        )  # [L, d] s_1..s_L in the decoder's dtype, for the heads
         self.observations = squash(self._states, self.scale).cpu().numpy()  # [L, d] float32
         self.label = int(full.logits[0].argmax())
         self._logits = {decoder.num_layers: full.logits[0].float()}

@@ -581,6 +581,25 @@ class MultiExitDecoder(nn.Module):
         last = hidden[:, 0]
         return StepOutput(self._row_logits(last, exit_layers), exit_layers, last)
 
+    def step_with_states(
+        self, state: DecodeState, input_ids: torch.Tensor
+    ) -> tuple[StepOutput, torch.Tensor]:
+        """:meth:`step` at full depth, also returning every layer's hidden state h_0..h_L [B, L + 1, d]
+        (h_0 the token's embedding): what self-distillation, the live env and the oracle read."""
+        hidden: list[torch.Tensor] = []
+
+        def record(view: LayerView) -> torch.Tensor:  # never exits
+            if not hidden:
+                hidden.append(view.previous)
+            hidden.append(view.hidden)
+            return torch.zeros(view.batch_size, dtype=torch.bool)
+
+        out = self.step(state, input_ids, record)
+        if not hidden:  # a one-layer model asks no exit question
+            raise ValueError("a decoder with one layer has no exits to record")
+        hidden.append(out.hidden)
+        return out, torch.stack(hidden, dim=1)
+
     @torch.no_grad()
     def generate(
         self,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ee_gym.generation.decoder import LayerView, MultiExitDecoder
+from ee_gym.generation.decoder import MultiExitDecoder
 
 
 @dataclass
@@ -79,21 +79,6 @@ class TokenStates:
         return self.select(first), self.select(~first)
 
 
-class _Recorder:
-    """An exit callback that never exits and keeps what each layer showed."""
-
-    def __init__(self, num_layers: int):
-        self.states: list[torch.Tensor | None] = [None] * num_layers
-        self.similarity: list[torch.Tensor | None] = [None] * num_layers
-        self.last_hidden: torch.Tensor | None = None
-
-    def __call__(self, view: LayerView) -> torch.Tensor:
-        self.states[view.layer - 1] = view.states.float()
-        self.similarity[view.layer - 1] = view.similarity
-        self.last_hidden = view.hidden
-        return torch.zeros(view.batch_size, dtype=torch.bool)
-
-
 @torch.no_grad()
 def collect_token_states(
     decoder: MultiExitDecoder,
@@ -119,7 +104,6 @@ def collect_token_states(
     lengths = [len(decoder.tokenizer(p)["input_ids"]) for p in prompts]
     order = np.argsort(lengths, kind="stable")
     eos = decoder._eos_ids(None).to(decoder.device)
-    num_layers = decoder.num_layers
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("states", "similarity", "targets", "prompt", "position")
     }
@@ -136,16 +120,13 @@ def collect_token_states(
         for position in range(1, max_new_tokens):
             if not bool(unfinished.any()):
                 break
-            recorder = _Recorder(num_layers)
-            step = decoder.step(state, token, recorder)
-            recorder.states[-1] = decoder.final_norm(step.hidden).float()
-            recorder.similarity[-1] = F.cosine_similarity(
-                step.hidden.float(), recorder.last_hidden.float(), dim=-1
-            )
+            step, hidden = decoder.step_with_states(state, token)
+            states = decoder.final_norm(hidden[:, 1:]).float()
+            similarity = F.cosine_similarity(hidden[:, 1:].float(), hidden[:, :-1].float(), dim=-1)
             following = step.logits.argmax(-1)
             alive = unfinished.cpu()  # the fed token was generated, so its next token is a real target
-            parts["states"].append(torch.stack(recorder.states, 1)[alive].cpu().numpy())
-            parts["similarity"].append(torch.stack(recorder.similarity, 1)[alive].cpu().numpy())
+            parts["states"].append(states[alive].cpu().numpy())
+            parts["similarity"].append(similarity[alive].cpu().numpy())
             parts["targets"].append(following[alive].cpu().numpy())
             parts["prompt"].append(names[alive].numpy())
             parts["position"].append(np.full(int(alive.sum()), position))

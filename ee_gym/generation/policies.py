@@ -248,20 +248,15 @@ class OracleExit(GenerationExit):
 
     @torch.no_grad()
     def prepare_step(self, decoder: MultiExitDecoder, state: DecodeState, input_ids: torch.Tensor) -> None:
-        hidden: list[torch.Tensor] = []
-
-        def record(view: LayerView) -> torch.Tensor:
-            hidden.append(view.hidden)
-            return torch.zeros(view.batch_size, dtype=torch.bool)
-
-        target = decoder.step(state.clone(), input_ids, record).logits.argmax(-1)
+        full, hidden = decoder.step_with_states(state.clone(), input_ids)
+        target = full.logits.argmax(-1)
         exit_layers = torch.full_like(target, decoder.num_layers)
         undecided = torch.ones_like(target, dtype=torch.bool)
         for layer in range(self.min_layer, decoder.num_layers):
             rows = undecided.nonzero()[:, 0]
             if rows.numel() == 0:
                 break
-            said = decoder.exit_logits(layer, hidden[layer - 1][rows]).argmax(-1)
+            said = decoder.exit_logits(layer, hidden[rows, layer]).argmax(-1)
             agree = rows[said == target[rows]]
             exit_layers[agree] = layer
             undecided[agree] = False

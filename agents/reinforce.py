@@ -91,9 +91,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from agents.base import ExitPolicy
-from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
+from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
 
 ROLLOUTS = ("sample", "threshold")
+#: the observation modes the per-layer networks read: features first, the layer one-hot last
+REINFORCE_OBS_MODES = ("state+layer", "state+confidence")
 WEIGHTS_FILE = "policy.safetensors"
 HISTORY_FILE = "history.json"
 
@@ -168,10 +170,12 @@ class Reinforce(ExitPolicy):
         rollout: ``"sample"`` (Bernoulli actions, the default) or ``"threshold"`` (p > 0.5 + dropout).
         seed: seeds the weights' initialisation, the shuffles, the samples and the dropout masks.
         state_size, num_layers: the network's shape; taken from the env on ``learn``/``bind`` when None.
+        obs_mode: ``"state+layer"`` (the paper: each layer's network reads s_l) or
+            ``"state+confidence"`` (s_l and what exit l's head says, ``ee_gym.envs.observations``).
     """
 
     name: ClassVar[str] = "reinforce"
-    obs_mode: ClassVar[str] = "state+layer"
+    obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
 
     def __init__(
@@ -182,9 +186,13 @@ class Reinforce(ExitPolicy):
         seed: int = 0,
         state_size: int | None = None,
         num_layers: int | None = None,
+        obs_mode: str = "state+layer",
     ):
         if rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        if obs_mode not in REINFORCE_OBS_MODES:
+            raise ValueError(f"REINFORCE reads obs_mode {' or '.join(REINFORCE_OBS_MODES)}, not {obs_mode!r}")
+        self.obs_mode = obs_mode
         self.hidden_size, self.dropout, self.rollout, self.seed = (
             int(hidden_size),
             float(dropout),
@@ -211,21 +219,30 @@ class Reinforce(ExitPolicy):
             self.net = PerLayerPolicy(int(state_size), int(num_layers), self.hidden_size)
 
     def _ensure_network(self, table: ExitTable) -> PerLayerPolicy:
+        # The network reads every entry before the layer one-hot: s_l, and the confidence if observed.
+        encoder = ObservationEncoder(self.obs_mode, table.num_layers, table.hidden_size, table.num_labels)
+        size = encoder.feature_size
         if self.net is None:
-            self._build(table.hidden_size, table.num_layers)
-        elif (self.net.state_size, self.net.num_layers) != (table.hidden_size, table.num_layers):
+            self._build(size, table.num_layers)
+        elif (self.net.state_size, self.net.num_layers) != (size, table.num_layers):
             raise ValueError(
-                f"this policy was built for d={self.net.state_size}, L={self.net.num_layers}; the env has "
-                f"d={table.hidden_size}, L={table.num_layers}"
+                f"this policy was built for {self.net.state_size} inputs, L={self.net.num_layers}; the env "
+                f"gives {size} ({self.obs_mode}, d={table.hidden_size}), L={table.num_layers}"
             )
         return self.net
 
     # -- acting -----------------------------------------------------------------------------------
     def bind(self, env: ConsistentEEVectorEnv) -> None:
+        mode = getattr(getattr(env, "encoder", None), "mode", self.obs_mode)
+        if mode != self.obs_mode:
+            raise ValueError(
+                f"this policy reads {self.obs_mode!r} observations and the env gives {mode!r}: make the "
+                f"env with obs_mode={self.obs_mode!r}"
+            )
         self._ensure_network(env.table)
 
     def exit_probs(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(p_l, l) for a batch of "state+layer" observations."""
+        """(p_l, l) for a batch of observations of this policy's ``obs_mode``."""
         if self.net is None:
             raise RuntimeError("the policy has no network yet: call learn(env), bind(env) or load it")
         obs = np.asarray(obs, dtype=np.float32).reshape(-1, self.net.state_size + self.net.num_layers)
@@ -371,6 +388,7 @@ class Reinforce(ExitPolicy):
             "seed": self.seed,
             "state_size": None if self.net is None else self.net.state_size,
             "num_layers": None if self.net is None else self.net.num_layers,
+            "obs_mode": self.obs_mode,
         }
 
     def _save_weights(self, folder: Path) -> None:

@@ -191,11 +191,16 @@ class QRDQNPolicy(DQNPolicy):
     default_kwargs = {**DQNPolicy.default_kwargs, "policy_kwargs": {"n_quantiles": 25}}
 
 
+#: observation modes that end with the layer one-hot
+LAYER_ONE_HOT_MODES = ("state+layer", "state+confidence")
+
+
 class MaskablePPOPolicy(PPOPolicy):
     """Maskable PPO (sb3-contrib): CONTINUE is masked at the last layer, where the env exits anyway.
 
-    At inference the mask is read from the observation's layer one-hot (``state+layer``: its last
-    value is 1 at the last layer); other observation modes act without a mask.
+    At inference the mask is read from the observation's layer one-hot (``state+layer`` and
+    ``state+confidence``: its last value is 1 at the last layer); other observation modes act without
+    a mask.
     """
 
     name = "maskable-ppo"
@@ -203,7 +208,7 @@ class MaskablePPOPolicy(PPOPolicy):
     vec_env_class = MaskableSB3VecEnv
 
     def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
-        if self.model is None or self.obs_mode != "state+layer":
+        if self.model is None or self.obs_mode not in LAYER_ONE_HOT_MODES:
             return super()._predict(obs, deterministic)
         last = np.asarray(obs)[..., -1] == 1.0
         masks = np.stack([~last, np.ones_like(last)], axis=-1)

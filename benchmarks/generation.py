@@ -16,7 +16,8 @@ One run, in order, with the time of each phase recorded:
    (``threshold_for_speedup``; never on the scored articles), and ConsistentEE's REINFORCE policy
    trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
-   past the first layers of a 30-layer model); and, unless ``--no-oracle``, the oracle reference
+   past the first layers of a 30-layer model); the same again at each ``--confidence-alphas`` with
+   the ``state+confidence`` observation (the state and exit l's top-2 gap); and, unless ``--no-oracle``, the oracle reference
    (``OracleExit``: each token leaves at the first layer whose head says the full model's next token
    for that history, which it finds by decoding every token twice);
 4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
@@ -68,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--static-layers", type=int, nargs="*", default=[20, 24])
     p.add_argument("--speedups", type=float, nargs="*", default=[1.2, 1.3],
                    help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
-    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.12, 0.13, 0.14, 0.16])
+    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.12, 0.13, 0.14, 0.16],
+                   help="ConsistentEE policies reading the state (the paper's observation)")  # fmt: skip
+    p.add_argument("--confidence-alphas", type=float, nargs="*", default=[0.13, 0.14, 0.15],
+                   help="ConsistentEE policies reading the state and the exit's confidence")  # fmt: skip
     p.add_argument("--reward", default="plain")
     p.add_argument("--policy-epochs", type=int, default=40)
     p.add_argument("--policy-lr", type=float, default=1e-3)
@@ -265,20 +269,25 @@ def main(argv=None) -> dict:
             policies[name] = rule
             table_speedup[name] = num_layers / rule.table_exit_layers(table).mean()
     policy_history = {}
-    for alpha in args.alphas:
-        env = ConsistentEEVectorEnv(
-            64, table=table, split="train", reward=args.reward, alpha=alpha, final_obs=False
-        )
-        policy = agents.make("reinforce", seed=args.seed)
-        policy.bind(env)
-        set_exit_prior(policy, args.exit_prior or 1.0 / num_layers)
-        policy.learn(env, epochs=args.policy_epochs, lr=args.policy_lr, progress=progress)
-        name = f"consistentee (alpha={alpha:g})"
-        policies[name] = PolicyExit(policy, decoder, label=name)
-        result = evaluate(policy, table)
-        table_speedup[name] = result.speedup
-        policy_history[name] = {"history": policy.history, "table": result.to_dict()}
-        print(f"{name}: table mean exit {result.mean_exit_layer:.2f} ({result.speedup:.2f}x)", flush=True)
+    for obs_mode, alphas, kind in (
+        ("state+layer", args.alphas, "consistentee"),
+        ("state+confidence", args.confidence_alphas, "consistentee+confidence"),
+    ):
+        for alpha in alphas:
+            env = ConsistentEEVectorEnv(
+                64, table=table, split="train", reward=args.reward, alpha=alpha, obs_mode=obs_mode,
+                final_obs=False,
+            )  # fmt: skip
+            policy = agents.make("reinforce", seed=args.seed, obs_mode=obs_mode)
+            policy.bind(env)
+            set_exit_prior(policy, args.exit_prior or 1.0 / num_layers)
+            policy.learn(env, epochs=args.policy_epochs, lr=args.policy_lr, progress=progress)
+            name = f"{kind} (alpha={alpha:g})"
+            policies[name] = PolicyExit(policy, decoder, label=name)
+            result = evaluate(policy, table)
+            table_speedup[name] = result.speedup
+            policy_history[name] = {"history": policy.history, "table": result.to_dict()}
+            print(f"{name}: table mean exit {result.mean_exit_layer:.2f} ({result.speedup:.2f}x)", flush=True)
     lap("policies")
 
     articles = load_xsum(args.eval_rows, args.data_dir, args.articles)

@@ -38,7 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="rte")
     p.add_argument("--model", default=None, help="a checkpoint folder (default: a synthetic table)")
     p.add_argument("--split", default="train")
-    p.add_argument("--obs-mode", default="state+layer", choices=("state", "state+layer", "stats", "full"))
+    p.add_argument(
+        "--obs-mode",
+        default="state+layer",
+        choices=("state", "state+layer", "state+confidence", "stats", "full"),
+    )
     p.add_argument("--seconds", type=float, default=0.5, help="per measurement")
     p.add_argument("--repeat", type=int, default=3, help="measurements per row; the best is kept")
     p.add_argument("--final-obs", action=argparse.BooleanOptionalAction, default=True)

@@ -29,6 +29,7 @@ from ee_gym.envs import (
     EpisodeOverError,
     registered_ids,
 )
+from ee_gym.envs.observations import CONFIDENCE_WIDTH
 from ee_gym.generation import (
     ConfidenceExit,
     LayerView,
@@ -408,12 +409,13 @@ def test_live_env_checkers_pass(data_dir, table, obs_mode):
     checked(sb3_check_env, env.unwrapped)
 
 
-def test_live_decoding_at_full_depth_is_the_table(data_dir, table):
+@pytest.mark.parametrize("obs_mode", ["state+layer", "state+confidence"])
+def test_live_decoding_at_full_depth_is_the_table(data_dir, table, obs_mode):
     """An agent that never exits early decodes at full depth, which is what the table recorded: on the
     same prompts (walked in order, each for max_new_tokens - 1 tokens), every token shows the table
-    row's observation at every layer, and pays its reward with its info."""
-    env = live_env(data_dir, alpha=0.1, reward="hardness")
-    cached = ConsistentEETokenEnv(table=table, alpha=0.1, reward="hardness")
+    row's observation at every layer (the exit's confidence too), and pays its reward with its info."""
+    env = live_env(data_dir, alpha=0.1, reward="hardness", obs_mode=obs_mode)
+    cached = ConsistentEETokenEnv(table=table, alpha=0.1, reward="hardness", obs_mode=obs_mode)
     for row in range(table.num_inputs):  # the table's rows: prompt by prompt, position by position
         obs, info = env.reset()
         assert (info["index"], info["position"]) == (table.prompt[row], table.position[row])
@@ -618,6 +620,16 @@ def test_policy_rule_builds_the_env_observation():
     with pytest.raises(ValueError, match="obs_mode"):
         PolicyExit(stats, decoder)
 
+    Recorder.obs_mode = "state+confidence"  # the state, then exit 2's top-2 gap, then the one-hot
+    rule = PolicyExit(Recorder(), decoder)
+    rule(view)
+    obs, width = seen["obs"], CONFIDENCE_WIDTH
+    assert obs.shape == (2, 32 + width + NUM_LAYERS)
+    top2 = torch.softmax(decoder.exit_logits(2, hidden).float(), -1).topk(2, -1).values.detach()
+    gap = (top2[:, 0] - top2[:, 1]).numpy()
+    np.testing.assert_allclose(obs[:, 32 : 32 + width], np.repeat(2 * gap[:, None] - 1, width, 1), atol=1e-5)
+    np.testing.assert_array_equal(obs[:, 32 + width :], [[0, 1, 0, 0]] * 2)
+
 
 def _expected_exits(decoder, state, token, signal, threshold):
     """Exit layer of each row by hand: run the step without exits, read the rule's signal per layer."""
@@ -732,13 +744,14 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
         "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--output-dir", str(out),
         "--eval-rows", "0:4", "--head-rows", "4:8", "--policy-rows", "8:12", "--max-new-tokens", "6",
         "--head-epochs", "1", *heads, "--static-layers", "2", "3", "--speedups", "1.5", "--alphas", "0.05",
-        "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
+        "--confidence-alphas", "0.05", "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
     ])  # fmt: skip
     record = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in record["runs"]]
     assert (
         names[0] == "full depth" and "static (layer 2)" in names and any("consistentee" in n for n in names)
     )
+    assert "consistentee+confidence (alpha=0.05)" in names
     assert any(n.startswith("calm-confidence") for n in names) and any(
         n.startswith("calm-similarity") for n in names
     )

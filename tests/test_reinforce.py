@@ -13,6 +13,7 @@ from agents.base import load_policy
 from agents.evaluate import evaluate
 from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
+from ee_gym.envs.observations import CONFIDENCE_WIDTH
 from ee_gym.rewards import accuracy
 
 NUM_LAYERS, STATE_SIZE = 6, 16
@@ -84,6 +85,33 @@ def test_default_policy_beats_the_best_static_layer_at_equal_accuracy(tables, tr
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
     assert {"mean_reward", "mean_exit_layer", "accuracy", "loss", "seconds"} <= set(trained.history[0])
     assert trained.history[-1]["mean_reward"] > trained.history[0]["mean_reward"]
+
+
+def confidence_only_table(n: int = 400, seed: int = 0, split: str = "train") -> ExitTable:
+    """As ``easy_layer_table``, but the states are noise: only the heads' confidence tells the easy
+    layer (a confident right head from e on, a nearly uniform wrong one before)."""
+    table = easy_layer_table(n=n, seed=seed, split=split)
+    rng = np.random.default_rng(seed + 100)
+    right = table.correct
+    logits = np.where(right[..., None], table.logits, 0.05 * (table.logits > 0))  # gap ~0.02 when wrong
+    states = rng.uniform(-1.0, 1.0, size=table.states.shape).astype(np.float32)
+    return ExitTable(
+        states, logits.astype(np.float32), table.labels, table.memorized, task="custom", split=split
+    )
+
+
+def test_confidence_observation_learns_what_the_state_cannot_tell():
+    """With states that carry nothing, the paper's state policy cannot find the easy layer; the
+    state+confidence policy reads it off the head and beats every static layer."""
+    train, dev = confidence_only_table(seed=0), confidence_only_table(seed=1, split="dev")
+    results = {}
+    for obs_mode in ("state+layer", "state+confidence"):
+        policy = Reinforce(seed=0, obs_mode=obs_mode)
+        policy.learn(train_env(train, obs_mode=obs_mode), epochs=5, lr=3e-3, progress=False)
+        results[obs_mode] = beats_best_static_layer(evaluate(policy, dev), dev)
+    assert results["state+confidence"][0], results["state+confidence"][1]
+    assert not results["state+layer"][0], results["state+layer"][1]
+    assert policy.net.state_size == STATE_SIZE + CONFIDENCE_WIDTH
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tables):
@@ -188,6 +216,21 @@ def test_save_load_round_trip_gives_identical_actions(tables, trained, tmp_path)
     np.testing.assert_array_equal(loaded.act(obs), trained.act(obs))
     assert 0 < trained.act(obs).mean() < 1
     np.testing.assert_array_equal(evaluate(loaded, dev).exit_layers, evaluate(trained, dev).exit_layers)
+
+
+def test_confidence_policy_round_trips_and_refuses_other_modes(tmp_path):
+    table = confidence_only_table(n=40)
+    policy = agents.make("reinforce", obs_mode="state+confidence")
+    policy.learn(train_env(table, obs_mode="state+confidence"), epochs=1, progress=False)
+    policy.save(tmp_path / "policy")
+    loaded = load_policy(tmp_path / "policy")
+    assert loaded.obs_mode == "state+confidence" and loaded.get_params() == policy.get_params()
+    obs = ConsistentEEVectorEnv(40, table=table, obs_mode="state+confidence").reset(seed=0)[0]
+    np.testing.assert_array_equal(loaded.exit_probs(obs)[0], policy.exit_probs(obs)[0])
+    with pytest.raises(ValueError, match="obs_mode='state\\+confidence'"):
+        loaded.bind(train_env(table))  # a state+layer env
+    with pytest.raises(ValueError, match="obs_mode"):
+        Reinforce(obs_mode="stats")
 
 
 def test_make_with_no_arguments(tables):

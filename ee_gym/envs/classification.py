@@ -176,7 +176,8 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         backbone: the backbone stage 1 starts from when ``model`` is not given.
         reward: ``hardness`` (ConsistentEE), ``plain``, ``ce`` or ``accuracy``.
         alpha: price of one layer; default ``ee_gym.rewards.default_alpha(task, L)``.
-        obs_mode: ``state``, ``state+layer``, ``stats`` or ``full`` (ee_gym.envs.observations).
+        obs_mode: ``state``, ``state+layer``, ``state+confidence``, ``stats`` or ``full``
+            (ee_gym.envs.observations).
         data_dir, cache_dir: where the data and the cache are (default: ``$EE_GYM_DATA``, and a
             folder under ``$EE_GYM_HOME`` named by the model's fingerprint).
         max_inputs: use only the first N inputs of the split.

@@ -10,7 +10,8 @@ with the next token the full model's own greedy choice; every reward of :mod:`ee
 accepted (``hardness`` reads the token's memorized layer: the first layer from which every exit agrees
 with the full model). The observation is the exit's state, squashed into [-1, 1] as
 :mod:`ee_gym.generation.table` explains (``state``), followed by the one-hot of the layer
-(``state+layer``, the default).
+(``state+layer``, the default), with exit l's top-2 probability gap between them in
+``state+confidence``.
 
 Two sources for the tokens, with the same episodes, observations and rewards (a policy trained on one
 acts in the other):
@@ -121,7 +122,7 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         heads: a folder of exit heads (``MultiExitDecoder.save_heads``) to load into the decoder.
         reward: ``plain`` (default), ``hardness``, ``ce`` or ``accuracy``.
         alpha: price of one layer; default ``ee_gym.rewards.default_alpha(task, L)``.
-        obs_mode: ``state+layer`` (default) or ``state``.
+        obs_mode: ``state+layer`` (default), ``state`` or ``state+confidence``.
         data_dir, cache_dir: the data folder (default ``$EE_GYM_DATA``) and where tables are kept.
         max_prompts: the first N prompts of the split (default 40).
         max_new_tokens: tokens generated per prompt (default 32), the first included.
@@ -227,7 +228,9 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
     def _observation(self):
         if self._live is None:
             return self.encoder.at(self.table, self._index, self._layer)
-        return self.encoder.from_state(self._live.observations[self._layer - 1], self._layer)
+        live, layer = self._live, self._layer
+        gap = live.top2_gap(layer) if self.encoder.uses_confidence else None  # an LM-head product
+        return self.encoder.from_state(live.observations[layer - 1], layer, gap)
 
     def _exit_info(self) -> dict[str, Any]:
         """The fields of the vector env's ``final_info``, for this token at its exit (live mode adds

@@ -8,7 +8,8 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     ConfidenceExit(lambda)        p_l(1st) - p_l(2nd) >= lambda, p_l = softmax of exit l's logits   (CALM)
     StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
-                                  env) acting on the state of layer l, as the env showed it
+                                  env) acting on the state of layer l (and, in the state+confidence
+                                  observation mode, exit l's top-2 gap), as the env showed it
     OracleExit()                  reference, not deployable: the first layer whose exit says the token
                                   the full model would say next (it decodes every token twice)
 
@@ -19,7 +20,8 @@ one, so the table predicts live behaviour only roughly; it is cheap enough to pl
 
 Cost note: the confidence rule needs exit l's full vocabulary softmax at every layer, i.e. one LM-head
 product per layer (for SmolLM2-135M the LM head reads as many weights as 8 of its layers), which
-wall-clock timings show; the similarity rule and the learned policy read the states only.
+wall-clock timings show; so does a learned policy in the state+confidence mode. The similarity rule and
+a learned policy in the state modes read the states only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
 
@@ -132,12 +135,15 @@ class StateSimilarityExit(GenerationExit):
 
 
 class PolicyExit(GenerationExit):
-    """A learned exit policy (any ``agents`` policy of obs mode ``state`` or ``state+layer``, e.g. the
-    ``Reinforce`` of ConsistentEE trained on ``ConsistentEE-XSum-v0``) deciding from layer l's state.
+    """A learned exit policy (any ``agents`` policy of obs mode ``state``, ``state+layer`` or
+    ``state+confidence``, e.g. the ``Reinforce`` of ConsistentEE trained on ``ConsistentEE-XSum-v0``)
+    deciding from layer l's state.
 
     The observation is built as the token env builds it: ``tanh(s_l / c)`` (c of
-    :func:`~ee_gym.generation.table.observation_scale`, read off the decoder), followed by the one-hot
-    of l in the ``state+layer`` mode. ``deterministic=True`` is the paper's inference rule.
+    :func:`~ee_gym.generation.table.observation_scale`, read off the decoder), then in
+    ``state+confidence`` exit l's top-2 gap (which costs one LM-head product per layer, as the
+    confidence rule does), then in both ``+`` modes the one-hot of l. ``deterministic=True`` is the
+    paper's inference rule.
     """
 
     name = "consistentee"
@@ -155,20 +161,23 @@ class PolicyExit(GenerationExit):
             raise ValueError("this policy is not deployable (it reads labels or later layers)")
         self.policy, self.obs_mode, self.deterministic = policy, obs_mode, deterministic
         self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
+        self.encoder = ObservationEncoder(obs_mode, self.num_layers, self.hidden_size, decoder.vocab_size)
         self.scale = observation_scale(decoder)
         self._label = label
         sizes = dict(num_layers=self.num_layers, num_labels=decoder.vocab_size, hidden_size=self.hidden_size)
-        policy.bind(types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes)))
+        env = types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes), encoder=self.encoder)
+        policy.bind(env)
 
+    @torch.no_grad()
     def observations(self, view: LayerView) -> np.ndarray:
         """The env's observations of the batch at this layer."""
         states = squash(view.states.detach(), self.scale).cpu().numpy()
-        if self.obs_mode == "state":
-            return states
-        out = np.zeros((view.batch_size, self.hidden_size + self.num_layers), dtype=np.float32)
-        out[:, : self.hidden_size] = states
-        out[:, self.hidden_size + view.layer - 1] = 1.0
-        return out
+        gap = None
+        if self.encoder.uses_confidence:
+            logits = view.decoder.head(view.layer)(view.states).float()
+            top2 = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
+            gap = (top2[:, 0] - top2[:, 1]).cpu().numpy()
+        return self.encoder.join(states, view.layer, gap)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)

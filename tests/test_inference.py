@@ -10,6 +10,7 @@ import torch
 
 import agents
 from ee_gym.cli import main
+from ee_gym.envs import ExitTable
 from ee_gym.envs.observations import OBS_MODES, ObservationEncoder
 from ee_gym.inference import Predictions, model_env_stand_in, predict, predict_split
 from ee_gym.multiexit import MultiExitModel
@@ -50,6 +51,30 @@ def test_from_outputs_equals_single_row_by_row(mode, layer):
         np.testing.assert_array_equal(batch, np.stack(rows))
         assert batch.dtype == np.float32
     assert all(encoder.space.contains(r) for r in rows[:1])
+
+
+@pytest.mark.parametrize("precomputed", [True, False])
+@pytest.mark.parametrize("mode", ["state+layer", "state+confidence"])
+def test_table_observations_equal_the_live_ones(monkeypatch, mode, precomputed):
+    """What the vector env gathers from a table (precomputed, or joined per step when the table is too
+    big) is what live inference builds from the same states and logits."""
+    from ee_gym.envs import observations
+
+    if not precomputed:
+        monkeypatch.setattr(observations, "PRECOMPUTE_LIMIT_BYTES", 0)
+    rng = np.random.default_rng(0)
+    n, big_l, d, k = 9, 4, 5, 3
+    states = np.tanh(rng.normal(size=(n, big_l, d))).astype(np.float32)
+    logits = (2 * rng.normal(size=(n, big_l, k))).astype(np.float32)
+    table = ExitTable(states, logits, rng.integers(0, k, n), np.ones(n, dtype=np.int64))
+    encoder = ObservationEncoder(mode, big_l, d, k)
+    index = np.arange(n)
+    for layer in range(1, big_l + 1):
+        out = encoder.allocate(n)
+        encoder.batch(table, index, np.full(n, layer), out)
+        live = encoder.from_outputs(states[:, layer - 1], logits[:, :layer])
+        np.testing.assert_allclose(out, live, rtol=0, atol=1e-6)
+    assert (mode in table.derived) == precomputed
 
 
 def test_from_outputs_rejects_bad_shapes():

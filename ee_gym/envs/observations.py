@@ -31,6 +31,8 @@ from gymnasium import spaces
 from ee_gym.envs.table import ExitTable, normalized_entropy, softmax
 
 OBS_MODES = ("state", "state+layer", "state+confidence", "stats", "full")
+#: joined observation tables larger than this are not precomputed (``ObservationEncoder.batch``)
+PRECOMPUTE_LIMIT_BYTES = 2**30
 #: C, the copies of the head's confidence in a ``state+confidence`` observation (module docstring)
 CONFIDENCE_WIDTH = 8
 
@@ -263,7 +265,7 @@ class ObservationEncoder:
         """
         n, big_l, d = table.states.shape
         f = self.feature_size
-        if n * big_l * (f + big_l) * 4 > 2**30:
+        if n * big_l * (f + big_l) * 4 > PRECOMPUTE_LIMIT_BYTES:
             return None
         if self.mode not in table.derived:
             joined = np.zeros((n, big_l, f + big_l), dtype=np.float32)

@@ -98,6 +98,24 @@ def test_zero_initialised_adapter_head_is_the_lm_head(rank):
     assert decoder.head(NUM_LAYERS) is lm_head
 
 
+@pytest.mark.parametrize("head_kind", ["adapter", "copy", "shared"])
+def test_exit_predictions_are_each_heads_top1(head_kind):
+    """The batched product of every exit (what the live env's memorized layer reads) is each head's
+    own argmax, layer by layer."""
+    decoder = tiny_llama_decoder(head_kind)
+    torch.manual_seed(1)
+    if decoder.heads is not None:
+        with torch.no_grad():
+            for parameter in decoder.heads.parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))  # adapters start at zero
+    states = torch.randn(NUM_LAYERS, 32)
+    expected = [
+        int(decoder.head(layer)(states[layer - 1 : layer]).argmax()) for layer in range(1, NUM_LAYERS + 1)
+    ]
+    assert decoder.exit_predictions(states).tolist() == expected
+    assert len(set(expected)) > 1  # the heads differ, so the order of the rows is checked
+
+
 def test_head_kinds_and_their_errors():
     assert tiny_llama_decoder("shared").heads is None
     assert len(tiny_llama_decoder("copy").heads) == NUM_LAYERS - 1

@@ -34,8 +34,8 @@ acts in the other):
   token given the text so far. Cost: two decoder passes per token, one at full depth on a copy of the
   decode state (every layer's state for the observations, and the target) and one for real with the
   agent's exit (saved when the agent runs to layer L, where the full pass is the real one), plus exit
-  t's head for the reward and, for the info's memorized layer, the heads from L down to the first that
-  disagrees with the target. Single env only: the vector env replays tables.
+  t's head for the reward and, for the info's memorized layer, every exit's top-1 in one batched
+  LM-head product. Single env only: the vector env replays tables.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from ee_gym.envs.classification import LayerEpisodeEnv, check_mode
@@ -57,6 +58,7 @@ from ee_gym.generation.prepare import (
     load_token_table,
 )
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
+from ee_gym.hardness import memorized_layer
 from ee_gym.rewards import default_alpha, get_reward
 
 DEFAULT_REWARD = "plain"
@@ -378,13 +380,11 @@ class _LiveTokens:
         return float(top2[0] - top2[1])
 
     def memorized(self) -> int:
-        """The first layer from which every exit predicts the target (``ee_gym.hardness``), read from
-        exit L down to the first that disagrees: exit L always agrees (the target is its argmax)."""
+        """The first layer from which every exit predicts the target (``ee_gym.hardness``), from every
+        exit's top-1 in one batched head product (``MultiExitDecoder.exit_predictions``)."""
         if self._memorized is None:
-            layer = self.decoder.num_layers
-            while layer > 1 and self.prediction(layer - 1) == self.label:
-                layer -= 1
-            self._memorized = layer
+            predictions = self.decoder.exit_predictions(self._states).cpu().numpy()
+            self._memorized = int(memorized_layer(predictions[None], np.array([self.label]))[0])
         return self._memorized
 
 

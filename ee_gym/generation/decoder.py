@@ -484,6 +484,20 @@ class MultiExitDecoder(nn.Module):
         """Next-token logits of exit ``layer`` for hidden states h_l (any leading shape)."""
         return self.head(layer)(self.final_norm(hidden))
 
+    @torch.no_grad()
+    def exit_predictions(self, states: torch.Tensor) -> torch.Tensor:
+        """The top-1 token [L] of every exit 1..L for one token's states s_1..s_L [L, d] (after the
+        final norm).
+
+        With ``adapter`` heads (one shared LM head) the L vocabulary products run as one: reading the
+        LM head's weights dominates its cost, so L rows cost about what 3 separate rows do.
+        """
+        heads = [self.head(layer) for layer in range(1, self.num_layers + 1)]
+        if all(isinstance(h, AdapterHead) for h in heads[:-1]):
+            adapted = [h.adapter(states[i : i + 1]) for i, h in enumerate(heads[:-1])]
+            return heads[-1](torch.cat([*adapted, states[-1:]])).argmax(-1)
+        return torch.stack([h(states[i : i + 1])[0].argmax(-1) for i, h in enumerate(heads)])
+
     def propagated_kv(
         self, index: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:

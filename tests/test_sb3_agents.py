@@ -137,3 +137,17 @@ def test_contrib_policies_say_how_to_install_sb3_contrib(monkeypatch):
     for name in ("QRDQNPolicy", "MaskablePPOPolicy"):
         with pytest.raises(ImportError, match="pip install sb3-contrib"):
             getattr(module, name)
+
+
+def test_maskable_ppo_reads_the_confidence_observation():
+    """On a table where only the heads' confidence tells the easy layer (the states are noise),
+    Maskable PPO in ``state+confidence`` beats the best static layer, masking at the last layer by
+    the one-hot that ends the observation."""
+    pytest.importorskip("sb3_contrib")
+    from tests.test_reinforce import beats_best_static_layer, confidence_only_table
+
+    train, dev = confidence_only_table(n=200), confidence_only_table(n=200, seed=1, split="dev")
+    policy = make("maskable-ppo", obs_mode="state+confidence", total_timesteps=2_048, seed=0)
+    policy.learn(ConsistentEEVectorEnv(1, table=train, obs_mode="state+confidence"))
+    ok, why = beats_best_static_layer(evaluate(policy, dev), dev)
+    assert ok, why

@@ -57,7 +57,7 @@ def rollout(venv, steps, seed=0):
         yield actions, *venv.step(actions)
 
 
-@pytest.mark.parametrize("obs_mode", ["state+layer", "full"])
+@pytest.mark.parametrize("obs_mode", ["state+layer", "state+confidence", "full"])
 def test_vecenv_contract_and_terminal_observation(table, obs_mode):
     venv = bridge(table, obs_mode)
     venv.seed(0)
@@ -105,7 +105,7 @@ def test_vecenv_contract_and_terminal_observation(table, obs_mode):
                 next_layer = StatsView(obs["stats"][i], L, K).layer_number
             else:
                 np.testing.assert_allclose(terminal, single, atol=1e-6)
-                next_layer = obs[i][D:].argmax() + 1
+                next_layer = obs[i][-L:].argmax() + 1  # the one-hot ends the flat modes
             assert next_layer == 1  # the returned observation is layer 1 of the next input
             lengths[i] = 0
             checked += 1

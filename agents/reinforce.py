@@ -92,10 +92,9 @@ from tqdm.auto import tqdm
 
 from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
+from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
 
 ROLLOUTS = ("sample", "threshold")
-#: the observation modes the per-layer networks read: features first, the layer one-hot last
-REINFORCE_OBS_MODES = ("state+layer", "state+confidence")
 WEIGHTS_FILE = "policy.safetensors"
 HISTORY_FILE = "history.json"
 
@@ -190,8 +189,8 @@ class Reinforce(ExitPolicy):
     ):
         if rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
-        if obs_mode not in REINFORCE_OBS_MODES:
-            raise ValueError(f"REINFORCE reads obs_mode {' or '.join(REINFORCE_OBS_MODES)}, not {obs_mode!r}")
+        if obs_mode not in LAYER_ONE_HOT_MODES:
+            raise ValueError(f"REINFORCE reads obs_mode {' or '.join(LAYER_ONE_HOT_MODES)}, not {obs_mode!r}")
         self.obs_mode = obs_mode
         self.hidden_size, self.dropout, self.rollout, self.seed = (
             int(hidden_size),

@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv, SB3VecEnv
+from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
 from ee_gym.rewards import REWARDS
 
 try:
@@ -189,10 +190,6 @@ class QRDQNPolicy(DQNPolicy):
     algorithm = sb3_contrib.QRDQN if sb3_contrib else None
     #: 25 quantiles instead of 200: the loss is quadratic in them (40x faster here, as good)
     default_kwargs = {**DQNPolicy.default_kwargs, "policy_kwargs": {"n_quantiles": 25}}
-
-
-#: observation modes that end with the layer one-hot
-LAYER_ONE_HOT_MODES = ("state+layer", "state+confidence")
 
 
 class MaskablePPOPolicy(PPOPolicy):

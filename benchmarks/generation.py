@@ -17,9 +17,10 @@ One run, in order, with the time of each phase recorded:
    trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
    past the first layers of a 30-layer model); the same again at each ``--confidence-alphas`` with
-   the ``state+confidence`` observation (the state and exit l's top-2 gap); and, unless ``--no-oracle``, the oracle reference
-   (``OracleExit``: each token leaves at the first layer whose head says the full model's next token
-   for that history, which it finds by decoding every token twice);
+   the ``state+confidence`` observation (the state and exit l's top-2 gap); and, unless
+   ``--no-oracle``, the oracle reference (``OracleExit``: each token leaves at the first layer whose
+   head says the full model's next token for that history, which it finds by decoding every token
+   twice);
 4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
    from one shared prompt pass per batch: ROUGE-1/2/L (x100) against the references, mean exit layer
    over the tokens an exit decided, layer speed-up L / mean; and wall-clock tokens per second at batch

@@ -50,7 +50,7 @@ from ee_gym.envs.classification import LayerEpisodeEnv, check_mode
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.vector import ConsistentEEVectorEnv
 from ee_gym.generation.data import format_prompt, load_xsum
-from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer
+from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer, probability_gap
 from ee_gym.generation.prepare import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TABLE_PROMPTS,
@@ -338,9 +338,8 @@ class _LiveTokens:
         decoder = self.decoder
         self._full_state = self._state.clone()
         full, hidden = decoder.step_with_states(self._full_state, torch.tensor([self.tokens[-1]]))
-        self._states = decoder.final_norm(
-            hidden[0, 1:]
-        )  # [L, d] s_1..s_L in the decoder's dtype, for the heads
+        # [L, d] s_1..s_L in the decoder's dtype, for the heads
+        self._states = decoder.final_norm(hidden[0, 1:])
         self.observations = squash(self._states, self.scale).cpu().numpy()  # [L, d] float32
         self.label = int(full.logits[0].argmax())
         self._logits = {decoder.num_layers: full.logits[0].float()}
@@ -376,8 +375,7 @@ class _LiveTokens:
         return float(-torch.log_softmax(self.logits(layer), -1)[self.label].double())
 
     def top2_gap(self, layer: int) -> float:
-        top2 = torch.softmax(self.logits(layer), -1).topk(2).values
-        return float(top2[0] - top2[1])
+        return float(probability_gap(self.logits(layer)))
 
     def memorized(self) -> int:
         """The first layer from which every exit predicts the target (``ee_gym.hardness``), from every

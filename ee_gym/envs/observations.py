@@ -31,6 +31,8 @@ from gymnasium import spaces
 from ee_gym.envs.table import ExitTable, normalized_entropy, softmax
 
 OBS_MODES = ("state", "state+layer", "state+confidence", "stats", "full")
+#: the flat modes that end with the layer one-hot (what per-layer networks and action masks read)
+LAYER_ONE_HOT_MODES = ("state+layer", "state+confidence")
 #: joined observation tables larger than this are not precomputed (``ObservationEncoder.batch``)
 PRECOMPUTE_LIMIT_BYTES = 2**30
 #: C, the copies of the head's confidence in a ``state+confidence`` observation (module docstring)
@@ -229,7 +231,7 @@ class ObservationEncoder:
         rows = index * self.num_layers + (layer - 1)  # into the [N * L, ...] flattened tables
         if self.mode == "state":
             gather(self._flat_states(table), rows, out)
-        elif self.mode in ("state+layer", "state+confidence"):
+        elif self.mode in LAYER_ONE_HOT_MODES:
             joined = self._flat_joined(table)
             if joined is not None:
                 gather(joined, rows, out)

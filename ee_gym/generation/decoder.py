@@ -134,12 +134,19 @@ class StepOutput:
     hidden: torch.Tensor  # [B, d] h_t, the exit layer's hidden state (before the final norm)
 
 
+def probability_gap(logits: torch.Tensor) -> torch.Tensor:
+    """p(1st) - p(2nd) of the softmax of ``logits`` [..., V], in float32."""
+    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
 class LayerView:
     """What an exit callback sees after layer ``layer`` (1-based) for the current token.
 
     ``states`` (final norm of ``hidden``, the s_l of METHOD.md), ``logits`` (exit ``layer``'s
-    next-token logits) and ``similarity`` (cosine of h_l and h_{l-1}, CALM's state signal) are
-    computed on first access only, so callbacks that need none of them pay nothing.
+    next-token logits), ``confidence`` (their top-1 minus top-2 probability, CALM's softmax signal)
+    and ``similarity`` (cosine of h_l and h_{l-1}, CALM's state signal) are computed on first access
+    only, so callbacks that need none of them pay nothing.
     """
 
     def __init__(
@@ -171,6 +178,18 @@ class LayerView:
     @cached_property
     def logits(self) -> torch.Tensor:
         return self.decoder.head(self.layer)(self.states)
+
+    @cached_property
+    def confidence(self) -> torch.Tensor:
+        """[B] p_l(1st) - p_l(2nd) in float32 on the CPU, 0 for rows that already exited: the head (a
+        vocabulary-sized product, the cost of this signal) runs on the active rows only."""
+        out = torch.zeros(self.batch_size)
+        active = self.active.to(self.hidden.device)
+        with torch.no_grad():  # a decision signal, never trained through
+            if bool(active.any()):
+                logits = self.decoder.head(self.layer)(self.states[active])
+                out[active.cpu()] = probability_gap(logits).cpu()
+        return out
 
     @cached_property
     def similarity(self) -> torch.Tensor:

@@ -99,15 +99,7 @@ class ConfidenceExit(GenerationExit):
         self.threshold = float(threshold)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        # The head runs on the rows still decoding only: its vocabulary-sized product is the cost here.
-        active = view.active.to(view.hidden.device)
-        exits = torch.zeros(view.batch_size, dtype=torch.bool)
-        if not bool(active.any()):
-            return exits
-        logits = view.decoder.head(view.layer)(view.states[active]).float()
-        top2 = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
-        exits[active.cpu()] = (top2[:, 0] - top2[:, 1] >= self.threshold).cpu()
-        return exits
+        return (view.confidence >= self.threshold) & view.active.cpu()
 
     def table_exit_layers(self, table: TokenTable) -> np.ndarray:
         return _first_exit(table.top2_gap >= np.float32(self.threshold))
@@ -168,15 +160,10 @@ class PolicyExit(GenerationExit):
         env = types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes), encoder=self.encoder)
         policy.bind(env)
 
-    @torch.no_grad()
     def observations(self, view: LayerView) -> np.ndarray:
         """The env's observations of the batch at this layer."""
         states = squash(view.states.detach(), self.scale).cpu().numpy()
-        gap = None
-        if self.encoder.uses_confidence:
-            logits = view.decoder.head(view.layer)(view.states).float()
-            top2 = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
-            gap = (top2[:, 0] - top2[:, 1]).cpu().numpy()
+        gap = view.confidence.numpy() if self.encoder.uses_confidence else None
         return self.encoder.join(states, view.layer, gap)
 
     def __call__(self, view: LayerView) -> torch.Tensor:

@@ -6,10 +6,12 @@
 One run, in order, with the time of each phase recorded:
 
 1. exit heads (stage 1 for decoders) on ``--head-rows``, unless ``--heads`` names a folder of trained
-   ones: ``--head-method regression`` (the default) fits full-rank adapters in closed form on the
-   teacher-forced articles and reference summaries (``ee_gym.generation.regression``);
-   ``gradient`` self-distils the rows (the model's own greedy continuations) and trains adapters
-   with the depth-weighted cross-entropy (``ee_gym.generation.training``);
+   ones (``ee_gym.generation.prepare.train_heads``): ``--head-method regression`` (the default) fits
+   full-rank adapters in closed form on the teacher-forced articles and reference summaries
+   (``ee_gym.generation.regression``); ``gradient`` self-distils the rows (the model's own greedy
+   continuations) and trains adapters with the depth-weighted cross-entropy
+   (``ee_gym.generation.training``); ``regression+gradient`` does the first, then fine-tunes its
+   adapters by the second (see ``benchmarks/results/xsum-finetuned-heads`` for what that changes);
 2. the token table of ``--policy-rows`` (held out from the heads): the per-layer exits of every token
    the full model generates there;
 3. thresholds of the CALM rules placed on that table at the layer speed-ups ``--speedups``
@@ -28,7 +30,8 @@ One run, in order, with the time of each phase recorded:
 
 Writes ``results.md`` (the table, the target check, the settings) and ``results.json`` (everything,
 summaries included) to ``--output-dir`` (default ``benchmarks/results/xsum``). Heads are saved under
-``$EE_GYM_HOME/generation/heads/`` (``--save-heads`` to choose), never into the repository.
+``$EE_GYM_HOME/generation/heads/`` in a folder per method (``--save-heads`` to choose), never into the
+repository.
 Threads: ``--threads`` (default 1).
 """
 
@@ -39,12 +42,19 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.throughput import limit_threads
 
 TARGET_SPEEDUP, TARGET_ROUGE_DROP = 1.5, 1.0
 ORACLE = "oracle (reference, not deployable)"
+#: ee_gym.generation.prepare.HEAD_METHODS, spelled out: importing it would import numpy before
+#: --threads is applied
+HEAD_METHODS = ("regression", "gradient", "regression+gradient")
+#: the folder under $EE_GYM_HOME/generation/heads/<decoder>- where each method's heads are saved
+HEAD_FOLDERS = {"regression": "xsum-benchmark", "gradient": "xsum-benchmark-gradient",
+                "regression+gradient": "xsum-benchmark-finetuned"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,11 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="articles decoded together (scores only)")
     p.add_argument("--heads", default=None, help="a folder of trained exit heads: skip head training")
     p.add_argument("--save-heads", default=None, help="where trained heads go (default under $EE_GYM_HOME)")
-    p.add_argument("--head-method", default="regression", choices=["regression", "gradient"])
+    p.add_argument("--head-method", default="regression", choices=HEAD_METHODS)
     p.add_argument("--adapter-rank", type=int, default=0,
                    help="0: full d x d adapters (regression needs them); e.g. 64 for gradient training")  # fmt: skip
-    p.add_argument("--head-epochs", type=int, default=3)
-    p.add_argument("--head-lr", type=float, default=3e-3)
+    p.add_argument("--head-epochs", type=int, default=None,
+                   help="gradient epochs (default 3 from zero, 4 after the regression)")  # fmt: skip
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="gradient learning rate (default 3e-3 from zero, 1e-4 after the regression)")  # fmt: skip
     p.add_argument("--head-batch-size", type=int, default=32)
     p.add_argument("--layers-per-step", type=int, default=8, help="heads trained per step (0: all)")
     p.add_argument("--head-targets", default="greedy", choices=["greedy", "distribution"])
@@ -157,7 +169,7 @@ def target_check(runs: list[dict]) -> dict:
         "met": drop <= TARGET_ROUGE_DROP,
         "best": best["name"],
         "detail": f"the best policy at >= {TARGET_SPEEDUP}x is {best['name']} ({best['speedup']:.2f}x), "
-        f"ROUGE-L {best['rouge']['rougeL']:.2f}, {drop:+.2f} below full depth.",
+        f"ROUGE-L {best['rouge']['rougeL']:.2f} ({-drop:+.2f} against full depth).",
     }
 
 
@@ -182,11 +194,9 @@ def main(argv=None) -> dict:
         evaluate_generation,
         set_exit_prior,
         threshold_for_speedup,
-        train_exit_heads,
     )
     from ee_gym.generation.data import load_xsum
-    from ee_gym.generation.prepare import collect_split, default_heads_dir
-    from ee_gym.generation.regression import fit_exit_heads, xsum_texts
+    from ee_gym.generation.prepare import FINETUNE_CONFIG, collect_split, default_heads_dir, train_heads
 
     progress = not args.no_progress
     seconds: dict[str, float] = {}
@@ -203,7 +213,17 @@ def main(argv=None) -> dict:
     rank = args.adapter_rank or None
     if args.heads:
         decoder = MultiExitDecoder.from_pretrained(args.decoder, heads=args.heads, device="cpu")
-        head_history, head_tokens = decoder.heads_metadata.get("history", []), None
+        meta = decoder.heads_metadata
+        head_history = meta.get("history", [])
+        # What the folder recorded of how its heads were made (older folders record less).
+        head_settings = {
+            "heads": f"loaded from {args.heads}",
+            "head_method": meta.get("method", meta.get("training", {}).get("method", "(not recorded)")),
+            "head_rows": meta.get("rows", meta.get("split", "(not recorded)")),
+            "head_tokens": meta.get("tokens"),
+            "adapter_rank": decoder.adapter_rank or "full",
+            "head_training": meta.get("training"),
+        }
     else:
         decoder = MultiExitDecoder.from_pretrained(
             args.decoder, head_kind="adapter", adapter_rank=rank, device="cpu"
@@ -211,29 +231,31 @@ def main(argv=None) -> dict:
     lap("load")
 
     if not args.heads:
-        if args.head_method == "regression":
-            texts = xsum_texts(decoder, args.head_rows, args.data_dir)
-            head_history = [fit_exit_heads(decoder, texts, progress=progress)]
-            head_tokens = head_history[0]["positions"]
-        else:
-            tokens = collect_split(
-                decoder, "xsum", args.head_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
-                progress=progress,
-            )  # fmt: skip
-            head_tokens = tokens.num_tokens
-            lap("heads: self-distillation")
-            config = HeadTrainingConfig(
-                epochs=args.head_epochs,
-                batch_size=args.head_batch_size,
-                layers_per_step=args.layers_per_step or None,
-                learning_rate=args.head_lr,
-                targets=args.head_targets,
-                seed=args.seed,
-            )
-            head_history = train_exit_heads(decoder, tokens, config, progress=progress)
-            del tokens
+        start = FINETUNE_CONFIG if args.head_method == "regression+gradient" else HeadTrainingConfig()
+        config = HeadTrainingConfig(
+            epochs=args.head_epochs or start.epochs,
+            batch_size=args.head_batch_size,
+            layers_per_step=args.layers_per_step or None,
+            learning_rate=args.head_lr or start.learning_rate,
+            targets=args.head_targets,
+            seed=args.seed,
+        )
+        head_history = train_heads(
+            decoder, "xsum", split=args.head_rows, method=args.head_method, data_dir=args.data_dir,
+            max_prompts=None, max_new_tokens=args.max_new_tokens, config=config, progress=progress,
+        )  # fmt: skip
+        head_settings = {
+            "head_method": args.head_method,
+            "head_rows": args.head_rows,
+            "head_tokens": decoder.heads_metadata.get("tokens"),  # self-distilled (gradient phase)
+            "head_positions": None if args.head_method == "gradient" else head_history[0]["positions"],
+            "adapter_rank": rank or "full",
+            "head_training": None if args.head_method == "regression" else asdict(config),
+        }
         folder = (
-            Path(args.save_heads) if args.save_heads else default_heads_dir(args.decoder, "xsum-benchmark")
+            Path(args.save_heads)
+            if args.save_heads
+            else default_heads_dir(args.decoder, HEAD_FOLDERS[args.head_method])
         )
         decoder.save_heads(folder, metadata={**decoder.heads_metadata, "rows": args.head_rows})
         print(f"heads saved to {folder}")
@@ -315,18 +337,11 @@ def main(argv=None) -> dict:
             "decoder": args.decoder,
             "articles": len(articles),
             "eval_rows": args.eval_rows,
-            "head_rows": args.head_rows if not args.heads else f"(loaded from {args.heads})",
-            "head_method": args.head_method if not args.heads else "(loaded)",
-            "head_tokens": head_tokens,
+            **head_settings,
             "policy_rows": args.policy_rows,
             "policy_tokens": table.num_inputs,
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
-            "adapter_rank": rank or "full",
-            "head_epochs": args.head_epochs,
-            "head_lr": args.head_lr,
-            "layers_per_step": args.layers_per_step or "all",
-            "head_targets": args.head_targets,
             "reward": args.reward,
             "policy_epochs": args.policy_epochs,
             "policy_lr": args.policy_lr,

@@ -209,6 +209,40 @@ def test_heads_save_and_load(tmp_path, tokens):
         other.load_heads(folder)
 
 
+def test_regression_then_gradient_heads(data_dir, tokens):
+    """``regression+gradient`` is the closed-form fit, then gradient steps on the self-distilled tokens
+    from that solution: lower loss on those tokens than the fit alone, and both phases recorded."""
+    from ee_gym.generation import prepare
+
+    def heads(method, **kwargs):
+        decoder = tiny_llama_decoder()
+        history = prepare.train_heads(decoder, split="0:8", method=method, data_dir=data_dir, max_prompts=None,
+                                      max_new_tokens=8, progress=False, **kwargs)  # fmt: skip
+        return decoder, history
+
+    fitted, fit_history = heads("regression")
+    config = HeadTrainingConfig(epochs=3, batch_size=8, layers_per_step=None, learning_rate=1e-2)
+    tuned, history = heads("regression+gradient", config=config)
+    assert [r.get("epoch") for r in history] == [None, 1, 2, 3] and history[0] == fit_history[0]
+    loss = {
+        name: weighted_exit_loss(exit_cross_entropy(d, tokens))
+        for name, d in (("fit", fitted), ("tuned", tuned))
+    }
+    assert loss["tuned"] < loss["fit"] - 0.05
+    meta = tuned.heads_metadata
+    assert meta["method"] == "regression+gradient" and meta["tokens"] == tokens.num_tokens
+    assert meta["regression"]["positions"] == fit_history[0]["positions"] and meta["training"]["epochs"] == 3
+    with pytest.raises(ValueError, match="unknown head method"):
+        heads("closed-form")
+
+
+def test_benchmark_spells_out_the_head_methods():
+    from benchmarks import generation as bench
+    from ee_gym.generation import prepare
+
+    assert bench.HEAD_METHODS == prepare.HEAD_METHODS
+
+
 # --------------------------------------------------------------------------- the token table
 
 
@@ -749,7 +783,8 @@ def test_evaluate_generation_shares_the_prefill(data_dir):
 
 
 @pytest.mark.parametrize("heads", [["--head-method", "gradient", "--adapter-rank", "8"],
-                                   ["--head-method", "regression", "--adapter-rank", "0"]], ids=["gradient", "regression"])  # fmt: skip
+                                   ["--head-method", "regression", "--adapter-rank", "0"],
+                                   ["--head-method", "regression+gradient"]], ids=["gradient", "regression", "both"])  # fmt: skip
 def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     """benchmarks/generation.py on the tiny model: heads, table, policies, evaluation, table + JSON."""
     from benchmarks import generation as bench
@@ -779,6 +814,31 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     assert oracle["tokens_per_second"] is None and record["target"].get("best") != oracle["name"]
     markdown = (out / "results.md").read_text()
     assert "| policy |" in markdown and "ROUGE-L" in markdown
+
+
+def test_benchmark_reports_how_loaded_heads_were_made(tmp_path, data_dir):
+    """``--heads`` skips head training, and the settings still say what the folder's heads are."""
+    from benchmarks import generation as bench
+
+    decoder = tiny_llama_decoder()
+    decoder.model.save_pretrained(tmp_path / "tiny")
+    decoder.tokenizer.save_pretrained(tmp_path / "tiny")
+    common = [
+        "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--eval-rows", "0:2",
+        "--policy-rows", "8:10", "--max-new-tokens", "4", "--static-layers", "2", "--speedups",
+        "--alphas", "--confidence-alphas", "--no-oracle", "--timing-articles", "1", "--no-progress",
+    ]  # fmt: skip
+    trained = bench.main([*common, "--head-rows", "4:8", "--head-method", "regression+gradient", "--head-epochs", "1",
+                          "--save-heads", str(tmp_path / "heads"), "--output-dir", str(tmp_path / "a")])  # fmt: skip
+    loaded = bench.main([*common, "--heads", str(tmp_path / "heads"), "--output-dir", str(tmp_path / "b")])
+    settings = loaded["settings"]
+    assert settings["heads"] == f"loaded from {tmp_path / 'heads'}"
+    assert (settings["head_method"], settings["head_rows"]) == ("regression+gradient", "4:8")
+    assert settings["head_tokens"] == trained["settings"]["head_tokens"] > 0
+    assert settings["head_training"] == trained["settings"]["head_training"]
+    assert settings["head_training"]["epochs"] == 1 and settings["head_training"]["learning_rate"] == 1e-4
+    # Same heads, same table: the runs decode the same summaries.
+    assert [r["summaries"] for r in loaded["runs"]] == [r["summaries"] for r in trained["runs"]]
 
 
 # --------------------------------------------------------------------------- the real model

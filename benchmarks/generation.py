@@ -15,7 +15,8 @@ One run, in order, with the time of each phase recorded:
 2. the token table of ``--policy-rows`` (held out from the heads): the per-layer exits of every token
    the full model generates there;
 3. thresholds of the CALM rules placed on that table at the layer speed-ups ``--speedups``
-   (``threshold_for_speedup``; never on the scored articles), and ConsistentEE's REINFORCE policy
+   (``threshold_for_speedup``; never on the scored articles), for each ``--calm-min-layers`` (no exit
+   before that layer), and ConsistentEE's REINFORCE policy
    trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
    past the first layers of a 30-layer model); the same again at each ``--confidence-alphas`` with
@@ -82,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--static-layers", type=int, nargs="*", default=[20, 24])
     p.add_argument("--speedups", type=float, nargs="*", default=[1.2, 1.3],
                    help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
+    p.add_argument("--calm-min-layers", type=int, nargs="*", default=[1],
+                   help="CALM rows for each: no exit before this layer (1: none forbidden)")  # fmt: skip
     p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.12, 0.13, 0.14, 0.16],
                    help="ConsistentEE policies reading the state (the paper's observation)")  # fmt: skip
     p.add_argument("--confidence-alphas", type=float, nargs="*", default=[0.13, 0.14, 0.15],
@@ -286,11 +289,12 @@ def main(argv=None) -> dict:
         ("calm-confidence", table.top2_gap, ConfidenceExit),
         ("calm-similarity", table.similarity, StateSimilarityExit),
     ):
-        for target in args.speedups:
-            rule = make(threshold_for_speedup(values, target))
-            name = f"{kind} (lambda={rule.threshold:.4g})"
-            policies[name] = rule
-            table_speedup[name] = num_layers / rule.table_exit_layers(table).mean()
+        for min_layer in args.calm_min_layers:
+            for target in args.speedups:
+                rule = make(threshold_for_speedup(values, target, min_layer=min_layer), min_layer=min_layer)
+                name = f"{kind} (lambda={rule.threshold:.4g}{f', min layer {min_layer}' if min_layer > 1 else ''})"
+                policies[name] = rule
+                table_speedup[name] = num_layers / rule.table_exit_layers(table).mean()
     policy_history = {}
     for obs_mode, alphas, kind in (
         ("state+layer", args.alphas, "consistentee"),
@@ -338,6 +342,8 @@ def main(argv=None) -> dict:
             "articles": len(articles),
             "eval_rows": args.eval_rows,
             **head_settings,
+            "calm_speedups": args.speedups,
+            "calm_min_layers": args.calm_min_layers,
             "policy_rows": args.policy_rows,
             "policy_tokens": table.num_inputs,
             "max_new_tokens": args.max_new_tokens,

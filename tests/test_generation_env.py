@@ -642,6 +642,34 @@ def test_similarity_and_static_rules_on_a_hand_made_view():
         _ = stub_view([[1.0, 0.0]]).similarity
 
 
+def test_rules_do_not_exit_before_min_layer():
+    view = stub_view([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], previous=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], layer=2)
+    assert ConfidenceExit(0.0, min_layer=2)(view).tolist() == [True, True]
+    assert ConfidenceExit(0.0, min_layer=3)(view).tolist() == [False, False]
+    assert StateSimilarityExit(0.5, min_layer=2)(view).tolist() == [True, True]
+    assert StateSimilarityExit(0.5, min_layer=3)(view).tolist() == [False, False]
+    assert repr(ConfidenceExit(0.5, min_layer=3)) == "ConfidenceExit(threshold=0.5, min_layer=3)"
+    assert repr(ConfidenceExit(0.5)) == "ConfidenceExit(threshold=0.5)"
+    with pytest.raises(ValueError, match="min_layer must be 1 or more"):
+        StateSimilarityExit(0.5, min_layer=0)
+
+
+def test_an_always_confident_rule_with_min_layer_decodes_as_static(prompts):
+    """Threshold 0 exits at the first allowed layer: decoding is StaticExit(min_layer)'s, token for token."""
+    decoder = tiny_llama_decoder()
+    batch = decoder.tokenizer(prompts[:3], return_tensors="pt", padding=True, padding_side="left")
+    runs = [
+        decoder.generate(
+            batch["input_ids"], batch["attention_mask"], max_new_tokens=6, exit_fn=rule, stop_at_eos=False
+        )
+        for rule in (ConfidenceExit(0.0, min_layer=3), StaticExit(3), ConfidenceExit(0.0))
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(
+        runs[0].exit_layers, runs[1].exit_layers
+    )
+    assert (runs[0].exit_layers[:, 1:] == 3).all() and (runs[2].exit_layers[:, 1:] == 1).all()
+
+
 def test_policy_rule_builds_the_env_observation():
     decoder = tiny_llama_decoder()
     seen = {}
@@ -742,6 +770,19 @@ def test_rules_on_the_table(table):
     ).all()
     sims = StateSimilarityExit(0.5).table_exit_layers(table)
     assert sims.tolist() == first(table.similarity, np.float32(0.5))
+    low = float(np.median(gap[:, 0]))  # half the tokens would exit at layer 1
+    late = ConfidenceExit(low, min_layer=2).table_exit_layers(table)
+    assert late.tolist() == [
+        next((k for k in range(2, NUM_LAYERS) if row[k - 1] >= np.float32(low)), NUM_LAYERS) for row in gap
+    ]
+    assert (ConfidenceExit(low).table_exit_layers(table) == 1).mean() >= 0.5 and late.min() == 2
+    for target in (1.2, 1.5):
+        lam = threshold_for_speedup(gap, target, min_layer=2)
+        rule = ConfidenceExit(lam, min_layer=2)
+        exits = rule.table_exit_layers(table)
+        assert NUM_LAYERS / exits.mean() >= target and exits.min() >= 2
+    with pytest.raises(ValueError, match="min_layer must be in 1..3"):
+        threshold_for_speedup(gap, 1.2, min_layer=NUM_LAYERS)
     for target in (1.2, 1.5, 2.0):
         lam = threshold_for_speedup(gap, target)
         assert NUM_LAYERS / ConfidenceExit(lam).table_exit_layers(table).mean() >= target

@@ -7,6 +7,7 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     StaticExit(k)                 l >= k                                          ("layer-k" rows)
     ConfidenceExit(lambda)        p_l(1st) - p_l(2nd) >= lambda, p_l = softmax of exit l's logits   (CALM)
     StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
+                                  (both rules take ``min_layer``: no exit before that layer)
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
                                   env) acting on the state of layer l (and, in the state+confidence
                                   observation mode, exit l's top-2 gap), as the env showed it
@@ -38,11 +39,38 @@ from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
 
 
-def _first_exit(flags: np.ndarray) -> np.ndarray:
-    """[N] first layer (1-based) whose flag is set among layers 1..L-1, else L, for flags [N, L]."""
+def _first_exit(flags: np.ndarray, min_layer: int = 1) -> np.ndarray:
+    """[N] first layer (1-based) whose flag is set among layers min_layer..L-1, else L, for flags [N, L]."""
     flags = np.asarray(flags, dtype=bool).copy()
+    flags[:, : max(int(min_layer), 1) - 1] = False
     flags[:, -1] = True  # layer L exits whatever the rule says
     return flags.argmax(1) + 1
+
+
+def _check_min_layer(min_layer: int) -> int:
+    if int(min_layer) < 1:
+        raise ValueError(
+            f"min_layer must be 1 or more (1: exits allowed from the first layer), got {min_layer}"
+        )
+    return int(min_layer)
+
+
+class ThresholdRule:
+    """What CALM's two rules share: a threshold on a per-layer signal, and no exit before ``min_layer``.
+
+    ``min_layer`` guards against shallow exits, whose propagated keys and values fill every deeper
+    layer's cache from a state far from what those layers would compute (see
+    ``benchmarks/results/xsum-finetuned-heads``).
+    """
+
+    def __init__(self, threshold: float, min_layer: int = 1):
+        self.threshold, self.min_layer = float(threshold), _check_min_layer(min_layer)
+
+    def get_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"threshold": self.threshold}
+        if self.min_layer > 1:
+            params["min_layer"] = self.min_layer
+        return params
 
 
 class GenerationExit:
@@ -90,40 +118,37 @@ class StaticExit(GenerationExit):
         return {"layer": self.layer}
 
 
-class ConfidenceExit(GenerationExit):
-    """CALM's softmax confidence: exit when p_l(1st) - p_l(2nd) >= ``threshold``."""
+class ConfidenceExit(ThresholdRule, GenerationExit):
+    """CALM's softmax confidence: exit when p_l(1st) - p_l(2nd) >= ``threshold`` (at l >= ``min_layer``)."""
 
     name = "calm-confidence"
 
-    def __init__(self, threshold: float = 0.9):
-        self.threshold = float(threshold)
+    def __init__(self, threshold: float = 0.9, min_layer: int = 1):
+        super().__init__(threshold, min_layer)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
+        if view.layer < self.min_layer:  # no head product where no exit is allowed
+            return torch.zeros(view.batch_size, dtype=torch.bool)
         return (view.confidence >= self.threshold) & view.active.cpu()
 
     def table_exit_layers(self, table: TokenTable) -> np.ndarray:
-        return _first_exit(table.top2_gap >= np.float32(self.threshold))
-
-    def get_params(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
+        return _first_exit(table.top2_gap >= np.float32(self.threshold), self.min_layer)
 
 
-class StateSimilarityExit(GenerationExit):
-    """CALM's state propagation signal: exit when cos(h_l, h_{l-1}) >= ``threshold``."""
+class StateSimilarityExit(ThresholdRule, GenerationExit):
+    """CALM's state propagation signal: exit when cos(h_l, h_{l-1}) >= ``threshold`` (at l >=
+    ``min_layer``)."""
 
     name = "calm-similarity"
 
-    def __init__(self, threshold: float = 0.975):
-        self.threshold = float(threshold)
+    def __init__(self, threshold: float = 0.975, min_layer: int = 1):
+        super().__init__(threshold, min_layer)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return (view.similarity >= self.threshold).cpu()
+        return (view.similarity >= self.threshold).cpu() & (view.layer >= self.min_layer)
 
     def table_exit_layers(self, table: TokenTable) -> np.ndarray:
-        return _first_exit(table.similarity >= np.float32(self.threshold))
-
-    def get_params(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
+        return _first_exit(table.similarity >= np.float32(self.threshold), self.min_layer)
 
 
 class PolicyExit(GenerationExit):
@@ -199,21 +224,28 @@ def set_exit_prior(policy: Any, probability: float) -> None:
             layer_net[-1].bias.fill_(math.log(probability / (1.0 - probability)))
 
 
-def threshold_for_speedup(values: np.ndarray, speedup: float, num_layers: int | None = None) -> float:
-    """The largest threshold lambda (the most cautious) whose rule "exit at the first layer with
-    value >= lambda" still gives at least ``speedup`` = L / mean exit layer on per-layer values [N, L].
+def threshold_for_speedup(
+    values: np.ndarray, speedup: float, num_layers: int | None = None, min_layer: int = 1
+) -> float:
+    """The largest threshold lambda (the most cautious) whose rule "exit at the first layer >=
+    ``min_layer`` with value >= lambda" still gives at least ``speedup`` = L / mean exit layer on
+    per-layer values [N, L].
 
     The mean exit layer grows with lambda, so a bisection over the values themselves finds it. Used to
     place the CALM rules' thresholds on the policy split's table, never on evaluation data.
     """
     values = np.asarray(values, dtype=np.float32)
     num_layers = num_layers or values.shape[1]
-    candidates = np.unique(values[:, :-1])
+    if not 1 <= int(min_layer) < num_layers:
+        raise ValueError(
+            f"min_layer must be in 1..{num_layers - 1} (layer {num_layers} always exits), got {min_layer}"
+        )
+    candidates = np.unique(values[:, int(min_layer) - 1 : -1])
     lo, hi = 0, len(candidates) - 1
     best = float(candidates[0])
     while lo <= hi:  # the largest candidate that still reaches the speed-up
         mid = (lo + hi) // 2
-        mean = _first_exit(values >= candidates[mid]).mean()
+        mean = _first_exit(values >= candidates[mid], min_layer).mean()
         if num_layers / mean >= speedup:
             best, lo = float(candidates[mid]), mid + 1
         else:

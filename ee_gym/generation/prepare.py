@@ -124,10 +124,8 @@ def train_heads(
             config = FINETUNE_CONFIG
         history += train_exit_heads(decoder, tokens, config, progress=progress)
         metadata["tokens"] = tokens.num_tokens
+    metadata.update({"task": task, "split": split, "max_prompts": max_prompts, "method": method})
     decoder.heads_metadata.update(metadata)
-    decoder.heads_metadata.update(
-        {"task": task, "split": split, "max_prompts": max_prompts, "method": method}
-    )  # fmt: skip
     return history
 
 

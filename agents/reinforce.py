@@ -126,20 +126,21 @@ class PerLayerPolicy(nn.Module):
 
 # -- the two formulas of the policy gradient -------------------------------------------------------
 def trajectory_log_prob(
-    logits: torch.Tensor, exit_layer: torch.Tensor, exit_chosen: torch.Tensor
+    logits: torch.Tensor, exit_layer: torch.Tensor, exit_chosen: torch.Tensor, min_layer: int = 1
 ) -> torch.Tensor:
-    """log pi(tau) of each row: sum_{l<t} log(1 - p_l) + log p_t, with p_l = sigmoid(logits[:, l-1]).
+    """log pi(tau) of each row: sum_{min_layer<=l<t} log(1 - p_l) + log p_t, with p_l = sigmoid(logits[:, l-1]).
 
     logits: [N, L] exit logits (entries after the exit are ignored); exit_layer: [N] t in 1..L;
     exit_chosen: [N] bool, False for a row the env forced out at L after the policy said CONTINUE:
-    such a row adds log(1 - p_L) instead of log p_L.
+    such a row adds log(1 - p_L) instead of log p_L. Layers below ``min_layer`` continue whatever the
+    policy says, so they are no decision of the policy and add nothing.
     """
     layers = torch.arange(1, logits.shape[1] + 1, device=logits.device)[None, :]
     exit_layer = exit_layer.to(logits.device)[:, None]
     log_continue, log_exit = F.logsigmoid(-logits), F.logsigmoid(logits)
     at_exit = torch.where(exit_chosen.to(logits.device)[:, None].bool(), log_exit, log_continue)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    before = torch.where(layers < exit_layer, log_continue, zero).sum(1)
+    before = torch.where((layers < exit_layer) & (layers >= min_layer), log_continue, zero).sum(1)
     return before + torch.where(layers == exit_layer, at_exit, zero).sum(1)
 
 
@@ -171,6 +172,9 @@ class Reinforce(ExitPolicy):
         state_size, num_layers: the network's shape; taken from the env on ``learn``/``bind`` when None.
         obs_mode: ``"state+layer"`` (the paper: each layer's network reads s_l) or
             ``"state+confidence"`` (s_l and what exit l's head says, ``ee_gym.envs.observations``).
+        min_layer: no exit before this layer (1: none forbidden). Below it the policy continues
+            whatever its network says, in training and in ``act``; a guard for decoders, where a shallow
+            exit's propagated keys and values derail later tokens (``benchmarks/results/xsum-finetuned-heads``).
     """
 
     name: ClassVar[str] = "reinforce"
@@ -186,12 +190,17 @@ class Reinforce(ExitPolicy):
         state_size: int | None = None,
         num_layers: int | None = None,
         obs_mode: str = "state+layer",
+        min_layer: int = 1,
     ):
         if rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
         if obs_mode not in LAYER_ONE_HOT_MODES:
             raise ValueError(f"REINFORCE reads obs_mode {' or '.join(LAYER_ONE_HOT_MODES)}, not {obs_mode!r}")
-        self.obs_mode = obs_mode
+        if int(min_layer) < 1:
+            raise ValueError(
+                f"min_layer must be 1 or more (1: exits allowed from the first layer), got {min_layer}"
+            )
+        self.obs_mode, self.min_layer = obs_mode, int(min_layer)
         self.hidden_size, self.dropout, self.rollout, self.seed = (
             int(hidden_size),
             float(dropout),
@@ -221,6 +230,10 @@ class Reinforce(ExitPolicy):
         # The network reads every entry before the layer one-hot: s_l, and the confidence if observed.
         encoder = ObservationEncoder(self.obs_mode, table.num_layers, table.hidden_size, table.num_labels)
         size = encoder.feature_size
+        if self.min_layer > table.num_layers:
+            raise ValueError(
+                f"min_layer {self.min_layer} is beyond the env's last layer ({table.num_layers})"
+            )
         if self.net is None:
             self._build(size, table.num_layers)
         elif (self.net.state_size, self.net.num_layers) != (size, table.num_layers):
@@ -257,6 +270,7 @@ class Reinforce(ExitPolicy):
             exits = probs > 0.5
         else:
             exits = torch.bernoulli(torch.from_numpy(probs), generator=self._torch_rng).numpy() > 0
+        exits &= layers >= self.min_layer
         return (exits | (layers == self.net.num_layers)).astype(np.int64)
 
     # -- learning ---------------------------------------------------------------------------------
@@ -301,7 +315,10 @@ class Reinforce(ExitPolicy):
                 rewards = torch.as_tensor(out.rewards, dtype=torch.float32)
                 advantage = rewards - group_baseline(rewards, replicas)
                 log_prob = trajectory_log_prob(
-                    out.logits, torch.from_numpy(out.exit_layer), torch.from_numpy(out.exit_chosen)
+                    out.logits,
+                    torch.from_numpy(out.exit_layer),
+                    torch.from_numpy(out.exit_chosen),
+                    self.min_layer,
                 )
                 loss = -(advantage * log_prob).mean()
                 optimizer.zero_grad()
@@ -352,6 +369,10 @@ class Reinforce(ExitPolicy):
         rewards, correct = np.zeros(n), np.zeros(n, dtype=bool)
         columns = []
         for layer in range(1, num_layers + 1):
+            if layer < self.min_layer:  # no decision here: every row continues, no network runs
+                obs, *_ = env.step(np.zeros(n, dtype=np.int64))
+                columns.append(torch.zeros(n))
+                continue
             rows = np.flatnonzero(active)
             states = torch.from_numpy(obs[rows, :d])
             if rollout == "threshold" and self.dropout > 0:  # replicas differ only by dropout
@@ -388,6 +409,7 @@ class Reinforce(ExitPolicy):
             "state_size": None if self.net is None else self.net.state_size,
             "num_layers": None if self.net is None else self.net.num_layers,
             "obs_mode": self.obs_mode,
+            "min_layer": self.min_layer,
         }
 
     def _save_weights(self, folder: Path) -> None:

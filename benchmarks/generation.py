@@ -6,12 +6,12 @@
 One run, in order, with the time of each phase recorded:
 
 1. exit heads (stage 1 for decoders) on ``--head-rows``, unless ``--heads`` names a folder of trained
-   ones (``ee_gym.generation.prepare.train_heads``): ``--head-method regression`` (the default) fits
-   full-rank adapters in closed form on the teacher-forced articles and reference summaries
+   ones (``ee_gym.generation.prepare.train_heads``): ``--head-method regression`` fits full-rank
+   adapters in closed form on the teacher-forced articles and reference summaries
    (``ee_gym.generation.regression``); ``gradient`` self-distils the rows (the model's own greedy
    continuations) and trains adapters with the depth-weighted cross-entropy
-   (``ee_gym.generation.training``); ``regression+gradient`` does the first, then fine-tunes its
-   adapters by the second (see ``benchmarks/results/xsum-finetuned-heads`` for what that changes);
+   (``ee_gym.generation.training``); ``regression+gradient`` (the default) does the first, then
+   fine-tunes its adapters by the second (see ``benchmarks/results/xsum-finetuned-heads``);
 2. the token table of ``--policy-rows`` (held out from the heads): the per-layer exits of every token
    the full model generates there;
 3. thresholds of the CALM rules placed on that table at the layer speed-ups ``--speedups``
@@ -20,10 +20,12 @@ One run, in order, with the time of each phase recorded:
    trained on ``ConsistentEE-XSum-v0`` over that table at each ``--alphas`` (reward -CE - alpha t),
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
    past the first layers of a 30-layer model); the same again at each ``--confidence-alphas`` with
-   the ``state+confidence`` observation (the state and exit l's top-2 gap); and, unless
-   ``--no-oracle``, the oracle reference (``OracleExit``: each token leaves at the first layer whose
-   head says the full model's next token for that history, which it finds by decoding every token
-   twice);
+   the ``state+confidence`` observation (the state and exit l's top-2 gap), all with no exit before
+   ``--policy-min-layer``; and, unless ``--no-oracle``, the oracle reference (``OracleExit``, from the
+   same min layer: each token leaves at the first layer whose head says the full model's next token
+   for that history, which it finds by decoding every token twice). The min layers (11 by default)
+   guard against shallow exits, whose propagated keys and values derail later tokens
+   (``benchmarks/results/xsum-finetuned-heads``);
 4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
    from one shared prompt pass per batch: ROUGE-1/2/L (x100) against the references, mean exit layer
    over the tokens an exit decided, layer speed-up L / mean; and wall-clock tokens per second at batch
@@ -65,12 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-rows", default="eval", help="scored articles: a split name or rows 'start:stop'")
     p.add_argument("--articles", type=int, default=100, help="score the first N articles of --eval-rows")
     p.add_argument("--head-rows", default="100:200", help="articles the exit heads learn from")
-    p.add_argument("--policy-rows", default="200:240", help="articles of the policy's table (and thresholds)")
+    p.add_argument("--policy-rows", default="200:400", help="articles of the policy's table (and thresholds)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16, help="articles decoded together (scores only)")
     p.add_argument("--heads", default=None, help="a folder of trained exit heads: skip head training")
     p.add_argument("--save-heads", default=None, help="where trained heads go (default under $EE_GYM_HOME)")
-    p.add_argument("--head-method", default="regression", choices=HEAD_METHODS)
+    p.add_argument("--head-method", default="regression+gradient", choices=HEAD_METHODS)
     p.add_argument("--adapter-rank", type=int, default=0,
                    help="0: full d x d adapters (regression needs them); e.g. 64 for gradient training")  # fmt: skip
     p.add_argument("--head-epochs", type=int, default=None,
@@ -81,14 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers-per-step", type=int, default=8, help="heads trained per step (0: all)")
     p.add_argument("--head-targets", default="greedy", choices=["greedy", "distribution"])
     p.add_argument("--static-layers", type=int, nargs="*", default=[20, 24])
-    p.add_argument("--speedups", type=float, nargs="*", default=[1.2, 1.3],
+    p.add_argument("--speedups", type=float, nargs="*", default=[1.3, 1.6],
                    help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
-    p.add_argument("--calm-min-layers", type=int, nargs="*", default=[1],
+    p.add_argument("--calm-min-layers", type=int, nargs="*", default=[11],
                    help="CALM rows for each: no exit before this layer (1: none forbidden)")  # fmt: skip
-    p.add_argument("--alphas", type=float, nargs="*", default=[0.1, 0.12, 0.13, 0.14, 0.16],
+    p.add_argument("--alphas", type=float, nargs="*", default=[0.12, 0.18],
                    help="ConsistentEE policies reading the state (the paper's observation)")  # fmt: skip
-    p.add_argument("--confidence-alphas", type=float, nargs="*", default=[0.13, 0.14, 0.15],
+    p.add_argument("--confidence-alphas", type=float, nargs="*", default=[0.14, 0.18, 0.22],
                    help="ConsistentEE policies reading the state and the exit's confidence")  # fmt: skip
+    p.add_argument("--policy-min-layer", type=int, default=11,
+                   help="ConsistentEE policies and the oracle: no exit before this layer (1: none forbidden)")  # fmt: skip
     p.add_argument("--reward", default="plain")
     p.add_argument("--policy-epochs", type=int, default=40)
     p.add_argument("--policy-lr", type=float, default=1e-3)
@@ -278,7 +282,7 @@ def main(argv=None) -> dict:
     policies: dict[str, object] = {"full depth": None}
     table_speedup: dict[str, float] = {}
     if not args.no_oracle:
-        oracle = OracleExit()
+        oracle = OracleExit(min_layer=args.policy_min_layer)
         policies[ORACLE] = oracle
         table_speedup[ORACLE] = num_layers / oracle.table_exit_layers(table).mean()
     for layer in args.static_layers:
@@ -305,11 +309,14 @@ def main(argv=None) -> dict:
                 64, table=table, split="train", reward=args.reward, alpha=alpha, obs_mode=obs_mode,
                 final_obs=False,
             )  # fmt: skip
-            policy = agents.make("reinforce", seed=args.seed, obs_mode=obs_mode)
+            policy = agents.make(
+                "reinforce", seed=args.seed, obs_mode=obs_mode, min_layer=args.policy_min_layer
+            )
             policy.bind(env)
             set_exit_prior(policy, args.exit_prior or 1.0 / num_layers)
             policy.learn(env, epochs=args.policy_epochs, lr=args.policy_lr, progress=progress)
-            name = f"{kind} (alpha={alpha:g})"
+            guard = f", min layer {args.policy_min_layer}" if args.policy_min_layer > 1 else ""
+            name = f"{kind} (alpha={alpha:g}{guard})"
             policies[name] = PolicyExit(policy, decoder, label=name)
             result = evaluate(policy, table)
             table_speedup[name] = result.speedup
@@ -349,6 +356,7 @@ def main(argv=None) -> dict:
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "reward": args.reward,
+            "policy_min_layer": args.policy_min_layer,
             "policy_epochs": args.policy_epochs,
             "policy_lr": args.policy_lr,
             "exit_prior": args.exit_prior or f"1/{decoder.num_layers}",

@@ -711,6 +711,33 @@ def test_policy_rule_builds_the_env_observation():
     np.testing.assert_array_equal(obs[:, 32 + width :], [[0, 1, 0, 0]] * 2)
 
 
+def test_policy_rule_with_min_layer_asks_nothing_below_it_and_decodes_as_static(prompts):
+    """A policy that always exits, with min_layer 3: never consulted at layers 1-2, and decoding is
+    StaticExit(3)'s token for token."""
+    decoder = tiny_llama_decoder()
+    asked = []
+
+    class AlwaysExit:
+        obs_mode, name, deployable, min_layer = "state+confidence", "always", True, 3
+
+        def bind(self, env):
+            pass
+
+        def act(self, obs, deterministic=True):
+            asked.append(int(obs[0, -NUM_LAYERS:].argmax()) + 1)
+            return np.ones(len(obs), dtype=np.int64)
+
+    batch = decoder.tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    runs = [
+        decoder.generate(
+            batch["input_ids"], batch["attention_mask"], max_new_tokens=5, exit_fn=rule, stop_at_eos=False
+        )
+        for rule in (PolicyExit(AlwaysExit(), decoder), StaticExit(3))
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert (runs[0].exit_layers[:, 1:] == 3).all() and set(asked) == {3}
+
+
 def _expected_exits(decoder, state, token, signal, threshold):
     """Exit layer of each row by hand: run the step without exits, read the rule's signal per layer."""
     seen = []
@@ -823,9 +850,10 @@ def test_evaluate_generation_shares_the_prefill(data_dir):
     assert runs["full"].rouge == pytest.approx(rouge_scores(runs["full"].summaries, refs))
 
 
-@pytest.mark.parametrize("heads", [["--head-method", "gradient", "--adapter-rank", "8"],
-                                   ["--head-method", "regression", "--adapter-rank", "0"],
-                                   ["--head-method", "regression+gradient"]], ids=["gradient", "regression", "both"])  # fmt: skip
+@pytest.mark.parametrize("heads", [["--head-method", "gradient", "--adapter-rank", "8", "--policy-min-layer", "1"],
+                                   ["--head-method", "regression", "--adapter-rank", "0", "--policy-min-layer", "1"],
+                                   ["--head-method", "regression+gradient", "--policy-min-layer", "2", "--exit-prior", "0.9"]],
+                         ids=["gradient", "regression", "both"])  # fmt: skip
 def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     """benchmarks/generation.py on the tiny model: heads, table, policies, evaluation, table + JSON."""
     from benchmarks import generation as bench
@@ -837,7 +865,7 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     bench.main([
         "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--output-dir", str(out),
         "--eval-rows", "0:4", "--head-rows", "4:8", "--policy-rows", "8:12", "--max-new-tokens", "6",
-        "--head-epochs", "1", *heads, "--static-layers", "2", "3", "--speedups", "1.5", "--alphas", "0.05",
+        "--head-epochs", "1", *heads, "--static-layers", "2", "3", "--speedups", "1.5", "--calm-min-layers", "1", "2", "--alphas", "0.05",
         "--confidence-alphas", "0.05", "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
     ])  # fmt: skip
     record = json.loads((out / "results.json").read_text())
@@ -845,10 +873,18 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     assert (
         names[0] == "full depth" and "static (layer 2)" in names and any("consistentee" in n for n in names)
     )
-    assert "consistentee+confidence (alpha=0.05)" in names
+    min_layer = int(heads[heads.index("--policy-min-layer") + 1])
+    guard = f", min layer {min_layer}" if min_layer > 1 else ""
+    assert f"consistentee+confidence (alpha=0.05{guard})" in names
+    if guard:  # eager policies (exit prior 0.9) leave at layer 2, the first allowed, never at 1
+        policies = [r for r in record["runs"] if r["name"].startswith("consistentee")]
+        assert len(policies) == 2
+        assert all(r["exit_histogram"][0] == 0 and r["exit_histogram"][1] > 0 for r in policies)
+        assert record["settings"]["policy_min_layer"] == 2
     assert any(n.startswith("calm-confidence") for n in names) and any(
         n.startswith("calm-similarity") for n in names
     )
+    assert sum(n.startswith("calm-") and n.endswith(", min layer 2)") for n in names) == 2
     assert record["settings"]["max_new_tokens"] == 6 and "command" in record
     assert record["settings"]["head_method"] == heads[1]
     oracle = next(r for r in record["runs"] if r["name"].startswith("oracle"))

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import agents
 from agents.base import load_policy
@@ -155,6 +156,38 @@ def test_threshold_replicas_differ_only_by_dropout(tables):
     assert (layers[0.1] != layers[0.1][:, :1]).any()  # dropout makes some replicas differ
 
 
+def test_min_layer_forbids_earlier_exits_in_training_and_acting(tables, tmp_path):
+    train, dev = tables
+    policy = Reinforce(seed=0, min_layer=4)
+    policy.learn(train_env(train), epochs=3, lr=3e-3, progress=False)
+    assert min(evaluate(policy, dev).exit_layers) >= 4
+    index = np.repeat(np.arange(16), 4)
+    out = policy._rollout(policy._training_env(train_env(train), train, len(index)), index, "sample")
+    assert (out.exit_layer >= 4).all()
+    assert (out.logits[:, :3] == 0).all()  # no decision below the min layer, so no logit there
+    # The networks below the min layer are never trained: they keep their initial weights.
+    fresh = Reinforce(seed=0, min_layer=4)
+    fresh.bind(train_env(train))
+    trained_state, initial_state = policy.net.state_dict(), fresh.net.state_dict()
+    for key in trained_state:
+        if key.startswith(("layers.0.", "layers.1.", "layers.2.")):
+            assert torch.equal(trained_state[key], initial_state[key]), key
+    assert not torch.equal(policy.net.layers[3][0].weight, fresh.net.layers[3][0].weight)
+    # act() refuses earlier exits even where the network says EXIT; the setting survives save/load.
+    with torch.no_grad():
+        for head in policy.net.layers:
+            head[-1].bias.fill_(100.0)  # p_l ~ 1: always EXIT
+    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
+    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
+    np.testing.assert_array_equal(policy.act(obs), [0, 0, 0, 1, 1, 1])
+    policy.save(tmp_path / "policy")
+    np.testing.assert_array_equal(load_policy(tmp_path / "policy").act(obs), [0, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="min_layer must be 1 or more"):
+        Reinforce(min_layer=0)
+    with pytest.raises(ValueError, match="beyond the env's last layer"):
+        Reinforce(min_layer=NUM_LAYERS + 1).bind(train_env(train))
+
+
 # -- the formulas ------------------------------------------------------------------------------------
 def test_trajectory_log_prob_on_hand_made_trajectories():
     probs = torch.tensor(
@@ -180,6 +213,16 @@ def test_trajectory_log_prob_on_hand_made_trajectories():
     got.sum().backward()  # d/dz log sigmoid(z) = 1 - p, d/dz log(1 - sigmoid(z)) = -p, 0 after the exit
     np.testing.assert_allclose(logits.grad[2].numpy(), [0.4, 0.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(logits.grad[1].numpy(), [-0.2, -0.3, -0.4], atol=1e-12)
+
+
+def test_trajectory_log_prob_leaves_out_the_layers_below_min_layer():
+    logits = torch.randn(5, 6, dtype=torch.float64)
+    exit_layer, chosen = torch.tensor([3, 4, 6, 6, 5]), torch.tensor([True, True, True, False, True])
+    full = trajectory_log_prob(logits, exit_layer, chosen)
+    below = F.logsigmoid(-logits[:, :2]).sum(1)  # layers 1, 2: CONTINUE in every trajectory
+    np.testing.assert_allclose(
+        trajectory_log_prob(logits, exit_layer, chosen, 3).numpy(), (full - below).numpy()
+    )
 
 
 def test_group_baseline_is_the_mean_over_the_replicas_of_each_input():

@@ -11,6 +11,7 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
                                   env) acting on the state of layer l (and, in the state+confidence
                                   observation mode, exit l's top-2 gap), as the env showed it
+                                  (REINFORCE's own ``min_layer`` guards it the same way)
     OracleExit()                  reference, not deployable: the first layer whose exit says the token
                                   the full model would say next (it decodes every token twice)
 
@@ -160,7 +161,8 @@ class PolicyExit(GenerationExit):
     :func:`~ee_gym.generation.table.observation_scale`, read off the decoder), then in
     ``state+confidence`` exit l's top-2 gap (which costs one LM-head product per layer, as the
     confidence rule does), then in both ``+`` modes the one-hot of l. ``deterministic=True`` is the
-    paper's inference rule.
+    paper's inference rule. Below the policy's ``min_layer`` (``agents.make("reinforce", min_layer=m)``)
+    no observation is built: the policy would continue there anyway.
     """
 
     name = "consistentee"
@@ -177,6 +179,7 @@ class PolicyExit(GenerationExit):
         if not getattr(policy, "deployable", True):
             raise ValueError("this policy is not deployable (it reads labels or later layers)")
         self.policy, self.obs_mode, self.deterministic = policy, obs_mode, deterministic
+        self.min_layer = int(getattr(policy, "min_layer", 1))  # the policy's own guard, if it has one
         self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
         self.encoder = ObservationEncoder(obs_mode, self.num_layers, self.hidden_size, decoder.vocab_size)
         self.scale = observation_scale(decoder)
@@ -192,6 +195,8 @@ class PolicyExit(GenerationExit):
         return self.encoder.join(states, view.layer, gap)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
+        if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)
+            return torch.zeros(view.batch_size, dtype=torch.bool)
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
         return torch.from_numpy(np.asarray(actions).reshape(view.batch_size) == 1)
 

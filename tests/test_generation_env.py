@@ -935,3 +935,29 @@ def test_smollm2_adapter_heads_start_as_its_lm_head_and_rules_run():
     full = decoder.generate(prompts=[prompt], max_new_tokens=6)
     early = decoder.generate(prompts=[prompt], max_new_tokens=6, exit_fn=StateSimilarityExit(0.9))
     assert full.tokens.shape[1] >= 2 and (early.exit_layers[0, 1:] <= decoder.num_layers).all()
+
+
+def test_benchmark_target_check_says_apart_whether_consistentee_meets_it():
+    from benchmarks.generation import ORACLE, target_check
+
+    def run(name, rouge_l, speedup):
+        return {"name": name, "rouge": {"rougeL": rouge_l}, "speedup": speedup}
+
+    full = run("full depth", 15.5, 1.0)
+    runs = [
+        full,
+        run(ORACLE, 16.0, 2.0),
+        run("calm-confidence (x)", 15.0, 1.6),
+        run("consistentee (a)", 14.0, 1.7),
+    ]
+    check = target_check(runs)
+    assert check["met"] and check["best"] == "calm-confidence (x)"  # the oracle never counts
+    assert not check["consistentee_met"] and check["consistentee_best"] == "consistentee (a)"
+    runs.append(run("consistentee+confidence (b)", 14.6, 1.52))
+    assert target_check(runs)["consistentee_met"]
+    slow = target_check([full, run("consistentee (a)", 15.4, 1.2)])
+    assert (
+        not slow["met"]
+        and not slow["consistentee_met"]
+        and "no ConsistentEE policy" in slow["consistentee_detail"]
+    )

@@ -181,7 +181,7 @@ def target_check(runs: list[dict]) -> dict:
     """Whether some policy reaches TARGET_SPEEDUP with ROUGE-L within TARGET_ROUGE_DROP of full depth;
     and whether a ConsistentEE policy does (the issue's question), said apart."""
     full = runs[0]["rouge"]["rougeL"]
-    check: dict = {"met": False, "detail": f"no policy reached {TARGET_SPEEDUP}x."}
+    check: dict = {}
     for key, prefix, who in (("", "", "policy"), ("consistentee_", "consistentee", "ConsistentEE policy")):
         best = _best_at_target(runs[1:], prefix)
         if best is None:

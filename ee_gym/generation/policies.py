@@ -57,15 +57,32 @@ def _check_min_layer(min_layer: int) -> int:
 
 
 class ThresholdRule:
-    """What CALM's two rules share: a threshold on a per-layer signal, and no exit before ``min_layer``.
+    """What CALM's two rules share: exit at the first layer >= ``min_layer`` whose signal (``signal`` live,
+    ``table_signal`` on a table) reaches ``threshold``.
 
     ``min_layer`` guards against shallow exits, whose propagated keys and values fill every deeper
     layer's cache from a state far from what those layers would compute (see
-    ``benchmarks/results/xsum-finetuned-heads``).
+    ``benchmarks/results/xsum-finetuned-heads``). Below it the signal is not computed at all.
     """
 
     def __init__(self, threshold: float, min_layer: int = 1):
         self.threshold, self.min_layer = float(threshold), _check_min_layer(min_layer)
+
+    def signal(self, view: LayerView) -> torch.Tensor:
+        """[B] the rule's signal at this layer."""
+        raise NotImplementedError
+
+    def table_signal(self, table: TokenTable) -> np.ndarray:
+        """[N, L] the rule's signal at every layer of every table token."""
+        raise NotImplementedError
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        if view.layer < self.min_layer:  # no signal where no exit is allowed
+            return torch.zeros(view.batch_size, dtype=torch.bool)
+        return (self.signal(view) >= self.threshold).cpu() & view.active.cpu()
+
+    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
+        return _first_exit(self.table_signal(table) >= np.float32(self.threshold), self.min_layer)
 
     def get_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"threshold": self.threshold}
@@ -127,13 +144,11 @@ class ConfidenceExit(ThresholdRule, GenerationExit):
     def __init__(self, threshold: float = 0.9, min_layer: int = 1):
         super().__init__(threshold, min_layer)
 
-    def __call__(self, view: LayerView) -> torch.Tensor:
-        if view.layer < self.min_layer:  # no head product where no exit is allowed
-            return torch.zeros(view.batch_size, dtype=torch.bool)
-        return (view.confidence >= self.threshold) & view.active.cpu()
+    def signal(self, view: LayerView) -> torch.Tensor:
+        return view.confidence
 
-    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
-        return _first_exit(table.top2_gap >= np.float32(self.threshold), self.min_layer)
+    def table_signal(self, table: TokenTable) -> np.ndarray:
+        return table.top2_gap
 
 
 class StateSimilarityExit(ThresholdRule, GenerationExit):
@@ -145,11 +160,11 @@ class StateSimilarityExit(ThresholdRule, GenerationExit):
     def __init__(self, threshold: float = 0.975, min_layer: int = 1):
         super().__init__(threshold, min_layer)
 
-    def __call__(self, view: LayerView) -> torch.Tensor:
-        return (view.similarity >= self.threshold).cpu() & (view.layer >= self.min_layer)
+    def signal(self, view: LayerView) -> torch.Tensor:
+        return view.similarity
 
-    def table_exit_layers(self, table: TokenTable) -> np.ndarray:
-        return _first_exit(table.similarity >= np.float32(self.threshold), self.min_layer)
+    def table_signal(self, table: TokenTable) -> np.ndarray:
+        return table.similarity
 
 
 class PolicyExit(GenerationExit):
@@ -274,9 +289,7 @@ class OracleExit(GenerationExit):
     deployable = False
 
     def __init__(self, min_layer: int = 1):
-        if int(min_layer) < 1:
-            raise ValueError(f"oracle: min_layer must be 1 or more, got {min_layer}")
-        self.min_layer = int(min_layer)
+        self.min_layer = _check_min_layer(min_layer)
         self._exit_layers: torch.Tensor | None = None
 
     @torch.no_grad()

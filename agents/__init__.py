@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.base import ExitPolicy, load_policy
+from ee_gym.validation import ConfigError
 
 # name -> "module:Class"; imported on first use so that a missing optional dependency only
 # affects the policies that need it.
@@ -40,13 +41,26 @@ def names() -> list[str]:
 
 
 def make(name: str, **kwargs: Any) -> ExitPolicy:
-    """A ready policy: ``make("ppo")``, ``make("patience", patience=2)``."""
+    """A ready policy: ``make("ppo")``, ``make("patience", patience=2)``.
+
+    An unknown name, or a keyword the policy does not take, raises
+    :class:`~ee_gym.validation.ConfigError` (a ValueError) listing the valid ones; so do values out of
+    range (``make("reinforce", hidden_size=0)``, ``make("maxprob", threshold=2.0)``).
+    """
     import importlib
 
-    if name not in REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(names())}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ConfigError(f"unknown policy {name!r}; known: {', '.join(names())}")
+    module, cls_name = REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    accepted = cls.accepted_arguments()
+    unknown = [key for key in kwargs if accepted is not None and key not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"policy {name!r} takes no argument {', '.join(map(repr, unknown))}; it accepts "
+            f"{', '.join(accepted) if accepted else 'no arguments'}"
+        )
+    return cls(**kwargs)
 
 
 __all__ = ["REGISTRY", "ExitPolicy", "load_policy", "make", "names"]

@@ -93,10 +93,19 @@ from tqdm.auto import tqdm
 from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
 from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
+from ee_gym.files import read_json
+from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
 ROLLOUTS = ("sample", "threshold")
 WEIGHTS_FILE = "policy.safetensors"
 HISTORY_FILE = "history.json"
+
+
+def check_rollout(rollout: str) -> str:
+    """``rollout`` when it is one of :data:`ROLLOUTS`, else ConfigError."""
+    if not isinstance(rollout, str) or rollout not in ROLLOUTS:
+        raise ConfigError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+    return rollout
 
 
 # -- the network ------------------------------------------------------------------------------------
@@ -192,21 +201,24 @@ class Reinforce(ExitPolicy):
         obs_mode: str = "state+layer",
         min_layer: int = 1,
     ):
-        if rollout not in ROLLOUTS:
-            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
-        if obs_mode not in LAYER_ONE_HOT_MODES:
-            raise ValueError(f"REINFORCE reads obs_mode {' or '.join(LAYER_ONE_HOT_MODES)}, not {obs_mode!r}")
-        if int(min_layer) < 1:
-            raise ValueError(
+        check_rollout(rollout)
+        if not isinstance(obs_mode, str) or obs_mode not in LAYER_ONE_HOT_MODES:
+            raise ConfigError(
+                f"REINFORCE reads obs_mode {' or '.join(LAYER_ONE_HOT_MODES)}, not {obs_mode!r}"
+            )
+        min_layer = check_int("min_layer", min_layer)
+        if min_layer < 1:
+            raise ConfigError(
                 f"min_layer must be 1 or more (1: exits allowed from the first layer), got {min_layer}"
             )
-        self.obs_mode, self.min_layer = obs_mode, int(min_layer)
-        self.hidden_size, self.dropout, self.rollout, self.seed = (
-            int(hidden_size),
-            float(dropout),
-            rollout,
-            seed,
-        )
+        hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        # dropout 1 drops every input (and divides by 1 - p = 0): the loss would be NaN
+        dropout = check_float("dropout", dropout, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        seed = check_int("seed", seed, minimum=0)
+        state_size = check_optional_int("state_size", state_size, minimum=1)
+        num_layers = check_optional_int("num_layers", num_layers, minimum=1)
+        self.obs_mode, self.min_layer = obs_mode, min_layer
+        self.hidden_size, self.dropout, self.rollout, self.seed = hidden_size, dropout, rollout, seed
         self.net: PerLayerPolicy | None = None
         #: one record per training epoch: mean_reward, mean_exit_layer, accuracy, loss, seconds
         self.history: list[dict[str, float]] = []
@@ -251,6 +263,7 @@ class Reinforce(ExitPolicy):
                 f"this policy reads {self.obs_mode!r} observations and the env gives {mode!r}: make the "
                 f"env with obs_mode={self.obs_mode!r}"
             )
+        super().bind(env)  # the shapes it learned on (L, d, K), recorded the first time
         self._ensure_network(env.table)
 
     def exit_probs(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -290,14 +303,18 @@ class Reinforce(ExitPolicy):
         ``rollout`` and ``seed`` default to the constructor's; a given seed re-seeds the policy's
         random draws (not its weights, which are initialised once).
         """
-        rollout = self.rollout if rollout is None else rollout
-        if rollout not in ROLLOUTS:
-            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+        rollout = check_rollout(self.rollout if rollout is None else rollout)
+        epochs = check_int("epochs", epochs, minimum=1)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        replicas = check_int("replicas", replicas, minimum=1)
+        lr = check_float("lr", lr, minimum=0.0, exclusive_minimum=True)
+        seed = check_optional_int("seed", seed, minimum=0)
         if seed is not None:
             self._seed(seed)
-        table: ExitTable = env.table
+        table: ExitTable = getattr(env, "table", None)
         if table is None:
             raise ValueError("REINFORCE trains on a cached table: the env has none (live mode?)")
+        self._learned_on(env, fresh=self.net is None)  # records (L, d, K), or checks a trained net's
         net = self._ensure_network(table)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         envs: dict[int, ConsistentEEVectorEnv] = {}  # one vector env per batch size (the last is short)
@@ -423,4 +440,22 @@ class Reinforce(ExitPolicy):
             raise RuntimeError(f"{folder} records no network shape (state_size, num_layers)")
         self.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         if (folder / HISTORY_FILE).is_file():
-            self.history = json.loads((folder / HISTORY_FILE).read_text())
+            self.history = read_json(
+                folder / HISTORY_FILE, "delete it (it only records training) or save again"
+            )
+
+    def _check_loaded_shapes(self, shapes: dict[str, Any]) -> str | None:
+        problem = super()._check_loaded_shapes(shapes)
+        encoder = ObservationEncoder(
+            self.obs_mode, shapes["num_layers"], shapes["hidden_size"], shapes["num_labels"]
+        )
+        if problem is None and (self.net.state_size, self.net.num_layers) != (
+            encoder.feature_size,
+            shapes["num_layers"],
+        ):
+            problem = (
+                f"the network reads {self.net.state_size} inputs at {self.net.num_layers} layers, the shapes "
+                f"record {encoder.feature_size} ({self.obs_mode}, d={shapes['hidden_size']}) at "
+                f"{shapes['num_layers']} layers"
+            )
+        return problem

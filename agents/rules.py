@@ -6,7 +6,10 @@ forces an exit at layer L whatever the rule says. Decoding the stats vector need
 reads them from the env; without ``bind`` they are inferred from the vectors themselves when exactly
 one (L, K) fits (see :func:`infer_dims`), and an error asks for ``bind`` otherwise.
 
-Comparisons run in the observation's precision (float32). ``sweep(num_layers)`` (a classmethod on
+Comparisons run in the observation's precision (float32). Each threshold must lie in its signal's
+range (``maxprob`` in (0, 1], ``entropy`` >= 0, ``normentropy`` / ``top2gap`` / ``pcee`` in [0, 1],
+``patience`` and ``pcee``'s patience whole numbers >= 1, ``static``'s layer a whole number >= 1):
+others raise :class:`~ee_gym.validation.ConfigError`, since a threshold outside it never exits. ``sweep(num_layers)`` (a classmethod on
 every rule) lists keyword arguments that trace the rule's accuracy / speed-up curve, from the
 earliest-exiting setting to the latest (for PCEE: within each patience).
 """
@@ -22,6 +25,7 @@ from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv
 from ee_gym.envs.observations import StatsView, stats_size
 from ee_gym.envs.table import normalized_entropy
+from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
 
 def _fits(stats: np.ndarray, num_layers: int, num_labels: int) -> bool:
@@ -107,15 +111,33 @@ def _run_ends_at(flags: np.ndarray, layer: np.ndarray, length: int) -> np.ndarra
     return (held & (positions >= 0)).all(-1)
 
 
+def check_threshold(
+    rule: str, value: Any, signal: str, minimum: float, maximum: float | None, open_min: bool
+):
+    """A rule's threshold when it lies in its signal's range, else ConfigError naming both."""
+    try:
+        return check_float(
+            f"{rule} threshold", value, minimum=minimum, maximum=maximum, exclusive_minimum=open_min
+        )
+    except ConfigError as error:
+        raise ConfigError(
+            f"{error}: it is compared with {signal}; outside that range it never (or always) exits"
+        ) from None
+
+
 class _Threshold(StatsRule):
-    """A rule with one ``threshold``."""
+    """A rule with one ``threshold`` in the range of its signal (``signal``, ``bounds``)."""
 
     default: float = 0.0
     thresholds: tuple[float, ...] = ()
+    #: what the threshold is compared with, and its range: (minimum, maximum or None, minimum excluded)
+    signal: str = ""
+    bounds: tuple[float, float | None, bool] = (0.0, 1.0, False)
 
     def __init__(self, threshold: float | None = None) -> None:
         super().__init__()
-        self.threshold = float(self.default if threshold is None else threshold)
+        value = self.default if threshold is None else threshold
+        self.threshold = check_threshold(self.name, value, self.signal, *self.bounds)
 
     def get_params(self) -> dict[str, Any]:
         return {"threshold": self.threshold}
@@ -135,9 +157,7 @@ class Static(StatsRule):
 
     def __init__(self, layer: int | None = None) -> None:
         super().__init__()
-        if layer is not None and int(layer) < 1:
-            raise ValueError(f"static: layer must be 1 or more, got {layer}")
-        self.layer = None if layer is None else int(layer)
+        self.layer = check_optional_int("static: layer", layer, minimum=1)
 
     def exits(self, view, layer, num_layers, num_labels):
         return layer >= (math.ceil(num_layers / 2) if self.layer is None else self.layer)
@@ -155,6 +175,7 @@ class Entropy(_Threshold):
 
     name = "entropy"
     default = 0.3
+    signal, bounds = "the entropy H(p_l) in nats, >= 0", (0.0, None, False)
     # dense near ln 2 (a uniform binary head), where a weak model's heads sit on hard tasks
     thresholds = (0.7, 0.69, 0.68, 0.67, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.005, 0.001)
 
@@ -168,6 +189,7 @@ class NormalizedEntropy(_Threshold):
 
     name = "normentropy"
     default = 0.3
+    signal, bounds = "the normalized entropy H(p_l) / log K, in [0, 1]", (0.0, 1.0, False)
     thresholds = (0.99, 0.98, 0.96, 0.93, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01)
 
     def exits(self, view, layer, num_layers, num_labels):
@@ -179,6 +201,7 @@ class MaxProb(_Threshold):
 
     name = "maxprob"
     default = 0.9
+    signal, bounds = "max p_l, in (0, 1]", (0.0, 1.0, True)
     thresholds = (0.5, 0.52, 0.55, 0.58, 0.6, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
     def exits(self, view, layer, num_layers, num_labels):
@@ -190,6 +213,7 @@ class Top2Gap(_Threshold):
 
     name = "top2gap"
     default = 0.8
+    signal, bounds = "p_l(1st) - p_l(2nd), in [0, 1]", (0.0, 1.0, False)
     thresholds = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
     def exits(self, view, layer, num_layers, num_labels):
@@ -211,9 +235,7 @@ class Patience(StatsRule):
 
     def __init__(self, patience: int = 3) -> None:
         super().__init__()
-        if int(patience) < 1:
-            raise ValueError(f"patience must be 1 or more, got {patience}")
-        self.patience = int(patience)
+        self.patience = check_int("patience", patience, minimum=1)
 
     def exits(self, view, layer, num_layers, num_labels):
         history = view.pred_history  # [B, L, K], zero after l
@@ -240,9 +262,10 @@ class PCEE(StatsRule):
 
     def __init__(self, patience: int = 2, threshold: float = 0.3) -> None:
         super().__init__()
-        if int(patience) < 1:
-            raise ValueError(f"patience must be 1 or more, got {patience}")
-        self.patience, self.threshold = int(patience), float(threshold)
+        self.patience = check_int("pcee: patience", patience, minimum=1)
+        self.threshold = check_threshold(
+            "pcee", threshold, "the normalized entropy H(p_l) / log K, in [0, 1]", 0.0, 1.0, False
+        )
 
     def exits(self, view, layer, num_layers, num_labels):
         return _run_ends_at(view.entropy_history < self.threshold, layer, self.patience)

@@ -11,18 +11,21 @@ QR-DQN and Maskable PPO need sb3-contrib (``pip install sb3-contrib`` or ``ee-gy
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from gymnasium.vector import AutoresetMode
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from agents.base import ExitPolicy
-from ee_gym.envs import ConsistentEEVectorEnv, SB3VecEnv
-from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
+from ee_gym.envs import ConsistentEEVectorEnv, ObservationEncoder, SB3VecEnv
+from ee_gym.envs.observations import LAYER_ONE_HOT_MODES, check_obs_mode
 from ee_gym.rewards import REWARDS
+from ee_gym.validation import check_int, check_optional_int
 
 try:
     import sb3_contrib
@@ -54,10 +57,10 @@ class MaskableSB3VecEnv(SB3VecEnv):
 class SB3Policy(ExitPolicy):
     """An exit policy trained by an SB3 algorithm (``algorithm``) on the vector env.
 
-    ``total_timesteps`` and ``seed`` are what ``learn`` uses when not given; ``num_envs`` is how many
-    inputs run in parallel while training (None: the class's ``num_envs``); ``obs_mode`` what the
+    ``total_timesteps`` (>= 1) and ``seed`` are what ``learn`` uses when not given; ``num_envs`` is how
+    many inputs run in parallel while training (None: the class's ``num_envs``); ``obs_mode`` what the
     policy reads (None: "state+layer"); every other keyword goes to the algorithm's constructor,
-    over ``default_kwargs``.
+    over ``default_kwargs`` (``agents.make`` refuses keywords that constructor does not take).
     """
 
     name: ClassVar[str] = "sb3"
@@ -78,10 +81,19 @@ class SB3Policy(ExitPolicy):
         obs_mode: str | None = None,
         **algo_kwargs: Any,
     ):
-        self.total_timesteps, self.seed, self.algo_kwargs = int(total_timesteps), seed, algo_kwargs
-        self.num_envs = num_envs or type(self).num_envs
-        self.obs_mode = obs_mode or type(self).obs_mode
+        self.total_timesteps = check_int("total_timesteps", total_timesteps, minimum=1)
+        self.seed = check_optional_int("seed", seed, minimum=0)
+        self.num_envs = check_optional_int("num_envs", num_envs, minimum=1) or type(self).num_envs
+        self.obs_mode = check_obs_mode(obs_mode or type(self).obs_mode)
+        self.algo_kwargs = algo_kwargs
         self.model: BaseAlgorithm | None = None
+
+    @classmethod
+    def accepted_arguments(cls) -> list[str]:
+        """This class's own arguments and the algorithm's constructor arguments (less policy, env)."""
+        own = ["total_timesteps", "seed", "num_envs", "obs_mode"]
+        algorithm = inspect.signature(cls.algorithm.__init__).parameters
+        return own + [name for name in algorithm if name not in ("self", "policy", "env", *own)]
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -100,17 +112,20 @@ class SB3Policy(ExitPolicy):
         progress: bool = False,
     ) -> SB3Policy:
         """Train a new model on ``env``'s table (rebuilt with ``num_envs`` inputs if it has others)."""
-        seed = self.seed if seed is None else seed
+        seed = self.seed if seed is None else check_int("seed", seed, minimum=0)
+        total_timesteps = check_optional_int("total_timesteps", total_timesteps, minimum=1)
         venv = self.vec_env_class(self._training_env(env))
         policy = "MultiInputPolicy" if self.obs_mode == "full" else "MlpPolicy"
         kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
+        self._learned_on(env, fresh=True)  # a new model: it fits this table's (L, d, K) only
         self.model.learn(total_timesteps or self.total_timesteps, progress_bar=progress)
         return self
 
     def _training_env(self, env: ConsistentEEVectorEnv) -> ConsistentEEVectorEnv:
         """``env`` itself when it fits, else a new vector env with the same table, reward and price."""
-        if env.num_envs == self.num_envs and env.encoder.mode == self.obs_mode and env.copy:
+        fits = env.num_envs == self.num_envs and env.encoder.mode == self.obs_mode and env.copy
+        if fits and getattr(env, "autoreset_mode", AutoresetMode.SAME_STEP) == AutoresetMode.SAME_STEP:
             return env
         reward = next(name for name, fn in REWARDS.items() if fn is env.reward_fn)
         return ConsistentEEVectorEnv(
@@ -138,6 +153,17 @@ class SB3Policy(ExitPolicy):
 
     def _load_weights(self, folder: Path) -> None:
         self.model = self.algorithm.load(folder / "model.zip", device="cpu")
+
+    def _check_loaded_shapes(self, shapes: dict[str, Any]) -> str | None:
+        problem = super()._check_loaded_shapes(shapes)
+        space = ObservationEncoder(
+            shapes["obs_mode"], shapes["num_layers"], shapes["hidden_size"], shapes["num_labels"]
+        ).space
+        if problem is None and self.model.observation_space != space:
+            problem = (
+                f"the model reads observations {self.model.observation_space}, the shapes record {space}"
+            )
+        return problem
 
 
 class PPOPolicy(SB3Policy):

@@ -86,6 +86,29 @@ class CompareArgs:
         return args
 
 
+#: ``--help`` text of every option (each followed by its default).
+HELP: dict[str, str] = {
+    "task": "the task compared on: a GLUE name (rte, mrpc, sst2, ...) or one you added",
+    "agents": "comma-separated policy names (agents.REGISTRY): learners, rules and oracles",
+    "seeds": "seeds per learner and layer price",
+    "alpha_scales": "comma-separated layer prices of the learners, as multiples of the task's default alpha",
+    "rewards": "comma-separated rewards reinforce runs under; the first is every learner's reward",
+    "protocol": "which inputs learners train on: 'paper' or 'held-out' (ee_gym.envs.prepare.POLICY_PROTOCOLS; "
+    "None: POLICY_PROTOCOL)",
+    "policy_split": "the learners' split instead of the protocol's, e.g. 'train[:8000]'",
+    "backbone": "the backbone whose stage-1 model is compared (trained on first use)",
+    "model": "a multi-exit model folder, used instead of stage 1 of (task, backbone)",
+    "data_dir": "the data folder (GLUE layout; None: $EE_GYM_DATA, else the Hugging Face hub)",
+    "output_dir": "where results.md, curves.png and results.json go (None: benchmarks/results/<task>)",
+    "sb3_timesteps": "training steps of each SB3 learner (None: each agent's default)",
+    "wall_batch_size": "batch size of the batched early-exit inference timed for the wall-clock speed-up",
+    "wall_limit": "dev inputs timed for the wall-clock speed-up (None: all)",
+    "wall_repeat": "timed rounds (full depth, then every policy); each keeps its best",
+    "quick": "1 seed, prices x 0.5, 1, 2, and reinforce under the first reward only",
+    "progress": "show progress bars",
+}
+
+
 # -- statistics ---------------------------------------------------------------------------------------
 def mean_ci(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): a percentile-bootstrap interval of the mean (scipy); nan bounds for one value."""
@@ -510,7 +533,7 @@ def parse_args(argv=None) -> CompareArgs:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0]
     )
-    add_dataclass_arguments(parser, CompareArgs)
+    add_dataclass_arguments(parser, CompareArgs, help=HELP)
     fields = {f.name for f in dataclasses.fields(CompareArgs)}
     return CompareArgs(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k in fields})
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from ee_gym.validation import ConfigError, check_int
+
 try:  # transformers >= 4.53 builds the mask that matches the model's attention implementation
     from transformers.masking_utils import create_bidirectional_mask
 except ImportError:  # pragma: no cover - older transformers
@@ -31,10 +33,29 @@ DEFAULT_BACKBONE = "minilm-l6"
 # Encoder families whose layers take (hidden_states, attention_mask) and sit in a ModuleList.
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"}
 SUPPORTED_MODEL_TYPES = sorted(_BERT_LIKE | {"distilbert", "albert"})
+# Families whose position ids start after the padding index (RoBERTa's offset): the first
+# pad_token_id + 1 rows of the position table are never given to a token.
+_PADDING_OFFSET = {"roberta", "xlm-roberta", "camembert", "data2vec-text"}
 
 
 class UnsupportedBackboneError(ValueError):
     """The backbone's architecture has no layer-by-layer adapter."""
+
+
+class UnknownBackboneError(ValueError, OSError):
+    """A backbone name that is no embedded short name, no local folder and no loadable Hugging Face
+    model. An ``OSError`` too, as the transformers error it replaces."""
+
+
+def _unknown_backbone(name: str, error: Exception) -> UnknownBackboneError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).exists():
+        return UnknownBackboneError(f"backbone {name!r}: that folder holds no Hugging Face model ({reason})")
+    return UnknownBackboneError(
+        f"unknown backbone {name!r}: not an embedded short name ({', '.join(EMBEDDED_BACKBONES)}) and "
+        "not a local folder; a Hugging Face model name needs the hub, or its files in the local "
+        f"Hugging Face cache when HF_HUB_OFFLINE=1 ({reason})"
+    )
 
 
 def resolve_backbone(name_or_path: str | os.PathLike) -> str:
@@ -71,8 +92,65 @@ def default_pooling(name_or_path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The backbone's (fast) tokenizer."""
-    return AutoTokenizer.from_pretrained(resolve_backbone(name_or_path))
+    """The backbone's (fast) tokenizer; :class:`UnknownBackboneError` when the name leads nowhere."""
+    path = resolve_backbone(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise _unknown_backbone(str(name_or_path), error) from error
+
+
+def load_backbone_config(name_or_path: str | os.PathLike) -> PretrainedConfig:
+    """The backbone's Hugging Face config (no weights); :class:`UnknownBackboneError` when the name
+    leads nowhere. A multi-exit model folder gives the config of its backbone."""
+    path = resolve_backbone(name_or_path)
+    if (Path(path) / "multiexit_config.json").is_file():
+        path = str(Path(path) / "backbone")
+    return _auto_config(path, name_or_path)
+
+
+def _auto_config(path: str, name: str | os.PathLike) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as error:
+        raise _unknown_backbone(str(name), error) from error
+
+
+def max_input_length(model) -> int:
+    """The most tokens one input may have for this backbone: its ``max_position_embeddings`` less
+    the positions its family reserves (RoBERTa-style models start positions after the padding index).
+
+    ``model``: a :class:`~ee_gym.multiexit.MultiExitModel`, a :class:`LayerwiseEncoder`, a Hugging
+    Face model or config, or a backbone name, folder or multi-exit model folder (only its config is read).
+    """
+    if isinstance(model, PretrainedConfig):
+        config = model
+    elif isinstance(model, str | os.PathLike):
+        config = load_backbone_config(model)
+    elif isinstance(getattr(getattr(model, "encoder", None), "config", None), PretrainedConfig):
+        config = model.encoder.config  # a MultiExitModel
+    elif isinstance(getattr(model, "config", None), PretrainedConfig):
+        config = model.config  # a LayerwiseEncoder or a Hugging Face model
+    else:
+        raise TypeError(f"cannot tell the input length limit of {type(model).__name__}")
+    limit = config.max_position_embeddings
+    if config.model_type in _PADDING_OFFSET:
+        pad = config.pad_token_id if config.pad_token_id is not None else 1
+        limit -= pad + 1
+    return int(limit)
+
+
+def check_max_length(model, max_length, name: str = "max_length") -> int:
+    """``max_length`` when it is a whole number in [2, :func:`max_input_length` of ``model``], else
+    ConfigError naming the limit (an input past the backbone's positions would crash the model)."""
+    max_length = check_int(name, max_length, minimum=2)
+    limit = max_input_length(model)
+    if max_length > limit:
+        raise ConfigError(
+            f"{name} must be <= {limit}, the most input tokens this backbone takes (its "
+            f"max_position_embeddings), got {max_length}"
+        )
+    return max_length
 
 
 def load_encoder(name_or_path: str | os.PathLike | PretrainedConfig) -> PreTrainedModel:
@@ -80,7 +158,7 @@ def load_encoder(name_or_path: str | os.PathLike | PretrainedConfig) -> PreTrain
     if isinstance(name_or_path, PretrainedConfig):
         return AutoModel.from_config(name_or_path)
     path = resolve_backbone(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    config = _auto_config(path, name_or_path)
     if config.model_type in _BERT_LIKE | {"albert"}:
         # The pooler is kept: its weights initialise the shared exit pooler.
         return AutoModel.from_pretrained(path, add_pooling_layer=True)

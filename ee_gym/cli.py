@@ -17,26 +17,38 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ee_gym import paths
+from ee_gym.cache import StaleCacheError
+from ee_gym.files import CorruptFileError
 from ee_gym.training import Stage1Config, format_layer_metrics
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
-    """One ``--option`` per dataclass field, typed from its annotation, defaulting to the field's."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), help: Mapping[str, str] | None = None
+) -> None:
+    """One ``--option`` per dataclass field, typed from its annotation, defaulting to the field's.
+
+    ``help``: a description per field name (else the field's ``metadata["help"]``, if any), shown
+    before the default.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = _scalar_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
+        text = (help or {}).get(f.name) or f.metadata.get("help")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+            default = f"(default: {f.default})"
+            parser.add_argument(
+                flag, type=kind, default=f.default, help=f"{text} {default}" if text else default
+            )
 
 
 def _scalar_type(hint) -> type:
@@ -47,13 +59,14 @@ def _scalar_type(hint) -> type:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from ee_gym.tasks import get_task, task_names
+    from ee_gym.tasks import data_status, get_task, task_names
 
     source = paths.data_dir(args.data_dir)
     print(f"data: {source if source else 'Hugging Face hub (set EE_GYM_DATA for a local folder)'}")
     for name in task_names():
         spec = get_task(name)
-        print(f"  {name:8s} labels={','.join(spec.labels)} metric={spec.metric}")
+        status = data_status(spec, args.data_dir)
+        print(f"  {name:8s} labels={','.join(spec.labels)} metric={spec.metric}  data: {status}")
     return 0
 
 
@@ -316,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--output names one cache folder: give one --split with it")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, CorruptFileError, StaleCacheError) as error:
         print(f"ee-gym: error: {error}", file=sys.stderr)
         return 2
 

@@ -40,6 +40,7 @@ from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.table import softmax
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import Examples
+from ee_gym.validation import ConfigError
 
 __all__ = [
     "PreparedBatch",
@@ -92,8 +93,43 @@ def model_env_stand_in(model: MultiExitModel) -> types.SimpleNamespace:
     return types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes))
 
 
+def resolve_policy(policy: Any) -> Any:
+    """``policy`` itself, or for a name (``"entropy"``) the rule ``agents.make(name)`` makes with its
+    defaults. A learner's name is refused (an untrained learner has nothing to act on): pass a
+    trained one (``agents.load_policy(folder)``, or ``policy.learn(env)`` first)."""
+    if not isinstance(policy, str):
+        return policy
+    import agents  # here, not at module level: ee_gym never imports agents on import
+
+    if policy not in agents.REGISTRY:
+        raise ConfigError(
+            f"unknown policy {policy!r}: pass an exit policy (agents.make(name, ...), or "
+            f"agents.load_policy(folder) for a trained one) or the name of a rule; registered names: "
+            f"{', '.join(agents.names())}"
+        )
+    made = agents.make(policy)
+    if made.learns:
+        raise ConfigError(
+            f"policy {policy!r} learns, and a new one has learned nothing: pass a trained policy "
+            f"(agents.load_policy(folder), or agents.make({policy!r}) after policy.learn(env))"
+        )
+    return made
+
+
+def _as_texts(name: str, texts: Any) -> list[str] | None:
+    """A str is one input; other sequences are one input per item."""
+    if texts is None:
+        return None
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, bytes | bytearray) or not hasattr(texts, "__iter__"):
+        raise ConfigError(f"{name} must be a string or a sequence of strings, got {type(texts).__name__}")
+    return list(texts)
+
+
 def prepare_policy(policy: Any, model: MultiExitModel) -> ObservationEncoder | None:
     """Refuse what cannot be deployed, bind the policy to the model's sizes, make its encoder."""
+    policy = resolve_policy(policy)
     if policy is None:
         return None
     if not getattr(policy, "deployable", True):
@@ -118,9 +154,11 @@ def predict(
 
     Args:
         model: a multi-exit model with a tokenizer (run in eval mode; its mode is restored after).
-        text_a, text_b: the inputs; ``text_b`` for pair tasks (same length as ``text_a``).
-        policy: a deployable :class:`agents.ExitPolicy` (bound here to the model's sizes), or None
-            for full depth.
+        text_a, text_b: the inputs; ``text_b`` for pair tasks (same length as ``text_a``). A str is
+            one input (``predict(model, "a review")`` gives one prediction).
+        policy: a deployable :class:`agents.ExitPolicy` (bound here to the model's sizes), the name
+            of a rule (``"entropy"``: ``agents.make("entropy")`` at its defaults), or None for full
+            depth.
         batch_size: rows per batch at layer 1 (batches shrink as rows exit).
         max_length: tokens per input (truncated beyond).
         deterministic: passed to ``policy.act``; True is the policy's inference rule.
@@ -128,6 +166,8 @@ def predict(
     The same as :func:`prepare_batches` then :func:`predict_batches`; ``seconds`` counts both.
     """
     start_time = time.perf_counter()
+    policy = resolve_policy(policy)  # before any work: a bad name fails at once
+    text_a, text_b = _as_texts("text_a", text_a), _as_texts("text_b", text_b)
     batches = prepare_batches(model, text_a, text_b, batch_size, max_length)
     out = predict_batches(model, batches, len(text_a), policy, deterministic)
     out.seconds = time.perf_counter() - start_time
@@ -152,6 +192,7 @@ def prepare_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: pass one to MultiExitModel(...)")
+    text_a, text_b = _as_texts("text_a", text_a), _as_texts("text_b", text_b)
     n = len(text_a)
     if not n:
         return []
@@ -174,6 +215,7 @@ def predict_batches(
 ) -> Predictions:
     """Run prepared batches (:func:`prepare_batches`) with early exits; ``seconds``: the model's time."""
     start_time = time.perf_counter()
+    policy = resolve_policy(policy)
     encoder = prepare_policy(policy, model)
     exit_layers = np.zeros(num_inputs, dtype=np.int64)
     logits = np.zeros((num_inputs, model.num_labels), dtype=np.float32)

@@ -52,8 +52,8 @@ random state is saved).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -69,18 +69,29 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ee_gym import paths
-from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import all_exit_logits, shuffled_batches, tokenize_examples
+from ee_gym.files import folder_lock, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.rewards import default_alpha, get_reward
+from ee_gym.rewards import REWARDS, default_alpha, get_reward
 from ee_gym.tasks import get_task, load_split
 from ee_gym.training import (
     _check_run_config,
+    _load_trainer_state,
     _parameter_groups,
     _read_history,
     _write_history,
     default_stage1_dir,
+)
+from ee_gym.validation import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_float,
+    check_optional_int,
+    check_output_folder,
 )
 
 ROLLOUTS = ("sample", "threshold")
@@ -115,23 +126,47 @@ class Stage3Config:
     train_limit: int | None = None
     progress: bool = True
 
-    def resolved(self, model: MultiExitModel) -> Stage3Config:
-        """A copy with every default filled in (what a run folder records)."""
-        import agents
-        from ee_gym.training import Stage1Config
+    def __post_init__(self) -> None:
+        self.validate()
 
-        task = get_task(self.task)
-        get_reward(self.reward)  # fails early on an unknown name
+    def validate(self) -> Stage3Config:
+        """Refuse (ConfigError) any value that cannot be right, before any work; run on construction
+        and again by :meth:`resolved`. ``max_length`` meets the model's limit in :meth:`resolved`."""
+        import agents
+
+        positive = dict(minimum=0.0, exclusive_minimum=True)
         if self.agent not in agents.REGISTRY:
-            raise ValueError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
-        if self.rollout not in ROLLOUTS:
-            raise ValueError(f"unknown rollout {self.rollout!r}; choose one of {', '.join(ROLLOUTS)}")
+            raise ConfigError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
+        self.epochs = check_int("epochs", self.epochs, minimum=1)
+        self.learning_rate = check_float("learning_rate", self.learning_rate, **positive)
+        self.policy_learning_rate = check_float("policy_learning_rate", self.policy_learning_rate, **positive)
+        self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
+        self.replicas = check_int("replicas", self.replicas, minimum=1)
+        self.max_length = check_optional_int("max_length", self.max_length, minimum=2)
+        self.reward = check_choice("reward", self.reward, REWARDS)
+        self.alpha = check_optional_float("alpha", self.alpha, minimum=0.0)
+        self.rollout = check_choice("rollout", self.rollout, ROLLOUTS)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, minimum=0.0)
+        self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, minimum=0.0, maximum=1.0)
+        self.max_grad_norm = check_float("max_grad_norm", self.max_grad_norm, **positive)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
+        check_output_folder("output_dir", self.output_dir)
         if self.agent == "reinforce" and self.rollout == "threshold" and not self.separate_replicas:
-            raise ValueError(
+            raise ConfigError(
                 "the threshold rollout's replicas differ only by dropout, so with a shared forward pass "
                 "they are identical and learn nothing: set separate_replicas=True (or rollout='sample')"
             )
+        return self
+
+    def resolved(self, model: MultiExitModel) -> Stage3Config:
+        """A copy with every default filled in (what a run folder records)."""
+        from ee_gym.training import Stage1Config
+
+        task = get_task(self.task)
+        self.validate()  # again: the agent may have been set from the policy since construction
         max_length = self.max_length or Stage1Config(task=task.name).resolved().max_length
+        check_max_length(model, max_length)
         alpha = default_alpha(task.name, model.num_layers) if self.alpha is None else float(self.alpha)
         output_dir = self.output_dir or str(
             paths.home() / "checkpoints" / f"{task.name}-stage3-{self.agent}-{model.fingerprint()}"
@@ -313,10 +348,6 @@ def train_stage3(
     computed from the starting model (eval mode) and kept in the run folder. Model and a reinforce
     policy are trained in place on a fresh run.
     """
-    import agents
-    from agents.base import load_policy
-    from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
-
     config = dataclasses.replace(config or Stage3Config(), **overrides)
     if policy is not None:
         config.agent = policy.name
@@ -324,11 +355,26 @@ def train_stage3(
         model_dir = config.model_dir or default_stage1_dir(config.task, DEFAULT_BACKBONE) / "model"
         model = MultiExitModel.from_pretrained(model_dir)
     config = config.resolved(model)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # joins torchrun's processes
+    # one process: a second job on the same folder waits, then finds the finished run (under
+    # torchrun / accelerate launch all processes share one run: no lock, as in build_cache)
+    alone = accelerator.num_processes == 1
+    with folder_lock(config.output_dir) if alone else contextlib.nullcontext():
+        return _train_stage3(config, model, policy, memorized, accelerator)
+
+
+def _train_stage3(
+    config: Stage3Config, model: MultiExitModel, policy: Any, memorized: np.ndarray | None, accelerator
+) -> Stage3Result:
+    """:func:`train_stage3` on a resolved config, inside the run folder's lock."""
+    import agents
+    from agents.base import load_policy
+    from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
+
     task = get_task(config.task)
     run_dir = Path(config.output_dir)
     final_model, final_policy = run_dir / "model", run_dir / "policy"
     ckpt_dir = run_dir / "checkpoint"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # joins torchrun's processes
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     _check_run_config(run_dir, config, "stage-3 run")
 
@@ -341,6 +387,8 @@ def train_stage3(
             _read_history(run_dir),
         )
 
+    resuming = (ckpt_dir / "trainer_state.pt").is_file()
+    state = _load_trainer_state(ckpt_dir) if resuming else None  # a torn file fails before any work
     torch.manual_seed(config.seed + rank)  # each process its own dropout masks
     tokenizer = model.tokenizer
     train = tokenize_examples(
@@ -349,7 +397,6 @@ def train_stage3(
         config.max_length,
     )
     memorized = _memorized(run_dir, model, train, memorized, write=main)
-    resuming = (ckpt_dir / "trainer_state.pt").is_file()
     if resuming:
         model = MultiExitModel.from_pretrained(ckpt_dir)
         policy = load_policy(ckpt_dir / "policy")
@@ -385,7 +432,6 @@ def train_stage3(
     sampler = torch.Generator().manual_seed(config.seed + rank)
     start_epoch = 0
     if resuming:
-        state = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if learned:
@@ -398,7 +444,7 @@ def train_stage3(
         start_epoch = state["epoch"]
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
 
     reward_fn, num_layers = get_reward(config.reward), model.num_layers
     if learned and config.separate_replicas:  # K copies of each row, one trajectory each
@@ -521,8 +567,16 @@ def _memorized(
         raise ValueError(f"memorized layers must lie in 1..{model.num_layers}")
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
-        np.save(path, given)
+        _save_npy_atomic(path, given)
     return given
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary sibling and a rename (a killed write leaves no torn file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as stream:
+        np.save(stream, array)
+    tmp.replace(path)
 
 
 def _save_checkpoint(

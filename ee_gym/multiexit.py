@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
@@ -33,10 +34,51 @@ from ee_gym.backbones import (
     load_encoder,
     load_tokenizer,
 )
+from ee_gym.files import CorruptFileError, read_json
 
 POOLINGS = ("cls", "mean")
 CONFIG_NAME = "multiexit_config.json"
 WEIGHTS_NAME = "model.safetensors"
+FINGERPRINT_NAME = "fingerprint"
+
+
+class TaskMismatchError(ValueError):
+    """A model asked to serve a task it was not trained for (another task, or another label count)."""
+
+
+def check_model_task(model: MultiExitModel, task: Any, allow_other_task: bool = False) -> None:
+    """Refuse, before anything runs or is written, a model for another task.
+
+    A label-count mismatch (a 2-label model on a 3-label task) is always an error. A model trained
+    for another task (``model.config.task``, recorded in ``multiexit_config.json``), or for the same
+    task with other label names, is an error unless ``allow_other_task=True`` says it is meant. A
+    model that records no task (built by hand) passes the task check.
+    """
+    from ee_gym.tasks import _key, get_task
+
+    spec = get_task(task)
+    config = model.config
+    trained = f"trained for task {config.task!r}" if config.task else "built"
+    if model.num_labels != spec.num_labels:
+        raise TaskMismatchError(
+            f"the model ({config.backbone}, {trained}) has {model.num_labels} labels per exit, but task "
+            f"{spec.name!r} has {spec.num_labels} ({', '.join(spec.labels)}): it cannot serve it. Use a model "
+            f"trained for {spec.name!r} (`ee-gym stage1 --task {spec.name}`, or train_stage1(task={spec.name!r}))."
+        )
+    if allow_other_task or not config.task:
+        return
+    if _key(config.task) != _key(spec.name):
+        raise TaskMismatchError(
+            f"the model ({config.backbone}) was trained for task {config.task!r}, not {spec.name!r}. Use a "
+            f"model trained for {spec.name!r} (`ee-gym stage1 --task {spec.name}`), or pass "
+            "allow_other_task=True if serving it on this task is meant."
+        )
+    if config.labels is not None and tuple(config.labels) != spec.labels:
+        raise TaskMismatchError(
+            f"the model was trained for task {spec.name!r} with labels {list(config.labels)} (in id order), "
+            f"but the task now has {list(spec.labels)}: its predictions would mean other labels. Retrain "
+            f"it (`ee-gym stage1 --task {spec.name}`), or pass allow_other_task=True if this is meant."
+        )
 
 
 @dataclass
@@ -147,7 +189,7 @@ class MultiExitModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
         save_model(self, str(tmp / WEIGHTS_NAME))
-        (tmp / "fingerprint").write_text(self.fingerprint())
+        (tmp / FINGERPRINT_NAME).write_text(self.fingerprint())
         if extra is not None:
             extra(tmp)
         if folder.exists():
@@ -157,21 +199,59 @@ class MultiExitModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str = "cpu") -> MultiExitModel:
-        """Load a folder written by :meth:`save_pretrained`."""
+        """Load a folder written by :meth:`save_pretrained`.
+
+        The loaded weights are checked against the folder's ``fingerprint`` file (one hash of the
+        weights, a fraction of a second for MiniLM): a checkpoint whose files were damaged or changed
+        after saving raises :class:`~ee_gym.files.CorruptFileError` naming the folder and the fix, as
+        does an unreadable ``multiexit_config.json`` or ``model.safetensors``.
+        """
         folder = Path(folder)
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(
                 f"{folder} is not a multi-exit checkpoint (no {CONFIG_NAME}). Train one with "
                 "`ee-gym stage1 --task <task>` or build one with MultiExitModel.from_backbone(...)."
             )
-        config = MultiExitConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-        backbone_config = AutoConfig.from_pretrained(folder / "backbone")
+        fix = _checkpoint_fix(folder)
+        fields = read_json(folder / CONFIG_NAME, fix)
+        try:
+            config = MultiExitConfig(**fields)
+        except (TypeError, ValueError) as error:  # not an object, unknown or bad fields
+            raise CorruptFileError(
+                f"{folder / CONFIG_NAME} is not a multi-exit config ({error}); {fix}"
+            ) from None
+        try:
+            backbone_config = AutoConfig.from_pretrained(folder / "backbone")
+        except (OSError, ValueError) as error:
+            raise CorruptFileError(f"{folder / 'backbone'} cannot be read ({error}); {fix}") from None
         encoder = LayerwiseEncoder(AutoModel.from_config(backbone_config))
         tokenizer = (
             AutoTokenizer.from_pretrained(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
         )
         model = cls(encoder, config, tokenizer)
-        load_model(model, str(folder / WEIGHTS_NAME), strict=True, device=map_location)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}; {fix}")
+        try:
+            load_model(model, str(weights), strict=True, device=map_location)
+        except (SafetensorError, OSError, EOFError) as error:  # truncated or not a safetensors file
+            raise CorruptFileError(f"{weights} cannot be read ({error}); {fix}") from None
+        except RuntimeError as error:  # other tensors than this config's model has
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise CorruptFileError(
+                f"{weights} does not hold the weights of the model its {CONFIG_NAME} and backbone/ "
+                f"describe ({str(error).splitlines()[0]}); {fix}"
+            ) from None
+        saved_file = folder / FINGERPRINT_NAME
+        if saved_file.is_file():
+            saved, loaded = saved_file.read_text().strip(), model.fingerprint()
+            if saved != loaded:
+                raise CorruptFileError(
+                    f"the checkpoint {folder} is damaged: its weights hash to {loaded}, but it was saved "
+                    f"with fingerprint {saved} ({FINGERPRINT_NAME} file), so {WEIGHTS_NAME} or {CONFIG_NAME} "
+                    f"changed after saving; {fix}"
+                )
         return model.eval()
 
     def fingerprint(self) -> str:
@@ -182,7 +262,7 @@ class MultiExitModel(nn.Module):
             digest.update(name.encode())
             digest.update(str(tensor.dtype).encode())
             digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()[:16]
 
     # -- sizes -------------------------------------------------------------------------------
@@ -275,6 +355,13 @@ class MultiExitModel(nn.Module):
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _checkpoint_fix(folder: Path) -> str:
+    return (
+        f"retrain it (`ee-gym stage1 --task <task>`, which writes a new one), copy or download it again, "
+        f"or delete the folder {folder}"
+    )
 
 
 def _rmtree(path: Path) -> None:

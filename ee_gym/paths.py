@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 HOME_ENV = "EE_GYM_HOME"
+OFFLINE_ENV = "HF_HUB_OFFLINE"
 DATA_ENV = "EE_GYM_DATA"
 DEFAULT_HOME = "~/.cache/ee_gym"
 
@@ -26,7 +27,9 @@ def data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The offline data folder to read, or None to load from the Hugging Face hub.
 
     The explicit ``data_dir`` argument wins, then ``$EE_GYM_DATA``; an empty value counts as unset.
-    A folder that is named but does not exist raises :class:`FileNotFoundError`.
+    The folder is returned absolute (a relative value is taken against the working directory), so
+    errors name the folder actually tried. A folder that is named but does not exist raises
+    :class:`FileNotFoundError`.
     """
     if data_dir is not None and str(data_dir) != "":
         raw, source = data_dir, "the data_dir argument"
@@ -34,7 +37,10 @@ def data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
         raw, source = os.environ[DATA_ENV], f"${DATA_ENV}"
     else:
         return None
-    path = Path(raw).expanduser()
+    given = Path(raw).expanduser()
+    path = Path(os.path.abspath(given))  # a relative value: against the working directory
+    if not given.is_absolute():
+        source += f" = {str(raw)!r}, resolved against the working directory {os.getcwd()!r}"
     if not path.is_dir():
         raise FileNotFoundError(
             f"Data folder {str(path)!r} (from {source}) does not exist or is not a folder. Either set "
@@ -42,3 +48,8 @@ def data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
             f"(e.g. glue/RTE/train.tsv), or leave both unset to download the data from the Hugging Face hub."
         )
     return path
+
+
+def hub_offline() -> bool:
+    """True when ``$HF_HUB_OFFLINE`` forbids the Hugging Face hub ("1", "true", "yes", "on")."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")

@@ -9,6 +9,7 @@ resumes after the last finished stage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -21,11 +22,22 @@ import torch
 from accelerate import PartialState
 
 from ee_gym import paths
-from ee_gym.backbones import DEFAULT_BACKBONE
-from ee_gym.joint import Stage3Config, train_stage3
+from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
+from ee_gym.files import folder_lock, read_jsonl, write_json_atomic, write_text_atomic
+from ee_gym.joint import ROLLOUTS, Stage3Config, _save_npy_atomic, train_stage3
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.rewards import REWARDS
 from ee_gym.tasks import get_task
-from ee_gym.training import _check_run_config
+from ee_gym.training import Stage1Config, _check_run_config
+from ee_gym.validation import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_float,
+    check_optional_int,
+    check_output_folder,
+)
 
 
 @dataclass
@@ -62,6 +74,47 @@ class PipelineConfig:
     stage3_train_limit: int | None = None  # first N training rows in stage 3 (default: train_limit)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> PipelineConfig:
+        """Refuse (ConfigError) any value that cannot be right, and any that the stage-1 and stage-3
+        configs built from it would refuse, before any stage runs; run on construction.
+        ``max_length`` meets the backbone's limit at the top of :func:`train_pipeline`."""
+        import agents
+
+        positive = dict(minimum=0.0, exclusive_minimum=True)
+        if self.agent not in agents.REGISTRY:
+            raise ConfigError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
+        self.rounds = check_int("rounds", self.rounds, minimum=1)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        self.max_length = check_optional_int("max_length", self.max_length, minimum=2)
+        self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
+        self.dev_limit = check_optional_int("dev_limit", self.dev_limit, minimum=1)
+        self.stage1_epochs = check_optional_int("stage1_epochs", self.stage1_epochs, minimum=1)
+        self.stage1_learning_rate = check_optional_float(
+            "stage1_learning_rate", self.stage1_learning_rate, **positive
+        )
+        self.stage1_batch_size = check_optional_int("stage1_batch_size", self.stage1_batch_size, minimum=1)
+        self.policy_epochs = check_int("policy_epochs", self.policy_epochs, minimum=1)
+        self.policy_batch_size = check_int("policy_batch_size", self.policy_batch_size, minimum=1)
+        self.policy_learning_rate = check_float("policy_learning_rate", self.policy_learning_rate, **positive)
+        self.policy_timesteps = check_optional_int("policy_timesteps", self.policy_timesteps, minimum=1)
+        self.replicas = check_int("replicas", self.replicas, minimum=1)
+        self.rollout = check_choice("rollout", self.rollout, ROLLOUTS)
+        self.reward = check_choice("reward", self.reward, REWARDS)
+        self.alpha = check_optional_float("alpha", self.alpha, minimum=0.0)
+        self.stage3_epochs = check_int("stage3_epochs", self.stage3_epochs, minimum=1)
+        self.stage3_learning_rate = check_float("stage3_learning_rate", self.stage3_learning_rate, **positive)
+        self.stage3_batch_size = check_int("stage3_batch_size", self.stage3_batch_size, minimum=1)
+        self.stage3_train_limit = check_optional_int("stage3_train_limit", self.stage3_train_limit, minimum=1)
+        check_output_folder("output_dir", self.output_dir)
+        # the configs the stages will get validate themselves (e.g. reinforce's threshold rollout)
+        run_dir = None if self.output_dir is None else Path(self.output_dir)
+        _stage1_config(self, run_dir)
+        _stage3_config(self, run_dir, 1)
+        return self
+
 
 @dataclass
 class PipelineResult:
@@ -89,46 +142,59 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model
     stage 1 starts from (a tiny one in tests) instead of ``config.backbone``.
     """
-    import agents
-    from agents.base import load_policy
-    from agents.evaluate import evaluate
-    from ee_gym.envs.prepare import load_table
-    from ee_gym.training import Stage1Config, train_stage1
-
-    config = dataclasses.replace(config or PipelineConfig(), **overrides)
+    config = dataclasses.replace(config or PipelineConfig(), **overrides)  # validates every setting
     if model is not None:
         config.backbone = model.config.backbone
     task = get_task(config.task)
-    if config.agent not in agents.REGISTRY:
-        raise ValueError(f"unknown agent {config.agent!r}; known: {', '.join(agents.names())}")
+    if config.stage1_model:
+        _check_stage1_folder(config.stage1_model)
     slug = str(config.backbone).strip("/").replace("/", "--")
     max_length = config.max_length or Stage1Config(task=task.name).resolved().max_length
+    # the backbone's input limit, from its config alone: before stage 1 (or the given model) loads
+    check_max_length(config.stage1_model or (model if model is not None else config.backbone), max_length)
     config = dataclasses.replace(
         config,
         task=task.name,
         max_length=max_length,
         output_dir=config.output_dir or str(paths.home() / "runs" / f"{task.name}-{slug}-{config.agent}"),
     )
-    run_dir = Path(config.output_dir)
-    _check_run_config(run_dir, config, "pipeline run")
     # under torchrun / accelerate launch: stages 1 and 3 and the caches run on every process; the
     # main process alone trains stage 2 (small, on a cached table) and writes the run's files
     processes = PartialState(cpu=not torch.cuda.is_available())
+    # one process: a second job on the same run folder waits, then resumes after what the first
+    # finished (under torchrun all processes share one run: no lock, as in build_cache)
+    alone = processes.num_processes == 1
+    with folder_lock(config.output_dir) if alone else contextlib.nullcontext():
+        return _run_pipeline(config, model, processes)
+
+
+def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processes: PartialState):
+    """:func:`train_pipeline` on a resolved config, inside the run folder's lock."""
+    import agents
+    from agents.base import load_policy
+    from agents.evaluate import evaluate
+    from ee_gym.envs.prepare import load_table
+    from ee_gym.training import train_stage1
+
+    task, max_length = get_task(config.task), config.max_length
+    run_dir = Path(config.output_dir)
+    _check_run_config(run_dir, config, "pipeline run")
     main = processes.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
     log_path = run_dir / "pipeline.jsonl"
-    done = {}
-    if log_path.is_file():
-        done = {r["stage"]: r for r in map(json.loads, log_path.read_text().splitlines()) if r}
+    log_fix = f"delete that line to run its stage again, or delete the folder {run_dir} to start over"
+    records = read_jsonl(log_path, log_fix)  # a torn last record (a killed write): its stage runs again
+    done = {r["stage"]: r for r in records}
 
     def finish(record: dict) -> None:
         done[record["stage"]] = record
         if not main:
             return
-        with log_path.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+        # the whole log, rewritten atomically: a torn tail is dropped, never appended after
+        records.append(record)
+        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
         if config.progress:
             print(f"[{record['stage']}] done: {record.get('dev', '')}")
 
@@ -147,23 +213,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     if config.stage1_model:
         stage1 = _given_stage1(config.stage1_model)
     else:
-        stage1 = train_stage1(
-            Stage1Config(
-                task=task.name,
-                backbone=config.backbone,
-                output_dir=str(run_dir / "stage1"),
-                data_dir=config.data_dir,
-                epochs=config.stage1_epochs,
-                learning_rate=config.stage1_learning_rate,
-                batch_size=config.stage1_batch_size,
-                max_length=max_length,
-                seed=config.seed,
-                train_limit=config.train_limit,
-                dev_limit=config.dev_limit,
-                progress=config.progress,
-            ),
-            model=model,
-        )
+        stage1 = train_stage1(_stage1_config(config, run_dir), model=model)
     current = stage1.model.eval()
     if "stage1" not in done:
         finish({"stage": "stage1", "model_dir": str(stage1.model_dir), "dev": dev_scores(current, None)})
@@ -175,7 +225,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
         train_table = load_table(current, task.name, "train", max_inputs=config.train_limit, **tables)
         memorized = np.asarray(train_table.memorized, dtype=np.int64)
         if main:
-            np.save(memorized_path, memorized)
+            _save_npy_atomic(memorized_path, memorized)
         finish(
             {
                 "stage": "memorized",
@@ -216,24 +266,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
         policy_dir = stage2_dir
 
         stage3 = train_stage3(
-            Stage3Config(
-                task=task.name,
-                data_dir=config.data_dir,
-                output_dir=str(run_dir / f"round{r}" / "stage3"),
-                epochs=config.stage3_epochs,
-                learning_rate=config.stage3_learning_rate,
-                policy_learning_rate=config.policy_learning_rate,
-                batch_size=config.stage3_batch_size,
-                replicas=config.replicas,
-                separate_replicas=config.separate_replicas,
-                max_length=max_length,
-                reward=config.reward,
-                alpha=config.alpha,
-                rollout=config.rollout,
-                seed=config.seed + r,
-                train_limit=config.stage3_train_limit or config.train_limit,
-                progress=config.progress,
-            ),
+            _stage3_config(config, run_dir, r),
             model=current,
             policy=policy,
             memorized=memorized,
@@ -251,8 +284,49 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
                 }
             )
     processes.wait_for_everyone()  # the main process has written every record
-    stages = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    stages = read_jsonl(log_path, log_fix)
     return PipelineResult(current, policy, Path(model_dir), Path(policy_dir or ""), stages)
+
+
+def _stage1_config(config: PipelineConfig, run_dir: Path | None) -> Stage1Config:
+    """The stage-1 settings of a pipeline run (its run folder: ``<run_dir>/stage1``)."""
+    return Stage1Config(
+        task=config.task,
+        backbone=config.backbone,
+        output_dir=None if run_dir is None else str(run_dir / "stage1"),
+        data_dir=config.data_dir,
+        epochs=config.stage1_epochs,
+        learning_rate=config.stage1_learning_rate,
+        batch_size=config.stage1_batch_size,
+        max_length=config.max_length,
+        seed=config.seed,
+        train_limit=config.train_limit,
+        dev_limit=config.dev_limit,
+        progress=config.progress,
+    )
+
+
+def _stage3_config(config: PipelineConfig, run_dir: Path | None, round_: int) -> Stage3Config:
+    """The stage-3 settings of round ``round_`` (its run folder: ``<run_dir>/round<r>/stage3``)."""
+    return Stage3Config(
+        task=config.task,
+        agent=config.agent,  # train_stage3 takes it from the policy it is given: the same name
+        data_dir=config.data_dir,
+        output_dir=None if run_dir is None else str(run_dir / f"round{round_}" / "stage3"),
+        epochs=config.stage3_epochs,
+        learning_rate=config.stage3_learning_rate,
+        policy_learning_rate=config.policy_learning_rate,
+        batch_size=config.stage3_batch_size,
+        replicas=config.replicas,
+        separate_replicas=config.separate_replicas,
+        max_length=config.max_length,
+        reward=config.reward,
+        alpha=config.alpha,
+        rollout=config.rollout,
+        seed=config.seed + round_,
+        train_limit=config.stage3_train_limit or config.train_limit,
+        progress=config.progress,
+    )
 
 
 def _new_agent(config: PipelineConfig, seed: int):
@@ -302,10 +376,16 @@ def _given_stage1(folder: str):
     """A finished stage-1 model folder in the shape :func:`train_stage1` returns."""
     from ee_gym.training import Stage1Result
 
+    path = _check_stage1_folder(folder)
+    return Stage1Result(MultiExitModel.from_pretrained(path), path, [])
+
+
+def _check_stage1_folder(folder: str) -> Path:
+    """``folder`` as a Path when it holds a saved multi-exit model, else FileNotFoundError."""
     path = Path(folder)
     if not (path / "fingerprint").is_file():
         raise FileNotFoundError(
             f"stage1_model={folder!r} is not a saved multi-exit model (no fingerprint file); pass the "
             "model/ folder of a finished stage-1 run"
         )
-    return Stage1Result(MultiExitModel.from_pretrained(path), path, [])
+    return path

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ee_gym.validation import ConfigError, check_float
+
 #: alpha for a 12-layer model per task; the authors' code notes 0.035 for RTE.
 BASE_ALPHA: dict[str, float] = {"rte": 0.035}
 GENERIC_BASE_ALPHA = 0.035
@@ -30,6 +32,20 @@ def default_alpha(task: str, num_layers: int) -> float:
     BERT-base in the paper (alpha * L stays the same).
     """
     return BASE_ALPHA.get(task, GENERIC_BASE_ALPHA) * REFERENCE_DEPTH / num_layers
+
+
+def check_alpha(alpha, name: str = "alpha") -> float | None:
+    """``alpha`` as a float when it is a finite price >= 0, None (the default price) as None, else
+    :class:`~ee_gym.validation.ConfigError`: what every env constructor checks its ``alpha`` with."""
+    if alpha is None:
+        return None
+    try:
+        return check_float(name, alpha, minimum=0.0)
+    except ConfigError as error:
+        raise ConfigError(
+            f"{error}: alpha is the price of one layer, a number >= 0 (or None for the default, "
+            "ee_gym.rewards.default_alpha)"
+        ) from None
 
 
 def hardness(ce, correct, t, m, num_layers: int, alpha: float):
@@ -59,7 +75,6 @@ REWARDS: dict[str, RewardFn] = {
 
 def get_reward(name: str) -> RewardFn:
     """The reward function called ``name``; unknown names list the valid ones."""
-    try:
-        return REWARDS[name]
-    except KeyError:
-        raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}") from None
+    if not isinstance(name, str) or name not in REWARDS:
+        raise ConfigError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
+    return REWARDS[name]

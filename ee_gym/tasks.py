@@ -16,6 +16,8 @@ Your own data joins with :func:`task_from_files` (CSV, TSV or JSON lines) or :fu
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,26 +32,35 @@ from typing import Any, Literal
 import numpy as np
 
 from ee_gym import paths
+from ee_gym.validation import ConfigError
 
 __all__ = [
     "DEFAULT_HUB_SPLITS",
     "DEFAULT_SPLIT_FILES",
+    "MAX_NUMERIC_CLASSES",
     "METRICS",
+    "DataSourceError",
     "Examples",
     "TableFormat",
     "TaskSpec",
     "UnknownTaskError",
+    "check_data_source",
     "compute_metrics",
+    "data_status",
+    "check_split",
     "get_task",
     "load_split",
     "on_register",
     "parse_split",
     "primary_metric",
     "register_task",
+    "resolve_task",
     "split_slug",
     "task_from_files",
     "task_from_hub",
     "task_names",
+    "task_spec_from_dict",
+    "task_spec_to_dict",
 ]
 
 METRICS = ("accuracy", "f1", "matthews")
@@ -58,6 +69,12 @@ DEFAULT_HUB_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "dev
 # Other names accepted for a split, tried when the name itself is not one of the task's splits.
 _SPLIT_ALIASES = {"validation": "dev", "val": "dev", "validation_matched": "dev"}
 _GLUE_HUB = "nyu-mll/glue"
+#: More distinct numeric label values than this look like scores, not classes (task_from_files).
+MAX_NUMERIC_CLASSES = 20
+
+
+class DataSourceError(FileNotFoundError):
+    """No data source a task can be read from is reachable (no data folder, and the hub is off)."""
 
 
 class UnknownTaskError(KeyError):
@@ -209,6 +226,21 @@ class Examples:
         text_b = None if self.text_b is None else [self.text_b[i] for i in idx]
         return Examples([self.text_a[i] for i in idx], text_b, labels)
 
+    def content_hash(self) -> str:
+        """A short hash of the texts and labels (16 hex digits): caches record it, so that a cache
+        built from one copy of the data is never served for another. Linear in the split's size and
+        cheap (one hash over the joined texts and the label bytes)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for column in (self.text_a, self.text_b):
+            if column is None:
+                digest.update(b"\x00none\x00")
+                continue
+            digest.update(len(column).to_bytes(8, "little"))
+            digest.update("\x1f".join(column).encode("utf-8", "surrogatepass"))
+            digest.update(b"\x1e")
+        digest.update(self.labels.astype("<i8").tobytes())
+        return digest.hexdigest()
+
     def head(self, n: int | None) -> Examples:
         """The first ``n`` examples (all of them when ``n`` is None or larger than the split)."""
         if n is None:
@@ -304,10 +336,7 @@ def load_split(
     if source == "hub":
         examples = _load_hub(spec, split)
     else:
-        if source == "files":
-            path = Path(spec.split_files[split])
-        else:
-            path = root / "glue" / spec.glue_dir / spec.split_files[split]
+        path = _split_path(spec, split, source, root)
         if not path.is_file():
             raise FileNotFoundError(_missing_file_message(spec, split, path, source, root))
         examples = _read_file(spec, path)
@@ -379,11 +408,107 @@ def _source(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> tuple[st
     if root is not None:
         return "glue", root
     if spec.hub is None:
-        raise FileNotFoundError(
+        raise DataSourceError(
             f"task {spec.name!r} has no hub dataset: set {paths.DATA_ENV} or pass data_dir= to a folder "
             f"holding glue/{spec.glue_dir}/{spec.split_files.get('train', 'train.tsv')}"
         )
+    _check_hub_allowed(spec)
     return "hub", None
+
+
+def _check_hub_allowed(spec: TaskSpec) -> None:
+    """Refuse at once (not after the ``datasets`` library's retries) to read the hub when
+    ``$HF_HUB_OFFLINE`` forbids it and the dataset is not in the local ``datasets`` cache."""
+    if not paths.hub_offline() or _hub_cached(*spec.hub):
+        return
+    dataset, config = spec.hub
+    offline = f"${paths.OFFLINE_ENV}={os.environ.get(paths.OFFLINE_ENV)!r}"
+    if spec.glue_dir is not None:
+        files = " and ".join(spec.split_files.get(s, f"{s}.tsv") for s in ("train", "dev"))
+        raise DataSourceError(
+            f"task {spec.name!r}: no data source is reachable: no data folder is set (${paths.DATA_ENV} "
+            f"or data_dir=) and {offline} forbids the Hugging Face hub ({dataset!r}, {config}, not in the "
+            f"local datasets cache). Either set {paths.DATA_ENV} (or pass data_dir= / --data-dir) to a "
+            f"folder holding glue/{spec.glue_dir}/{files}, or allow the hub by unsetting {paths.OFFLINE_ENV}."
+        )
+    raise DataSourceError(
+        f"task {spec.name!r} reads the hub dataset {dataset!r} ({config}), but {offline} forbids the "
+        f"Hugging Face hub and the dataset is not in the local datasets cache. Allow the hub by unsetting "
+        f"{paths.OFFLINE_ENV} (once is enough: the datasets cache keeps it), or make the task from local "
+        "files with task_from_files(...)."
+    )
+
+
+def _hub_cached(dataset: str, config: str | None) -> bool:
+    """Whether the ``datasets`` cache holds a copy of ``dataset`` (it then loads offline)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        root = Path(os.environ["HF_DATASETS_CACHE"])
+    elif os.environ.get("HF_HOME"):
+        root = Path(os.environ["HF_HOME"]) / "datasets"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "datasets"
+    folder = root.expanduser() / dataset.replace("/", "___")
+    return (folder / config).is_dir() if config else folder.is_dir()
+
+
+def check_data_source(
+    task: str | TaskSpec,
+    data_dir: str | os.PathLike[str] | None = None,
+    splits: Sequence[str] = ("train", "dev"),
+) -> str:
+    """Check, without loading anything, that ``task``'s ``splits`` can be read; return where from.
+
+    Call it before expensive work (training, cache building): a data folder that does not exist, a
+    split file it lacks, or a hub that ``$HF_HUB_OFFLINE`` forbids raise FileNotFoundError (the last
+    one :class:`DataSourceError`) naming the absolute path tried and both fixes. Split names may
+    carry slices (``train[:90%]``); a split the task does not have is ValueError. Returns the folder
+    (``/abs/data/glue/RTE``), the task's files, or ``"Hugging Face hub <dataset> (<config>)"``.
+    """
+    spec = get_task(task)
+    source, root = _source(spec, data_dir)
+    valid = spec.hub_splits if source == "hub" else spec.split_files
+    names = [_resolve_split(spec, parse_split(split)[0], valid) for split in splits if split]
+    if source == "hub":
+        dataset, config = spec.hub
+        return f"Hugging Face hub {dataset} ({config})"
+    checked = []
+    for split in dict.fromkeys(names):
+        path = _split_path(spec, split, source, root)
+        if not path.is_file():
+            raise FileNotFoundError(_missing_file_message(spec, split, path, source, root))
+        checked.append(path)
+    if source == "files":
+        return ", ".join(str(path) for path in checked)
+    return str(root / "glue" / spec.glue_dir)
+
+
+def data_status(task: str | TaskSpec, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """One line on where ``task``'s data would come from and whether it is there (``ee-gym tasks``)."""
+    spec = get_task(task)
+    try:
+        source, root = _source(spec, data_dir)
+    except DataSourceError:
+        if spec.hub is None:
+            return f"no data: set {paths.DATA_ENV} to a folder holding glue/{spec.glue_dir}/"
+        dataset, config = spec.hub
+        return f"Hugging Face hub {dataset} ({config}): unreachable, ${paths.OFFLINE_ENV} is set"
+    if source == "hub":
+        dataset, config = spec.hub
+        return f"Hugging Face hub {dataset} ({config})"
+    files = {split: _split_path(spec, split, source, root) for split in spec.split_files}
+    present = [split for split, path in files.items() if path.is_file()]
+    where = root / "glue" / spec.glue_dir if source == "glue" else None
+    if not present:
+        return f"no files in {where}" if where else "its files do not exist any more"
+    missing = [path.name for split, path in files.items() if split not in present]
+    listed = ", ".join(files[split].name for split in present)
+    return f"{listed} in {where}" + (f" (missing {', '.join(missing)})" if missing else "")
+
+
+def _split_path(spec: TaskSpec, split: str, source: str, root: Path | None) -> Path:
+    if source == "files":
+        return Path(spec.split_files[split])
+    return root / "glue" / spec.glue_dir / spec.split_files[split]
 
 
 def _resolve_split(spec: TaskSpec, split: str, valid: Mapping[str, str]) -> str:
@@ -632,6 +757,7 @@ def task_from_files(
         files[split] = path
     if labels is None:
         labels = _sorted_labels([values[-1] for _, _, values in _iter_table(files["train"], fmt)])
+        _refuse_continuous_labels(files["train"], label_column, labels)
         if len(labels) < 2:
             raise ValueError(f"{files['train']}: found only the label(s) {labels}; a task needs two or more")
     spec = TaskSpec(
@@ -691,6 +817,12 @@ def _register_user_task(spec: TaskSpec) -> TaskSpec:
 
 
 def _hub_label_names(dataset: str, config: str | None, label_column: str) -> tuple[str, ...]:
+    if paths.hub_offline() and not _hub_cached(dataset, config):
+        raise DataSourceError(
+            f"cannot read the label names of {dataset!r} ({config}): ${paths.OFFLINE_ENV} forbids the "
+            f"Hugging Face hub and the dataset is not in the local datasets cache. Unset {paths.OFFLINE_ENV}, "
+            "or pass labels=[...]"
+        )
     import datasets
 
     feature = datasets.load_dataset_builder(dataset, config).info.features[label_column]
@@ -699,6 +831,36 @@ def _hub_label_names(dataset: str, config: str | None, label_column: str) -> tup
             f"{dataset} ({config}): column {label_column!r} is not a ClassLabel; pass labels=[...]"
         )
     return tuple(feature.names)
+
+
+def _refuse_continuous_labels(path: Path, column: str, keys: Sequence[str]) -> None:
+    """Numbers that look like scores (non-integers, more than MAX_NUMERIC_CLASSES distinct values, or
+    one number spelt several ways such as '0' and '0.00') are not class names: refuse them."""
+    numbers: list[float] = []
+    for key in keys:
+        try:
+            value = float(key)
+        except ValueError:
+            return  # a name: classes
+        if not math.isfinite(value):
+            return
+        numbers.append(value)
+    distinct = set(numbers)
+    fractional = [k for k, v in zip(keys, numbers, strict=True) if not v.is_integer()]
+    if not fractional and len(distinct) <= MAX_NUMERIC_CLASSES and len(distinct) == len(numbers):
+        return
+    if fractional:
+        why = f"non-integer values such as {', '.join(map(repr, fractional[:3]))}"
+    elif len(distinct) > MAX_NUMERIC_CLASSES:
+        why = f"{len(distinct)} distinct numbers, more than {MAX_NUMERIC_CLASSES}"
+    else:
+        why = "one number spelt several ways"
+    raise ValueError(
+        f"{path}: the label column {column!r} looks continuous ({len(keys)} distinct label strings; {why}), "
+        "so it would become one class per spelling. task_from_files makes classification tasks; a "
+        "regression task kind does not exist yet. If these values really are class names, pass "
+        "labels=[...] explicitly, in label-id order."
+    )
 
 
 def _sorted_labels(values: list[Any]) -> tuple[str, ...]:
@@ -716,6 +878,56 @@ def _title(name: str) -> str | None:
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
     return (value,) if isinstance(value, (str, int)) else tuple(value)
+
+
+# --------------------------------------------------------------------------- checks and transport
+
+
+def check_split(split: Any, spec: TaskSpec | None = None) -> str:
+    """``split`` when it is a split name, optionally with a slice (``train[:90%]``), and, given the
+    task's ``spec``, one the task has; else ConfigError. Reads no data."""
+    if not isinstance(split, str) or not split.strip():
+        raise ConfigError(f"split must be a split name such as 'train' or 'dev', got {split!r}")
+    try:
+        base = parse_split(split)[0]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if spec is not None:
+        known = {**spec.split_files, **spec.hub_splits}
+        name = base.strip().lower()
+        if known and name not in known and _SPLIT_ALIASES.get(name) not in known:
+            raise ConfigError(
+                f"unknown split {split!r} for task {spec.name!r}; valid splits: {', '.join(known)} "
+                "(optionally with a slice, such as 'train[:90%]')"
+            )
+    return split
+
+
+def task_spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
+    """A task as plain JSON data (what a user task's env id carries, see :func:`resolve_task`)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def task_spec_from_dict(data: Mapping[str, Any]) -> TaskSpec:
+    """The inverse of :func:`task_spec_to_dict`."""
+    data = dict(data)
+    fmt = data.pop("local_format", None)
+    return TaskSpec(**data, local_format=None if fmt is None else TableFormat(**fmt))
+
+
+def resolve_task(task: str | TaskSpec, task_spec: Mapping[str, Any] | None = None) -> TaskSpec:
+    """The registered task ``task``. A user task's env id also carries its spec as plain data
+    (``task_spec``, from ``register_task_env``): a process that does not know the name (a spawned or
+    forkserver worker of an async vector env, an SB3 ``SubprocVecEnv``) registers it from that."""
+    try:
+        return get_task(task)
+    except UnknownTaskError:
+        if task_spec is None:
+            raise
+        spec = task_spec_from_dict(task_spec)
+        if not isinstance(task, str) or spec.name != task.strip().lower():
+            raise
+        return register_task(spec)
 
 
 # --------------------------------------------------------------------------- built-in tasks

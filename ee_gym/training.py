@@ -10,9 +10,13 @@ the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+import pickle
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +29,27 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ee_gym import paths
-from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import TokenizedSplit, all_exit_logits, shuffled_batches, tokenize_examples
-from ee_gym.multiexit import MultiExitModel
+from ee_gym.files import (
+    CorruptFileError,
+    folder_lock,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
+from ee_gym.multiexit import POOLINGS, MultiExitModel
 from ee_gym.tasks import compute_metrics, get_task, load_split, split_slug
+from ee_gym.validation import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_float,
+    check_optional_int,
+    check_output_folder,
+)
 
 #: Per-task defaults, chosen for the small embedded backbone on a 2-core CPU (see the README).
 TASK_DEFAULTS: dict[str, dict] = {
@@ -70,6 +91,38 @@ class Stage1Config:
     dev_limit: int | None = None
     eval_batch_size: int = 64
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> Stage1Config:
+        """Refuse (ConfigError) any value that cannot be right, before any work; run on construction.
+
+        ``max_length`` is checked against the backbone's limit once the model is loaded (see
+        :func:`ee_gym.backbones.check_max_length`), before any data is tokenized.
+        """
+        positive = dict(minimum=0.0, exclusive_minimum=True)
+        self.epochs = check_optional_int("epochs", self.epochs, minimum=1)
+        self.learning_rate = check_optional_float("learning_rate", self.learning_rate, **positive)
+        self.head_learning_rate = check_optional_float(
+            "head_learning_rate", self.head_learning_rate, **positive
+        )
+        self.batch_size = check_optional_int("batch_size", self.batch_size, minimum=1)
+        self.max_length = check_optional_int("max_length", self.max_length, minimum=2)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, minimum=0.0)
+        self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, minimum=0.0, maximum=1.0)
+        self.max_grad_norm = check_float("max_grad_norm", self.max_grad_norm, **positive)
+        self.head_dropout = check_float(
+            "head_dropout", self.head_dropout, minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
+        if self.pooling is not None:
+            self.pooling = check_choice("pooling", self.pooling, POOLINGS)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
+        self.dev_limit = check_optional_int("dev_limit", self.dev_limit, minimum=1)
+        self.eval_batch_size = check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        check_output_folder("output_dir", self.output_dir)
+        return self
 
     def resolved(self) -> Stage1Config:
         """A copy with every default filled in (what a run folder records)."""
@@ -130,15 +183,27 @@ def train_stage1(
     resumes after the last finished epoch, or returns the finished model at once. ``model`` starts
     from an existing multi-exit model (a random tiny one in tests) instead of ``config.backbone``.
     """
-    config = dataclasses.replace(config or Stage1Config(), **overrides)
+    config = dataclasses.replace(config or Stage1Config(), **overrides)  # validates every setting
     if model is not None:
         config.backbone = model.config.backbone
     config = config.resolved()
+    # cpu=True on CPU-only machines: accelerate then joins processes started by torchrun (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # One process: another job may run the same folder at once (two gym.make on a fresh home); the
+    # first trains, the others wait and then find the finished model. Under torchrun / accelerate
+    # launch all processes share one run, so there is no lock (as in build_cache).
+    alone = accelerator.num_processes == 1
+    with folder_lock(config.output_dir) if alone else contextlib.nullcontext():
+        return _train_stage1(config, model, accelerator)
+
+
+def _train_stage1(
+    config: Stage1Config, model: MultiExitModel | None, accelerator: Accelerator
+) -> Stage1Result:
+    """:func:`train_stage1` on a resolved config, inside the run folder's lock."""
     task = get_task(config.task)
     run_dir = Path(config.output_dir)
     final_dir, ckpt_dir = run_dir / "model", run_dir / "checkpoint"
-    # cpu=True on CPU-only machines: accelerate then joins processes started by torchrun (gloo).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     _check_run_config(run_dir, config)
 
@@ -146,7 +211,9 @@ def train_stage1(
         return Stage1Result(MultiExitModel.from_pretrained(final_dir), final_dir, _read_history(run_dir))
 
     torch.manual_seed(config.seed)
+    resume = None
     if (ckpt_dir / "trainer_state.pt").is_file():
+        resume = _load_trainer_state(ckpt_dir)
         model = MultiExitModel.from_pretrained(ckpt_dir).train()
     elif model is None:
         model = MultiExitModel.from_backbone(
@@ -157,6 +224,7 @@ def train_stage1(
             labels=list(task.labels),
             task=task.name,
         )
+    check_max_length(model, config.max_length)  # before any data is tokenized
     tokenizer = model.tokenizer
     train = tokenize_examples(
         load_split(task, config.train_split, config.data_dir, config.train_limit),
@@ -176,16 +244,15 @@ def train_stage1(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
     start_epoch = 0
-    if (ckpt_dir / "trainer_state.pt").is_file():
-        state = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch = state["epoch"]
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_epoch = resume["epoch"]
     model, optimizer = accelerator.prepare(model, optimizer)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
 
     history = _read_history(run_dir)[:start_epoch]
     for epoch in range(start_epoch, config.epochs):
@@ -240,6 +307,52 @@ def train_stage1(
     return Stage1Result(model, final_dir, history)
 
 
+def finished_stage1_model(config: Stage1Config, progress: bool | None = None) -> MultiExitModel | None:
+    """The model of a finished stage-1 run in ``config``'s folder, whatever settings trained it (for
+    callers that want "stage 1 of this task and backbone", such as ``gym.make``); None when the folder
+    holds no run, or an unfinished one with ``config``'s settings (:func:`train_stage1` resumes it).
+
+    A finished run with other settings than ``config``'s is used, and they are reported in one line
+    (printed when ``progress``, else logged). An unfinished run with other settings raises ConfigError
+    naming the folder, the differing settings and the ways out.
+    """
+    config = config.resolved()
+    run_dir = Path(config.output_dir)
+    progress = config.progress if progress is None else progress
+    saved = _saved_config(run_dir)
+    differing = [] if saved is None else _differing_settings(saved, config)
+    if (run_dir / "model" / "fingerprint").is_file():
+        if differing:
+            settings = ", ".join(f"{k}={saved.get(k)!r}" for k in differing)
+            line = (
+                f"ee-gym: using the finished stage-1 model {run_dir / 'model'} for {config.task} on "
+                f"{config.backbone}, trained with {settings} (the rest as the defaults)"
+            )
+            if progress:
+                print(line)
+            else:
+                logging.getLogger(__name__).info(line)
+        return MultiExitModel.from_pretrained(run_dir / "model")
+    if not differing:
+        return None
+    command = ["ee-gym", "stage1", "--task", config.task]
+    if config.backbone != DEFAULT_BACKBONE:
+        command += ["--backbone", str(config.backbone)]
+    if config.train_split != "train":
+        command += ["--train-split", config.train_split]
+    if config.data_dir:
+        command += ["--data-dir", str(config.data_dir)]
+    for k in differing:
+        if saved.get(k) is not None:
+            command += [f"--{k.replace('_', '-')}", str(saved[k])]
+    here = ", ".join(f"{k}={saved.get(k)!r} (here {getattr(config, k)!r})" for k in differing)
+    raise ConfigError(
+        f"{run_dir} holds an unfinished stage-1 run with other settings: {here}. Finish it with its "
+        f"settings (`{shlex.join(command)}`; it is then used), or pass model=<a model folder>, or "
+        "delete that folder to train one with these settings"
+    )
+
+
 def format_layer_metrics(task, metrics: list[dict], prefix: str = "") -> str:
     """One line: the primary metric of each exit, in percent."""
     name = next(iter(metrics[0]))
@@ -284,16 +397,8 @@ RESUMABLE_CHANGES = {"progress", "eval_batch_size", "output_dir", "data_dir", "m
 
 def _check_run_config(run_dir: Path, config, what: str = "stage-1 run") -> None:
     """Refuse to resume a run folder (of any stage's config dataclass) started with other settings."""
-    saved_file = run_dir / "config.json"
-    if not saved_file.is_file():
-        return
-    saved = json.loads(saved_file.read_text())
-    current = dataclasses.asdict(config)
-    # A field added since the run was saved counts as its default (train_split: "train").
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    differing = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
-    )
+    saved = _saved_config(run_dir)
+    differing = [] if saved is None else _differing_settings(saved, config)
     if differing:
         raise ValueError(
             f"{run_dir} holds a {what} with other settings ({', '.join(differing)}). "
@@ -301,14 +406,49 @@ def _check_run_config(run_dir: Path, config, what: str = "stage-1 run") -> None:
         )
 
 
-def _read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def _saved_config(run_dir: Path) -> dict | None:
+    """The settings a run folder records in ``config.json`` (None when it has none yet)."""
+    path = Path(run_dir) / "config.json"
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return None
+    return read_json(
+        path,
+        f"delete that file to go on with the settings you pass now (it is written again from them), "
+        f"or delete the folder {run_dir} to start over",
+    )
+
+
+def _differing_settings(saved: dict, config) -> list[str]:
+    """The fields of ``config`` (any stage's config dataclass) whose value ``saved`` records otherwise,
+    except those a run may change between resumptions (:data:`RESUMABLE_CHANGES`)."""
+    current = dataclasses.asdict(config)
+    # A field added since the run was saved counts as its default (train_split: "train").
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return sorted(
+        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
+    )
+
+
+def _load_trainer_state(ckpt_dir: Path) -> dict:
+    """The optimizer, scheduler and random states of a checkpoint, or CorruptFileError naming the
+    file and the fix when it cannot be read (truncated by a full disk, a copy, an edit)."""
+    path = Path(ckpt_dir) / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CorruptFileError(
+            f"{path} cannot be read ({reason}); delete the checkpoint folder {ckpt_dir} to restart "
+            "this run from its first epoch"
+        ) from None
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` (a torn last record, from a killed write, is skipped)."""
+    return read_jsonl(
+        Path(run_dir) / "metrics.jsonl", f"delete that file or the folder {run_dir} to start over"
+    )
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
-    tmp = run_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(run_dir / "metrics.jsonl")
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

@@ -33,7 +33,7 @@ def test_cache_holds_every_exit_of_every_input(tiny_model, tiny_data):
     np.testing.assert_array_equal(cache.memorized, memorized_layer_from_logits(cache.logits, cache.labels))
     assert cache.memorized.min() >= 1 and cache.memorized.max() <= 4
     assert isinstance(cache.states, np.memmap)
-    assert cache.folder == default_cache_dir(tiny_model, "rte", "dev", 32)
+    assert cache.folder == default_cache_dir(tiny_model, "rte", "dev", 32, data_dir=tiny_data)
 
 
 def test_float16_states_only_when_predictions_do_not_change(tiny_model, tiny_data):
@@ -115,14 +115,13 @@ def test_sliced_split_gets_a_safe_folder_and_its_exact_name_in_the_manifest(tiny
     cache = build_cache(
         tiny_model, "rte", "train[50%:]", data_dir=str(tiny_data), max_length=32, progress=False
     )
-    assert cache.folder == default_cache_dir(tiny_model, "rte", "train[50%:]", 32)
-    assert cache.folder.name == "rte-train-from50pct-len32"
+    assert cache.folder == default_cache_dir(tiny_model, "rte", "train[50%:]", 32, data_dir=tiny_data)
+    assert cache.folder.name == f"rte-train-from50pct-len32-d{cache.manifest['data_hash'][:8]}"
     assert cache.manifest["split"] == "train[50%:]"
     examples = load_split("rte", "train", tiny_data)
     np.testing.assert_array_equal(cache.labels, examples.labels[len(examples) // 2 :])
     head = build_cache(
         tiny_model, "rte", "train[:50%]", data_dir=str(tiny_data), max_length=32, progress=False
     )
-    assert head.folder.name == "rte-train-to50pct-len32" and head.num_inputs + cache.num_inputs == len(
-        examples
-    )
+    assert head.folder.name.startswith("rte-train-to50pct-len32-d")
+    assert head.num_inputs + cache.num_inputs == len(examples)

@@ -359,6 +359,7 @@ def fake_hub(monkeypatch):
     """Replace datasets.load_dataset with a stand-in that serves GLUE-shaped splits and logs calls."""
     import datasets
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the stand-in hub is reachable
     calls = []
     glue_label_names = {name: list(get_task(name).labels) for name in ("rte", "mnli")}
 

@@ -5,6 +5,17 @@ first EXIT or at layer L, whatever the action there, and pays its one reward the
 Inputs are drawn with the env's seeded generator on the training split (or a slice of it, such as
 ``train[90%:]``), walked in order on other splits, or chosen with ``reset(options={"index": i})``.
 
+The walk of an ordered split (``dev``): the first reset takes input 0 and every later ``reset()``
+the next one, wrapping after N-1; ``reset(seed=...)`` starts the walk again at input 0, and a reset
+with an ``index`` option takes that input and leaves the walk where it was. The vector env walks the
+same order (``ee_gym.envs.vector``).
+
+Every keyword is checked before anything is loaded (no stage-1 training, no cache building for a
+setting that cannot be right): a bad value raises :class:`~ee_gym.validation.ConfigError` (a
+ValueError) naming the setting. At run time: a bad action or reset argument raises ConfigError,
+``options={"index": i}`` outside 0..N-1 :class:`InputIndexError` (a ConfigError and an IndexError),
+and a step after the episode ended :class:`EpisodeOverError`.
+
 Two sources for the layers: ``mode="cached"`` replays the per-layer cache; ``mode="live"`` runs the
 multi-exit model one layer at a time, so exiting early really skips the remaining layers.
 """
@@ -12,6 +23,7 @@ multi-exit model one layer at a time, so exiting early really skips the remainin
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -19,15 +31,16 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import tokenize_examples
-from ee_gym.envs.observations import ObservationEncoder
+from ee_gym.envs.observations import ObservationEncoder, check_obs_mode
 from ee_gym.envs.prepare import default_max_length, load_model, load_table
 from ee_gym.envs.table import ExitTable, log_softmax, softmax
 from ee_gym.hardness import memorized_layer
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.rewards import default_alpha, get_reward
-from ee_gym.tasks import get_task, load_split
+from ee_gym.rewards import check_alpha, default_alpha, get_reward
+from ee_gym.tasks import check_split, load_split, resolve_task
+from ee_gym.validation import ConfigError, check_int, check_optional_int
 
 CONTINUE, EXIT = 0, 1
 MODES = ("cached", "live")
@@ -37,23 +50,91 @@ class EpisodeOverError(RuntimeError):
     """step() was called after the episode ended."""
 
 
+class InputIndexError(ConfigError, IndexError):
+    """``reset(options={"index": i})`` with ``i`` outside 0..N-1: a ConfigError (a bad value) and,
+    as before, an IndexError."""
+
+
 def check_action(action: Any) -> int:
-    """The action as an int, or a clear error."""
+    """The action as an int, or a clear error (ConfigError, a ValueError)."""
     try:
         value = int(action)
-        valid = value == action and value in (CONTINUE, EXIT)
-    except (TypeError, ValueError):
+        valid = bool(value == action) and value in (CONTINUE, EXIT)
+    except (TypeError, ValueError, OverflowError):  # None, "x", inf, nan, arrays of several
         valid = False
     if not valid:
-        raise ValueError(f"invalid action {action!r}: use 0 (CONTINUE) or 1 (EXIT)")
+        raise ConfigError(f"invalid action {action!r}: use 0 (CONTINUE) or 1 (EXIT)")
     return value
 
 
 def check_mode(mode: str) -> str:
     """``mode`` if it is one of :data:`MODES`, else a clear error."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose 'cached' or 'live'")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose 'cached' or 'live'")
     return mode
+
+
+def check_seed(seed: Any) -> int | None:
+    """A reset seed: None or a whole number >= 0 (what numpy's generators take), else ConfigError."""
+    return check_optional_int("seed", seed, minimum=0)
+
+
+def check_options(options: Any) -> Mapping | None:
+    """reset()'s ``options``: None or a dict (``{"index": i}``; other keys are ignored)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ConfigError(f"options must be a dict such as {{'index': 0}} or None, got {options!r}")
+    return options
+
+
+def check_index(index: Any, num_inputs: int, item_name: str = "inputs") -> int:
+    """``options["index"]`` as an int in 0..num_inputs-1: ConfigError for what is not a whole number,
+    :class:`InputIndexError` for one out of range."""
+    value = check_int('options["index"]', index)
+    if not 0 <= value < num_inputs:
+        raise InputIndexError(
+            f"index {value} out of range for {num_inputs} {item_name} (use 0..{num_inputs - 1})"
+        )
+    return value
+
+
+def check_env_settings(
+    *,
+    task: Any,
+    split: Any,
+    reward: Any,
+    alpha: Any,
+    obs_mode: Any,
+    max_inputs: Any,
+    max_length: Any,
+    mode: Any,
+    model: Any,
+    backbone: Any,
+    table: ExitTable | None,
+    task_spec: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Check the classification envs' keywords before anything is loaded (a config file at most: the
+    backbone's, for ``max_length``'s upper bound). Returns the checked values: ``spec`` (None with a
+    ``table``), ``split``, ``reward_fn``, ``alpha``, ``max_inputs``, ``max_length``."""
+    check_mode(mode)
+    reward_fn = get_reward(reward)
+    alpha = check_alpha(alpha)
+    check_obs_mode(obs_mode)
+    max_inputs = check_optional_int("max_inputs", max_inputs, minimum=1)
+    spec = None if table is not None else resolve_task(task, task_spec)
+    split = check_split(split, spec)
+    if max_length is not None:
+        if table is None:
+            max_length = check_max_length(model if model is not None else backbone, max_length)
+        else:
+            max_length = check_int("max_length", max_length, minimum=2)
+    return dict(
+        spec=spec,
+        split=split,
+        reward_fn=reward_fn,
+        alpha=alpha,
+        max_inputs=max_inputs,
+        max_length=max_length,
+    )
 
 
 def draws_at_random(split: str) -> bool:
@@ -77,6 +158,11 @@ class LayerEpisodeEnv(gym.Env):
     item_name = "inputs"  # what one episode is about, for error messages
 
     def _init_episode_state(self) -> None:
+        if self.num_inputs < 1:
+            raise ConfigError(
+                f"the split {self.split!r} has no {self.item_name}: an episode needs at least one "
+                "(check the data files, the split's slice and max_inputs)"
+            )
         self.observation_space = self.encoder.space
         self.action_space = spaces.Discrete(2)
         self._index, self._layer, self._done = -1, 0, True
@@ -85,6 +171,9 @@ class LayerEpisodeEnv(gym.Env):
 
     # -- Gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        seed, options = check_seed(seed), check_options(options)
+        if options and "index" in options:  # checked before anything changes: a refused reset changes nothing
+            check_index(options["index"], self.num_inputs, self.item_name)
         super().reset(seed=seed)
         if seed is not None:  # reset(seed=s) must be reproducible on ordered splits too
             self._next_in_order = 0
@@ -131,10 +220,7 @@ class LayerEpisodeEnv(gym.Env):
         """The item of the new episode: ``options["index"]``, else a seeded draw on training splits,
         else the next in order. ``reseeded``: reset() was given a seed."""
         if options and "index" in options:
-            index = int(options["index"])
-            if not 0 <= index < self.num_inputs:
-                raise IndexError(f"index {index} out of range for {self.num_inputs} {self.item_name}")
-            return index
+            return check_index(options["index"], self.num_inputs, self.item_name)
         if draws_at_random(self.split):
             return int(self.np_random.integers(self.num_inputs))
         index = self._next_in_order
@@ -175,16 +261,22 @@ class ConsistentEEEnv(LayerEpisodeEnv):
             ``task``, trained on first use and reused afterwards.
         backbone: the backbone stage 1 starts from when ``model`` is not given.
         reward: ``hardness`` (ConsistentEE), ``plain``, ``ce`` or ``accuracy``.
-        alpha: price of one layer; default ``ee_gym.rewards.default_alpha(task, L)``.
+        alpha: price of one layer, a number >= 0; default ``ee_gym.rewards.default_alpha(task, L)``.
         obs_mode: ``state``, ``state+layer``, ``state+confidence``, ``stats`` or ``full``
             (ee_gym.envs.observations).
         data_dir, cache_dir: where the data and the cache are (default: ``$EE_GYM_DATA``, and a
             folder under ``$EE_GYM_HOME`` named by the model's fingerprint).
-        max_inputs: use only the first N inputs of the split.
-        max_length: tokens per input (default: the task's stage-1 setting).
+        max_inputs: use only the first N inputs of the split (N >= 1).
+        max_length: tokens per input, 2 up to the backbone's positions (default: the task's
+            stage-1 setting).
         mode: ``cached`` or ``live``.
         render_mode: ``ansi`` for a text line per step.
         table: an :class:`ExitTable` to replay instead of a cache (synthetic tests and agents).
+        task_spec: a user task's spec as plain data (set by the env id, see
+            :func:`resolve_task`), to rebuild the task in a process that does not know it.
+
+    Episodes on an ordered split walk it as the module docstring says: ``reset()`` takes the next
+    input, ``reset(seed=...)`` starts again at input 0.
     """
 
     def __init__(
@@ -205,20 +297,41 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         render_mode: str | None = None,
         progress: bool = True,
         table: ExitTable | None = None,
+        task_spec: dict | None = None,
     ):
-        check_mode(mode)
+        # Every keyword first: nothing below (stage 1, the cache) starts for a setting that cannot be right.
+        checked = check_env_settings(
+            task=task,
+            split=split,
+            reward=reward,
+            alpha=alpha,
+            obs_mode=obs_mode,
+            max_inputs=max_inputs,
+            max_length=max_length,
+            mode=mode,
+            model=model,
+            backbone=backbone,
+            table=table,
+            task_spec=task_spec,
+        )
         if render_mode not in (None, "ansi"):
-            raise ValueError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
-        self.reward_fn = get_reward(reward)
-        self.task = get_task(task).name if table is None else table.task
+            raise ConfigError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
+        if table is not None and mode == "live":
+            raise ConfigError("live mode runs a model: pass model=..., not table=...")
+        split, alpha, max_inputs, max_length = (
+            checked[k] for k in ("split", "alpha", "max_inputs", "max_length")
+        )
+        self.reward_fn = checked["reward_fn"]
+        self.task = checked["spec"].name if table is None else table.task
         self.split, self.mode, self.render_mode, self.reward_name = split, mode, render_mode, reward
-        self.max_length = max_length or (default_max_length(self.task) if table is None else 0)
+        self.max_length = max_length or 0
 
         self.model: MultiExitModel | None = None
         if table is None:
             self.model = load_model(
                 self.task, model=model, backbone=backbone, data_dir=data_dir, progress=progress
             )
+            self.max_length = max_length or default_max_length(self.task, self.model)
             if mode == "cached":
                 table = load_table(
                     self.model,
@@ -230,8 +343,6 @@ class ConsistentEEEnv(LayerEpisodeEnv):
                     max_length=self.max_length,
                     progress=progress,
                 )
-        elif mode == "live":
-            raise ValueError("live mode runs a model: pass model=..., not table=...")
         self.table = table
         if mode == "live":
             self._live = _LiveInputs(self.model, self.task, split, data_dir, max_inputs, self.max_length)
@@ -242,7 +353,7 @@ class ConsistentEEEnv(LayerEpisodeEnv):
             self.num_inputs = table.num_inputs
 
         self.num_layers = num_layers
-        self.alpha = default_alpha(self.task, num_layers) if alpha is None else float(alpha)
+        self.alpha = default_alpha(self.task, num_layers) if alpha is None else alpha
         self.encoder = ObservationEncoder(obs_mode, num_layers, hidden, num_labels)
         self._init_episode_state()
 

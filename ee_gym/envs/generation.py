@@ -59,15 +59,16 @@ from ee_gym.generation.prepare import (
 )
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
 from ee_gym.hardness import memorized_layer
-from ee_gym.rewards import default_alpha, get_reward
+from ee_gym.rewards import check_alpha, default_alpha, get_reward
+from ee_gym.validation import ConfigError, check_int, check_optional_int
 
 DEFAULT_REWARD = "plain"
 
 
 def check_obs_mode(obs_mode: str) -> str:
     """``obs_mode`` if the token env serves it, else a clear error."""
-    if obs_mode not in GENERATION_OBS_MODES:
-        raise ValueError(
+    if not isinstance(obs_mode, str) or obs_mode not in GENERATION_OBS_MODES:
+        raise ConfigError(
             f"observation mode {obs_mode!r} is not available for generation (the token table holds no "
             f"logits); choose one of {', '.join(GENERATION_OBS_MODES)}"
         )
@@ -154,11 +155,15 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         progress: bool = True,
         table: TokenTable | None = None,
     ):
+        # Every keyword first: nothing below (the decoder, its heads, the table) starts for a bad one.
         check_mode(mode)
         check_obs_mode(obs_mode)
         if render_mode not in (None, "ansi"):
-            raise ValueError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
+            raise ConfigError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
         self.reward_fn, self.reward_name = get_reward(reward), reward
+        alpha = check_alpha(alpha)
+        max_prompts = check_optional_int("max_prompts", max_prompts, minimum=1)
+        max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, minimum=1)
         self.split, self.mode, self.render_mode = split, mode, render_mode
         self.table: TokenTable | None = None
         self._live: _LiveTokens | None = None
@@ -188,7 +193,7 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
             self.task = self.table.task
             self.num_layers, self.num_inputs = self.table.num_layers, self.table.num_inputs
             hidden_size, vocab_size = self.table.hidden_size, self.table.num_labels
-        self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else float(alpha)
+        self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else alpha
         self.encoder = ObservationEncoder(obs_mode, self.num_layers, hidden_size, vocab_size)
         self._init_episode_state()
 
@@ -397,11 +402,21 @@ def make_token_vector_env(
     final_obs: bool = True,
     copy: bool = True,
     render_mode: str | None = None,
+    autoreset_mode: Any = "same-step",
     **source: Any,
 ) -> ConsistentEEVectorEnv:
     """``gym.make_vec``'s entry point for the token env: the native vector env over the split's token
     table. ``source`` takes the single env's table arguments (``decoder``, ``heads``, ``table``,
-    ``data_dir``, ``cache_dir``, ``max_prompts``, ``max_new_tokens``, ``mode``, ``progress``)."""
+    ``data_dir``, ``cache_dir``, ``max_prompts``, ``max_new_tokens``, ``mode``, ``progress``).
+    Every keyword is checked before the table is built."""
+    check_int("num_envs", num_envs, minimum=1)
+    get_reward(reward)
+    check_alpha(alpha)
+    check_obs_mode(obs_mode)
+    if render_mode is not None:
+        raise ConfigError("the vector env does not render; use the single env with render_mode='ansi'")
+    for name in ("max_prompts", "max_new_tokens"):
+        check_optional_int(name, source.get(name), minimum=1)
     if check_mode(source.get("mode", "cached")) == "live":
         raise ValueError(
             "the vector env replays a token table: use mode='cached' (live mode is single-env: "
@@ -418,4 +433,5 @@ def make_token_vector_env(
         final_obs=final_obs,
         copy=copy,
         render_mode=render_mode,
+        autoreset_mode=autoreset_mode,
     )

@@ -29,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 
 from ee_gym.envs.table import ExitTable, normalized_entropy, softmax
+from ee_gym.validation import ConfigError
 
 OBS_MODES = ("state", "state+layer", "state+confidence", "stats", "full")
 #: the flat modes that end with the layer one-hot (what per-layer networks and action masks read)
@@ -37,6 +38,13 @@ LAYER_ONE_HOT_MODES = ("state+layer", "state+confidence")
 PRECOMPUTE_LIMIT_BYTES = 2**30
 #: C, the copies of the head's confidence in a ``state+confidence`` observation (module docstring)
 CONFIDENCE_WIDTH = 8
+
+
+def check_obs_mode(mode: str) -> str:
+    """``mode`` when it is one of :data:`OBS_MODES`, else ConfigError listing them."""
+    if not isinstance(mode, str) or mode not in OBS_MODES:
+        raise ConfigError(f"unknown observation mode {mode!r}; choose one of {', '.join(OBS_MODES)}")
+    return mode
 
 
 def top2_gap(logits: np.ndarray) -> np.ndarray:
@@ -128,8 +136,7 @@ class ObservationEncoder:
     num_labels: int
 
     def __post_init__(self) -> None:
-        if self.mode not in OBS_MODES:
-            raise ValueError(f"unknown observation mode {self.mode!r}; choose one of {', '.join(OBS_MODES)}")
+        check_obs_mode(self.mode)
         d, big_l, s = self.hidden_size, self.num_layers, stats_size(self.num_layers, self.num_labels)
         state = spaces.Box(-1.0, 1.0, (d,), np.float32)
         stats = spaces.Box(0.0, 1.0, (s,), np.float32)

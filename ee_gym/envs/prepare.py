@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 
-from ee_gym.backbones import DEFAULT_BACKBONE
+from ee_gym.backbones import DEFAULT_BACKBONE, max_input_length
 from ee_gym.cache import build_cache
 from ee_gym.envs.table import ExitTable
-from ee_gym.multiexit import MultiExitModel
-from ee_gym.tasks import get_task
-from ee_gym.training import Stage1Config, train_stage1
+from ee_gym.multiexit import MultiExitModel, check_model_task
+from ee_gym.tasks import get_task, load_split
+from ee_gym.training import Stage1Config, finished_stage1_model, train_stage1
 
 #: (split stage 1 trains on, split the exit policy learns from), by protocol name.
 #: "paper": the policy learns on the training inputs the heads were fitted to (ConsistentEE).
@@ -62,7 +62,9 @@ def load_model(
     train_split: str = "train",
 ) -> MultiExitModel:
     """A multi-exit model: the one given, a checkpoint folder, or stage 1 of (task, backbone) trained
-    on ``train_split``."""
+    on ``train_split``: the finished run in its default folder whatever its settings (reported in one
+    line when they are not the defaults, see :func:`ee_gym.training.finished_stage1_model`), else
+    trained (or resumed) with the defaults."""
     if isinstance(model, MultiExitModel):
         return model.eval()
     if model is not None:
@@ -74,11 +76,17 @@ def load_model(
         progress=progress,
         train_split=train_split,
     )
+    finished = finished_stage1_model(config)
+    if finished is not None:
+        return finished.eval()
     return train_stage1(config).model.eval()
 
 
-def default_max_length(task: str) -> int:
-    return Stage1Config(task=task).resolved().max_length
+def default_max_length(task: str, model: MultiExitModel | None = None) -> int:
+    """The task's stage-1 max length, capped at what ``model``'s backbone takes when it is given (an
+    explicit ``max_length`` past that limit is an error instead, see ``check_max_length``)."""
+    length = Stage1Config(task=task).resolved().max_length
+    return length if model is None else min(length, max_input_length(model))
 
 
 def load_table(
@@ -91,11 +99,19 @@ def load_table(
     max_inputs: int | None = None,
     max_length: int | None = None,
     progress: bool = True,
+    allow_other_task: bool = False,
 ) -> ExitTable:
-    """The split's per-layer table, from its cache (built first if missing)."""
+    """The split's per-layer table, from its cache (built first if missing).
+
+    The split is loaded (once) to hash its content, so that a changed copy of the data is never
+    served from the table or cache of another; a model trained for another task is refused unless
+    ``allow_other_task=True`` (see :func:`ee_gym.multiexit.check_model_task`).
+    """
     task = get_task(task).name
-    max_length = max_length or default_max_length(task)
-    key = (model.fingerprint(), task, split, max_inputs, max_length, str(cache_dir))
+    check_model_task(model, task, allow_other_task)
+    max_length = max_length or default_max_length(task, model)
+    examples = load_split(task, split, data_dir, max_inputs)
+    key = (model.fingerprint(), task, split, max_inputs, max_length, str(cache_dir), examples.content_hash())
     if key not in _TABLES:
         cache = build_cache(
             model,
@@ -106,6 +122,8 @@ def load_table(
             max_length=max_length,
             limit=max_inputs,
             progress=progress,
+            allow_other_task=allow_other_task,
+            examples=examples,
         )
         _TABLES[key] = ExitTable.from_cache(cache)
     return _TABLES[key]

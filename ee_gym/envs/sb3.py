@@ -33,11 +33,13 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from ee_gym.envs.table import ExitTable
 from ee_gym.envs.vector import ConsistentEEVectorEnv
+from ee_gym.validation import ConfigError, check_int
 
 #: the exit's fields copied into a done sub-env's info, in the order _fill_done_infos unpacks them
 EXIT_FIELDS = ("index", "exit_layer", "prediction", "label", "correct", "memorized_layer", "cross_entropy")
@@ -56,6 +58,11 @@ class SB3VecEnv(VecEnv):
             raise TypeError(f"expected a ConsistentEEVectorEnv, got {type(env).__name__}")
         if not env.copy:  # SB3 keeps the last observations while it steps
             raise ValueError("SB3 keeps observations across steps: make the vector env with copy=True")
+        if env.autoreset_mode != AutoresetMode.SAME_STEP:  # SB3 resets done sub-envs in the same step
+            raise ConfigError(
+                "SB3 resets sub-envs in the step they end: make the vector env with "
+                "autoreset_mode='same-step' (the default)"
+            )
         self.env = env
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
         self._returns = np.zeros(self.num_envs, dtype=np.float64)
@@ -158,7 +165,7 @@ def make_sb3_vec_env(
         if env_kwargs or num_envs not in (None, env_id_or_task.num_envs):
             raise ValueError("a prebuilt vector env takes no num_envs or env kwargs")
         return SB3VecEnv(env_id_or_task)
-    num_envs = 1 if num_envs is None else int(num_envs)
+    num_envs = 1 if num_envs is None else check_int("num_envs", num_envs, minimum=1)
     if isinstance(env_id_or_task, ExitTable):
         env = ConsistentEEVectorEnv(num_envs, table=env_id_or_task, **env_kwargs)
     elif env_id_or_task in gym.registry:

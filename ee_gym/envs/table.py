@@ -31,7 +31,7 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     return np.clip(entropy / np.log(probs.shape[-1]), 0.0, 1.0)
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: tables hold arrays (and EnvSpecs compare their kwargs)
 class ExitTable(ExitShapes):
     """Per-(input, layer) arrays for one split: N inputs, L layers, d state size, K classes."""
 

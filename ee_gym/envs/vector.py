@@ -1,8 +1,28 @@
 """The natively batched vector env: every sub-env steps at once by array indexing into the table.
 
-``gym.make_vec("ConsistentEE-RTE-v0", num_envs=4096)`` returns it. Sub-envs reset in the same step as
-they exit (``AutoresetMode.SAME_STEP``): the returned observation is layer 1 of the next input, and
-``info["final_obs"]`` / ``info["final_info"]`` (masked by ``info["_final_obs"]``) hold the exit's.
+``gym.make_vec("ConsistentEE-RTE-v0", num_envs=4096)`` returns it. Two autoreset modes
+(``autoreset_mode=``, recorded per instance in ``env.metadata["autoreset_mode"]``):
+
+* ``"same-step"`` (``AutoresetMode.SAME_STEP``, the default): sub-envs reset in the same step as they
+  exit: the returned observation is layer 1 of the next input, and ``info["final_obs"]`` /
+  ``info["final_info"]`` (masked by ``info["_final_obs"]``) hold the exit's.
+* ``"next-step"`` (``AutoresetMode.NEXT_STEP``, Gymnasium's default, which wrappers such as
+  ``gymnasium.wrappers.vector.NormalizeObservation`` require): the exit step returns the exit layer's
+  observation, its reward and ``terminated`` True, with the exit's fields in ``info`` (``info["exit_layer"]``
+  masked by ``info["_exit_layer"]``, and so on); the next step resets that sub-env, ignoring its
+  action: layer 1 of the next input, reward 0, ``terminated`` False.
+
+Order of inputs: seeded draws on the training split (and its slices); on other splits (``dev``) a walk
+0, 1, ..., N-1, 0, ..., in the order sub-envs need new inputs (at ``reset()`` sub-env i takes the
+i-th next input). As in the single env, ``reset()`` continues the walk where it is and
+``reset(seed=...)`` starts it again at input 0 (so ``reset(seed=s)`` on a fresh env and on a used one
+give the same inputs); ``reset(options={"index": [...]})`` puts sub-envs on chosen inputs and leaves
+the walk where it was.
+
+Bad arguments raise :class:`~ee_gym.validation.ConfigError` (a ValueError) naming the setting: at
+construction (before anything is loaded), in ``reset`` (a seed, ``options``, an ``index`` that is
+not one whole number per sub-env; out of range: :class:`~ee_gym.envs.classification.InputIndexError`)
+and in ``step`` (actions); ``step`` before the first ``reset`` raises ``EpisodeOverError``.
 """
 
 from __future__ import annotations
@@ -17,13 +37,21 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from ee_gym.backbones import DEFAULT_BACKBONE
-from ee_gym.envs.classification import EXIT, EpisodeOverError, draws_at_random
+from ee_gym.envs.classification import (
+    EXIT,
+    EpisodeOverError,
+    InputIndexError,
+    check_env_settings,
+    check_options,
+    check_seed,
+    draws_at_random,
+)
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.prepare import default_max_length, load_model, load_table
 from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.rewards import default_alpha, get_reward
-from ee_gym.tasks import get_task
+from ee_gym.rewards import default_alpha
+from ee_gym.validation import ConfigError, check_int
 
 FINAL_INFO_KEYS = (
     "index",
@@ -34,14 +62,43 @@ FINAL_INFO_KEYS = (
     "memorized_layer",
     "cross_entropy",
 )
+#: what ``autoreset_mode=`` accepts, by name (the AutoresetMode members, their values, and these)
+AUTORESET_MODES = {
+    "same-step": AutoresetMode.SAME_STEP,
+    "next-step": AutoresetMode.NEXT_STEP,
+}
+
+
+def check_autoreset_mode(mode: Any) -> AutoresetMode:
+    """``AutoresetMode.SAME_STEP`` or ``NEXT_STEP`` from the member itself, its value (``"SameStep"``)
+    or ``"same-step"`` / ``"next-step"`` (any case, ``_`` for ``-``); else ConfigError."""
+    if isinstance(mode, AutoresetMode):
+        found = mode
+    elif isinstance(mode, str):
+        key = mode.strip().lower().replace("_", "-")
+        by_value = {m.value.lower(): m for m in AutoresetMode}
+        found = AUTORESET_MODES.get(key) or by_value.get(key.replace("-", ""))
+    else:
+        found = None
+    if found not in AUTORESET_MODES.values():
+        raise ConfigError(
+            f"unknown autoreset_mode {mode!r}; choose 'same-step' (AutoresetMode.SAME_STEP, the default) "
+            "or 'next-step' (AutoresetMode.NEXT_STEP)"
+        )
+    return found
 
 
 class ConsistentEEVectorEnv(VectorEnv):
     """``num_envs`` copies of :class:`~ee_gym.envs.ConsistentEEEnv` over one shared table.
 
     Takes the single env's keyword arguments (cached mode only), plus ``final_obs=False`` to skip
-    copying exit observations into ``info`` when nothing reads them, and ``copy=False`` to return the
-    env's own observation buffer (overwritten by the next step) instead of a copy.
+    copying exit observations into ``info`` when nothing reads them (same-step mode), ``copy=False``
+    to return the env's own observation buffer (overwritten by the next step) instead of a copy, and
+    ``autoreset_mode`` (``"same-step"``, the default, or ``"next-step"``: see the module docstring).
+    ``num_envs`` is a whole number >= 1.
+
+    Inputs: seeded draws on the training split; on other splits the walk of the module docstring:
+    ``reset()`` continues it, ``reset(seed=...)`` starts it at input 0, as the single env does.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -67,13 +124,35 @@ class ConsistentEEVectorEnv(VectorEnv):
         final_obs: bool = True,
         copy: bool = True,
         render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+        task_spec: dict | None = None,
     ):
+        # Every keyword first: nothing below (stage 1, the cache) starts for a setting that cannot be right.
+        num_envs = check_int("num_envs", num_envs, minimum=1)
+        checked = check_env_settings(
+            task=task,
+            split=split,
+            reward=reward,
+            alpha=alpha,
+            obs_mode=obs_mode,
+            max_inputs=max_inputs,
+            max_length=max_length,
+            mode=mode,
+            model=model,
+            backbone=backbone,
+            table=table,
+            task_spec=task_spec,
+        )
         if mode != "cached":
-            raise ValueError("the vector env replays the cache: use mode='cached' (live mode is single-env)")
+            raise ConfigError("the vector env replays the cache: use mode='cached' (live mode is single-env)")
         if render_mode is not None:
-            raise ValueError("the vector env does not render; use the single env with render_mode='ansi'")
+            raise ConfigError("the vector env does not render; use the single env with render_mode='ansi'")
+        self.autoreset_mode = check_autoreset_mode(autoreset_mode)
+        split, alpha, max_inputs, max_length = (
+            checked[k] for k in ("split", "alpha", "max_inputs", "max_length")
+        )
         if table is None:
-            task = get_task(task).name
+            task = checked["spec"].name
             loaded = load_model(task, model=model, backbone=backbone, data_dir=data_dir, progress=progress)
             table = load_table(
                 loaded,
@@ -82,14 +161,20 @@ class ConsistentEEVectorEnv(VectorEnv):
                 data_dir=data_dir,
                 cache_dir=cache_dir,
                 max_inputs=max_inputs,
-                max_length=max_length or default_max_length(task),
+                max_length=max_length or default_max_length(task, loaded),
                 progress=progress,
             )
+        if table.num_inputs < 1:
+            raise ConfigError(
+                f"the split {split!r} has no inputs: an episode needs at least one "
+                "(check the data files, the split's slice and max_inputs)"
+            )
         self.table, self.split, self.task = table, split, table.task
-        self.num_envs = int(num_envs)
+        self.num_envs = num_envs
+        self.metadata = {**type(self).metadata, "autoreset_mode": self.autoreset_mode}
         self.num_layers = table.num_layers
-        self.reward_fn, self.reward_name = get_reward(reward), reward
-        self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else float(alpha)
+        self.reward_fn, self.reward_name = checked["reward_fn"], reward
+        self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else alpha
         self.encoder = ObservationEncoder(obs_mode, table.num_layers, table.hidden_size, table.num_labels)
         self.single_observation_space = self.encoder.space
         self.observation_space = batch_space(self.encoder.space, self.num_envs)
@@ -99,6 +184,7 @@ class ConsistentEEVectorEnv(VectorEnv):
 
         self.index = np.zeros(self.num_envs, dtype=np.int64)
         self.layer = np.zeros(self.num_envs, dtype=np.int64)  # 0: not reset yet
+        self._restart = np.zeros(self.num_envs, dtype=bool)  # next-step mode: rows that ended last step
         self._obs = self.encoder.allocate(self.num_envs)
         self._spare = self.encoder.allocate(self.num_envs)  # two buffers, swapped every step
         self._returned = self._obs  # what the last reset/step returned (final_obs of the next)
@@ -107,32 +193,37 @@ class ConsistentEEVectorEnv(VectorEnv):
 
     # -- Gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is not None:
+        """Layer 1 of an input in every sub-env: ``options={"index": [...]}`` (one per sub-env), else
+        the next draws (the module docstring's order: ``seed`` re-seeds and restarts the dev walk)."""
+        seed, options = check_seed(seed), check_options(options)
+        index = self._check_indices(options["index"]) if options and "index" in options else None
+        if seed is not None:  # reset(seed=s) is reproducible on ordered splits too
             self._np_random, self._np_random_seed = seeding.np_random(seed)
-        self._next_in_order = 0
-        if options and "index" in options:
-            index = np.asarray(options["index"], dtype=np.int64).reshape(self.num_envs)
-            if index.min() < 0 or index.max() >= self.table.num_inputs:
-                raise IndexError(f"index out of range for {self.table.num_inputs} inputs")
-            self.index[:] = index
-        else:
-            self.index[:] = self._draw(self.num_envs)
+            self._next_in_order = 0
+        self.index[:] = self._draw(self.num_envs) if index is None else index
         self.layer[:] = 1
+        self._restart[:] = False
         self.encoder.batch(self.table, self.index, self.layer, self._obs)
         self._returned = self._copy(self._obs)
         return self._returned, {}
 
     def step(self, actions):
-        actions = np.asarray(actions)
+        try:
+            actions = np.asarray(actions)
+        except (TypeError, ValueError):  # ragged nested lists
+            raise ConfigError(
+                f"invalid actions {actions!r}: give {self.num_envs} actions, each 0 or 1"
+            ) from None
         if actions.shape != (self.num_envs,):
-            raise ValueError(f"expected {self.num_envs} actions, got shape {actions.shape}")
+            raise ConfigError(f"expected {self.num_envs} actions, got shape {actions.shape}")
         # Non-numeric (strings, None) and non-integral (0.5) actions are refused too, not only 2 and -1.
         if actions.dtype.kind not in "biuf" or not ((actions == 0) | (actions == 1)).all():
-            raise ValueError("invalid action: every action must be 0 (CONTINUE) or 1 (EXIT)")
+            raise ConfigError("invalid action: every action must be 0 (CONTINUE) or 1 (EXIT)")
         if self.layer[0] == 0:
             raise EpisodeOverError("step() before reset(): call reset() first")
 
-        exits = (actions == EXIT) | (self.layer == self.num_layers)
+        restart = self._restart  # next-step mode: these rows start their next input, actions ignored
+        exits = ((actions == EXIT) | (self.layer == self.num_layers)) & ~restart
         rows = np.flatnonzero(exits)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         infos: dict[str, Any] = {}
@@ -144,9 +235,18 @@ class ConsistentEEVectorEnv(VectorEnv):
             memorized = table.memorized[index]
             rewards[rows] = self.reward_fn(ce, correct, layer, memorized, self.num_layers, self.alpha)
             infos = self._final_infos(rows, exits, index, layer, ce, correct, memorized)
-            self.index[rows] = self._draw(rows.size)
-            self.layer[rows] = 0  # +1 below: layer 1 of the next input
-        self.layer += 1
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:
+            if rows.size:
+                self.index[rows] = self._draw(rows.size)
+                self.layer[rows] = 0  # +1 below: layer 1 of the next input
+            self.layer += 1
+        else:  # exits stay at their exit layer for this step; last step's exits start anew
+            self.layer[~exits & ~restart] += 1
+            back = np.flatnonzero(restart)
+            if back.size:
+                self.index[back] = self._draw(back.size)
+                self.layer[back] = 1
+            self._restart = exits
         self._obs, self._spare = self._spare, self._obs  # the old buffer stays readable as final_obs
         self.encoder.batch(self.table, self.index, self.layer, self._obs)
         truncated = np.zeros(self.num_envs, dtype=bool)
@@ -154,6 +254,30 @@ class ConsistentEEVectorEnv(VectorEnv):
         return self._returned, rewards, exits, truncated, infos
 
     # -- internals ---------------------------------------------------------------------------
+    def _check_indices(self, raw: Any) -> np.ndarray:
+        """``options["index"]``: one whole number in 0..N-1 per sub-env (a scalar when num_envs is 1)."""
+        n = self.table.num_inputs
+        try:
+            index = np.asarray(raw)
+        except (TypeError, ValueError):  # ragged nested lists
+            index = np.asarray(None)
+        if index.ndim == 0 and self.num_envs == 1 and index.dtype != object:
+            index = index.reshape(1)
+        whole = index.dtype.kind in "iu" or (
+            index.dtype.kind == "f"
+            and bool(np.isfinite(index).all())
+            and bool((index == np.round(index)).all())
+        )
+        if index.shape != (self.num_envs,) or not whole:
+            raise ConfigError(
+                f'options["index"] must be {self.num_envs} whole number(s), one input index per sub-env, '
+                f"got {raw!r}"
+            )
+        bad = index[(index < 0) | (index >= n)]  # before the cast, which would wrap huge values
+        if bad.size:
+            raise InputIndexError(f"index {bad[0]} out of range for {n} inputs (use 0..{n - 1})")
+        return index.astype(np.int64)
+
     def _draw(self, count: int) -> np.ndarray:
         """Next inputs: seeded draws on the training split (or a slice of it), in order otherwise."""
         n = self.table.num_inputs
@@ -180,6 +304,8 @@ class ConsistentEEVectorEnv(VectorEnv):
             column[rows] = values[key]
             final_info[key] = column
             final_info["_" + key] = exits
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            return final_info  # Gymnasium's next-step layout: the exit step's own info, masked
         infos: dict[str, Any] = {"final_info": final_info, "_final_info": exits}
         if self.final_obs:
             # What the previous step returned holds every row's observation at its exit layer: it

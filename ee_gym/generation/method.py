@@ -6,7 +6,8 @@ can call one at a time or all at once:
     make_decoder / train_heads_for / describe_heads
                            stage 1 for decoders: a decoder with adapter heads, trained on rows of
                            XSum (HeadSetup: regression, gradient or both), or the record of loaded ones
-    calm_rules             CALM's confidence and similarity rules, thresholds placed on a token table
+    policy_table           the token table of held-out rows, where policies train and thresholds are placed
+    calm_rules             CALM's confidence and similarity rules, thresholds placed on that table
     train_token_policy     ConsistentEE's policy (REINFORCE by default) trained on ConsistentEE-XSum-v0
                            over a token table (PolicySetup: reward, epochs, min layer, exit prior...)
     evaluate_policies      every policy decodes the same articles: ROUGE, exit layers, tokens/s, and
@@ -460,7 +461,7 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         "policy_lr": config.policy.learning_rate,
         "exit_prior": config.policy.exit_prior or f"1/{decoder.num_layers}",
         "timing_articles": config.timing_articles,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # what the timings ran on (the script sets it by --threads)
         "seed": config.seed,
     }
     return Comparison(settings, seconds, summary, heads.history, policy_history, runs)

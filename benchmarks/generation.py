@@ -3,7 +3,10 @@
     python -m benchmarks.generation                      # SmolLM2-135M-Instruct, the first 100 articles
     python -m benchmarks.generation --articles 5         # a quick run (same training, fewer scored)
 
-One run, in order, with the time of each phase recorded:
+A thin CLI over the library (``ee_gym.generation.method``: ``compare_exit_policies`` and the entry
+points it calls, ``train_heads_for``, ``calm_rules``, ``train_token_policy``, ``evaluate_policies``):
+the flags become a ``ComparisonConfig``, and this script writes what comes back. One run, in order,
+with the time of each phase recorded:
 
 1. exit heads (stage 1 for decoders) on ``--head-rows``, unless ``--heads`` names a folder of trained
    ones (``ee_gym.generation.prepare.train_heads``): ``--head-method regression`` fits full-rank
@@ -44,20 +47,15 @@ import argparse
 import json
 import platform
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.throughput import limit_threads
 
 TARGET_SPEEDUP, TARGET_ROUGE_DROP = 1.5, 1.0
+#: ee_gym.generation.method.ORACLE and ee_gym.generation.prepare.HEAD_METHODS, spelled out:
+#: importing them would import numpy and torch before --threads is applied
 ORACLE = "oracle (reference, not deployable)"
-#: ee_gym.generation.prepare.HEAD_METHODS, spelled out: importing it would import numpy before
-#: --threads is applied
 HEAD_METHODS = ("regression", "gradient", "regression+gradient")
-#: the folder under $EE_GYM_HOME/generation/heads/<decoder>- where each method's heads are saved
-HEAD_FOLDERS = {"regression": "xsum-benchmark", "gradient": "xsum-benchmark-gradient",
-                "regression+gradient": "xsum-benchmark-finetuned"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,202 +195,75 @@ def target_check(runs: list[dict]) -> dict:
     return check
 
 
+def config_from_args(args: argparse.Namespace):
+    """The library's :class:`~ee_gym.generation.method.ComparisonConfig` of the parsed flags."""
+    from ee_gym.generation.method import ComparisonConfig, HeadSetup, PolicySetup
+
+    head = HeadSetup(
+        method=args.head_method,
+        rows=args.head_rows,
+        adapter_rank=args.adapter_rank or None,
+        epochs=args.head_epochs,
+        learning_rate=args.head_lr,
+        batch_size=args.head_batch_size,
+        layers_per_step=args.layers_per_step or None,
+        targets=args.head_targets,
+    )
+    policy = PolicySetup(
+        min_layer=args.policy_min_layer,
+        reward=args.reward,
+        epochs=args.policy_epochs,
+        learning_rate=args.policy_lr,
+        exit_prior=args.exit_prior,
+    )
+    return ComparisonConfig(
+        decoder=args.decoder,
+        data_dir=args.data_dir,
+        eval_rows=args.eval_rows,
+        articles=args.articles,
+        policy_rows=args.policy_rows,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        heads=args.heads,
+        save_heads=args.save_heads,
+        head=head,
+        static_layers=tuple(args.static_layers),
+        speedups=tuple(args.speedups),
+        calm_min_layers=tuple(args.calm_min_layers),
+        alphas=tuple(args.alphas),
+        confidence_alphas=tuple(args.confidence_alphas),
+        policy=policy,
+        oracle=not args.no_oracle,
+        timing_articles=args.timing_articles,
+        seed=args.seed,
+    )
+
+
 def main(argv=None) -> dict:
+    """Parse the flags, run :func:`ee_gym.generation.method.compare_exit_policies`, write the results."""
     args = parse_args(argv)
-    threads = limit_threads(args.threads)
+    threads = limit_threads(args.threads)  # before numpy and torch are imported
     import numpy as np
     import torch
 
-    import agents
-    from agents.evaluate import evaluate
-    from ee_gym.envs import ConsistentEEVectorEnv
-    from ee_gym.generation import (
-        ConfidenceExit,
-        HeadTrainingConfig,
-        MultiExitDecoder,
-        OracleExit,
-        PolicyExit,
-        StateSimilarityExit,
-        StaticExit,
-        TokenTable,
-        evaluate_generation,
-        set_exit_prior,
-        threshold_for_speedup,
-    )
-    from ee_gym.generation.data import load_xsum
-    from ee_gym.generation.prepare import FINETUNE_CONFIG, collect_split, default_heads_dir, train_heads
+    from ee_gym.generation.method import compare_exit_policies
 
-    progress = not args.no_progress
-    seconds: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
-        print(f"[{name}] {seconds[name]:.0f} s", flush=True)
-
-    torch.manual_seed(args.seed)
-    rank = args.adapter_rank or None
-    if args.heads:
-        decoder = MultiExitDecoder.from_pretrained(args.decoder, heads=args.heads, device="cpu")
-        meta = decoder.heads_metadata
-        head_history = meta.get("history", [])
-        # What the folder recorded of how its heads were made (older folders record less).
-        head_settings = {
-            "heads": f"loaded from {args.heads}",
-            "head_method": meta.get("method", meta.get("training", {}).get("method", "(not recorded)")),
-            "head_rows": meta.get("rows", meta.get("split", "(not recorded)")),
-            "head_tokens": meta.get("tokens"),
-            "adapter_rank": decoder.adapter_rank or "full",
-            "head_training": meta.get("training"),
-        }
-    else:
-        decoder = MultiExitDecoder.from_pretrained(
-            args.decoder, head_kind="adapter", adapter_rank=rank, device="cpu"
-        )
-    lap("load")
-
-    if not args.heads:
-        start = FINETUNE_CONFIG if args.head_method == "regression+gradient" else HeadTrainingConfig()
-        config = HeadTrainingConfig(
-            epochs=args.head_epochs or start.epochs,
-            batch_size=args.head_batch_size,
-            layers_per_step=args.layers_per_step or None,
-            learning_rate=args.head_lr or start.learning_rate,
-            targets=args.head_targets,
-            seed=args.seed,
-        )
-        head_history = train_heads(
-            decoder, "xsum", split=args.head_rows, method=args.head_method, data_dir=args.data_dir,
-            max_prompts=None, max_new_tokens=args.max_new_tokens, config=config, progress=progress,
-        )  # fmt: skip
-        head_settings = {
-            "head_method": args.head_method,
-            "head_rows": args.head_rows,
-            "head_tokens": decoder.heads_metadata.get("tokens"),  # self-distilled (gradient phase)
-            "head_positions": None if args.head_method == "gradient" else head_history[0]["positions"],
-            "adapter_rank": rank or "full",
-            "head_training": None if args.head_method == "regression" else asdict(config),
-        }
-        folder = (
-            Path(args.save_heads)
-            if args.save_heads
-            else default_heads_dir(args.decoder, HEAD_FOLDERS[args.head_method])
-        )
-        decoder.save_heads(folder, metadata={**decoder.heads_metadata, "rows": args.head_rows})
-        print(f"heads saved to {folder}")
-        lap("heads: training")
-
-    policy_tokens = collect_split(
-        decoder, "xsum", args.policy_rows, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
-        progress=progress,
-    )  # fmt: skip
-    table = TokenTable.build(decoder, policy_tokens, split="train", progress=progress)
-    del policy_tokens
-    summary = table.layer_summary()
-    print("held-out CE per layer:", " ".join(f"{x:.2f}" for x in summary["cross_entropy"]))
-    lap("policy table")
-
-    num_layers = decoder.num_layers
-    policies: dict[str, object] = {"full depth": None}
-    table_speedup: dict[str, float] = {}
-    if not args.no_oracle:
-        oracle = OracleExit(min_layer=args.policy_min_layer)
-        policies[ORACLE] = oracle
-        table_speedup[ORACLE] = num_layers / oracle.table_exit_layers(table).mean()
-    for layer in args.static_layers:
-        rule = StaticExit(layer)
-        policies[f"static (layer {layer})"] = rule
-        table_speedup[f"static (layer {layer})"] = num_layers / rule.table_exit_layers(table).mean()
-    for kind, values, make in (
-        ("calm-confidence", table.top2_gap, ConfidenceExit),
-        ("calm-similarity", table.similarity, StateSimilarityExit),
-    ):
-        for min_layer in args.calm_min_layers:
-            for target in args.speedups:
-                rule = make(threshold_for_speedup(values, target, min_layer=min_layer), min_layer=min_layer)
-                name = f"{kind} (lambda={rule.threshold:.4g}{f', min layer {min_layer}' if min_layer > 1 else ''})"
-                policies[name] = rule
-                table_speedup[name] = num_layers / rule.table_exit_layers(table).mean()
-    policy_history = {}
-    for obs_mode, alphas, kind in (
-        ("state+layer", args.alphas, "consistentee"),
-        ("state+confidence", args.confidence_alphas, "consistentee+confidence"),
-    ):
-        for alpha in alphas:
-            env = ConsistentEEVectorEnv(
-                64, table=table, split="train", reward=args.reward, alpha=alpha, obs_mode=obs_mode,
-                final_obs=False,
-            )  # fmt: skip
-            policy = agents.make(
-                "reinforce", seed=args.seed, obs_mode=obs_mode, min_layer=args.policy_min_layer
-            )
-            policy.bind(env)
-            set_exit_prior(policy, args.exit_prior or 1.0 / num_layers)
-            policy.learn(env, epochs=args.policy_epochs, lr=args.policy_lr, progress=progress)
-            guard = f", min layer {args.policy_min_layer}" if args.policy_min_layer > 1 else ""
-            name = f"{kind} (alpha={alpha:g}{guard})"
-            policies[name] = PolicyExit(policy, decoder, label=name)
-            result = evaluate(policy, table)
-            table_speedup[name] = result.speedup
-            policy_history[name] = {"history": policy.history, "table": result.to_dict()}
-            print(f"{name}: table mean exit {result.mean_exit_layer:.2f} ({result.speedup:.2f}x)", flush=True)
-    lap("policies")
-
-    articles = load_xsum(args.eval_rows, args.data_dir, args.articles)
-    runs = evaluate_generation(
-        decoder,
-        articles,
-        policies,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        timing_articles=args.timing_articles,
-        progress=progress,
-    )
-    lap("evaluation")
-    seconds["total"] = time.perf_counter() - started
-
-    records = []
-    for run in runs:
-        record = run.to_dict(with_summaries=True)
-        record["table_speedup"] = table_speedup.get(run.name)
-        records.append(record)
+    found = compare_exit_policies(config_from_args(args), progress=not args.no_progress)
     record = {
         "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": {
-            "decoder": args.decoder,
-            "articles": len(articles),
-            "eval_rows": args.eval_rows,
-            **head_settings,
-            "calm_speedups": args.speedups,
-            "calm_min_layers": args.calm_min_layers,
-            "policy_rows": args.policy_rows,
-            "policy_tokens": table.num_inputs,
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-            "reward": args.reward,
-            "policy_min_layer": args.policy_min_layer,
-            "policy_epochs": args.policy_epochs,
-            "policy_lr": args.policy_lr,
-            "exit_prior": args.exit_prior or f"1/{decoder.num_layers}",
-            "timing_articles": args.timing_articles,
-            "threads": args.threads,
-            "seed": args.seed,
-        },
-        "seconds": seconds,
-        "target": target_check(records),
-        "table_summary": summary,
-        "head_history": head_history,
-        "policy_history": policy_history,
+        "settings": found.settings,
+        "seconds": found.seconds,
+        "target": target_check(found.runs),
+        "table_summary": found.table_summary,
+        "head_history": found.head_history,
+        "policy_history": found.policy_history,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,
         },
         "threads": threads,
-        "runs": records,
+        "runs": found.runs,
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

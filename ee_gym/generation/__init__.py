@@ -3,7 +3,14 @@
 :class:`MultiExitDecoder` runs a Hugging Face causal LM one layer at a time with a KV cache, asks an
 exit callback after every layer whether the current token may leave, and fills the skipped layers'
 cache from the exit layer's hidden state (state propagation) so that later tokens attend at every
-layer. Around it, one module per step of the pipeline:
+layer. The decoder is split as the encoder side is:
+
+    layers.py      the layer adapter (the decoder's backbones.py): loading, layer calls, masks, KV propagation
+    heads.py       exit heads: kinds (copy, shared, adapter), how they are built, their folder on disk
+    view.py        LayerView, what an exit rule reads after each layer, and the ExitFn signature
+    decoder.py     MultiExitDecoder: prefill, step, generate (re-exports the names above)
+
+Around it, one module per step of the pipeline:
 
     data.py        XSum prompts and splits ($EE_GYM_DATA/xsum/xsum_0shot.jsonl)
     distill.py     self-distillation: every layer's state of each token the full model generates
@@ -13,6 +20,8 @@ layer. Around it, one module per step of the pipeline:
     prepare.py     first-use heads and cached tables for the env
     policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity, learned
     evaluate.py    ROUGE, exit layers and decoding speed of any set of exit policies
+    method.py      the method as entry points: heads, CALM thresholds, a trained policy, their
+                   evaluation, and the whole comparison (python -m benchmarks.generation is its CLI)
 """
 
 from ee_gym.generation.decoder import (
@@ -32,6 +41,16 @@ from ee_gym.generation.decoder import (
 )
 from ee_gym.generation.distill import TokenStates, collect_token_states
 from ee_gym.generation.evaluate import GenerationRun, evaluate_generation, rouge_scores
+from ee_gym.generation.method import (
+    ComparisonConfig,
+    HeadSetup,
+    PolicySetup,
+    calm_rules,
+    compare_exit_policies,
+    evaluate_policies,
+    train_heads_for,
+    train_token_policy,
+)
 from ee_gym.generation.policies import (
     ConfidenceExit,
     GenerationExit,
@@ -47,6 +66,14 @@ from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observatio
 from ee_gym.generation.training import HeadTrainingConfig, train_exit_heads, weighted_exit_loss
 
 __all__ = [
+    "train_token_policy",
+    "train_heads_for",
+    "evaluate_policies",
+    "compare_exit_policies",
+    "calm_rules",
+    "PolicySetup",
+    "HeadSetup",
+    "ComparisonConfig",
     "EMBEDDED_DECODERS",
     "GENERATION_OBS_MODES",
     "HEAD_KINDS",

@@ -1,0 +1,467 @@
+"""Token-level early exit as a library: make exit heads, train exit policies, score them by decoding.
+
+The method ``python -m benchmarks.generation`` runs, as entry points a user (or another benchmark)
+can call one at a time or all at once:
+
+    make_decoder / train_heads_for / describe_heads
+                           stage 1 for decoders: a decoder with adapter heads, trained on rows of
+                           XSum (HeadSetup: regression, gradient or both), or the record of loaded ones
+    policy_table           the token table of held-out rows, where policies train and thresholds are placed
+    calm_rules             CALM's confidence and similarity rules, thresholds placed on that table
+    train_token_policy     ConsistentEE's policy (REINFORCE by default) trained on ConsistentEE-XSum-v0
+                           over a token table (PolicySetup: reward, epochs, min layer, exit prior...)
+    evaluate_policies      every policy decodes the same articles: ROUGE, exit layers, tokens/s, and
+                           the speed-up each showed on the policy table
+    compare_exit_policies  all of it in the benchmark's order (ComparisonConfig), timed by phase
+
+Why a library and not a script: the choices that make a ConsistentEE row meet the target (the exit
+prior 1/L, the min layer, thresholds placed on held-out rows only) are part of the method, and a
+second caller should get them by calling, not by copying ``main``. The core never imports ``agents``
+at import time: the default learner is made by name in :func:`_learner_api`, the one place that
+reaches for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ee_gym.generation.data import Article, load_xsum
+from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
+from ee_gym.generation.evaluate import evaluate_generation
+from ee_gym.generation.policies import (
+    ConfidenceExit,
+    GenerationExit,
+    OracleExit,
+    PolicyExit,
+    StateSimilarityExit,
+    StaticExit,
+    set_exit_prior,
+    threshold_for_speedup,
+)
+from ee_gym.generation.prepare import (
+    FINETUNE_CONFIG,
+    HEAD_METHODS,
+    collect_split,
+    default_heads_dir,
+    train_heads,
+)
+from ee_gym.generation.table import TokenTable
+from ee_gym.generation.training import HeadTrainingConfig
+
+#: the name of the oracle's row in every comparison
+ORACLE = "oracle (reference, not deployable)"
+#: the folder under $EE_GYM_HOME/generation/heads/<decoder>- where each method's heads are saved
+HEAD_FOLDERS = {"regression": "xsum-benchmark", "gradient": "xsum-benchmark-gradient",
+                "regression+gradient": "xsum-benchmark-finetuned"}  # fmt: skip
+#: the observation mode of each kind of ConsistentEE row: the paper's state, and state + exit l's top-2 gap
+POLICY_KINDS = {"consistentee": "state+layer", "consistentee+confidence": "state+confidence"}
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class HeadSetup:
+    """How the exit heads of layers 1..L-1 are made (stage 1 for decoders).
+
+    ``method``: ``regression`` (closed form on teacher-forced text), ``gradient`` (the depth-weighted
+    cross-entropy on self-distilled tokens, from zero adapters) or ``regression+gradient`` (the first,
+    fine-tuned by the second: the benchmark's default, ``benchmarks/results/xsum-finetuned-heads``).
+    ``epochs`` and ``learning_rate`` left None take the gradient phase's defaults, which differ from
+    zero (3 epochs at 3e-3) and after the regression (:data:`~ee_gym.generation.prepare.FINETUNE_CONFIG`:
+    4 at 1e-4).
+    """
+
+    method: str = "regression+gradient"
+    rows: str = "100:200"  # the articles the heads learn from (a split name or 'start:stop')
+    adapter_rank: int | None = None  # None: full d x d adapters (the regression needs them)
+    epochs: int | None = None
+    learning_rate: float | None = None
+    batch_size: int = 32
+    layers_per_step: int | None = 8  # heads trained per step (None: all)
+    targets: str = "greedy"  # or "distribution"
+
+    def __post_init__(self) -> None:
+        if self.method not in HEAD_METHODS:
+            raise ValueError(f"unknown head method {self.method!r}; choose one of {', '.join(HEAD_METHODS)}")
+
+    def training(self, seed: int = 0) -> HeadTrainingConfig:
+        """The gradient phase's settings (unused by ``regression``)."""
+        start = FINETUNE_CONFIG if self.method == "regression+gradient" else HeadTrainingConfig()
+        return HeadTrainingConfig(
+            epochs=self.epochs or start.epochs,
+            batch_size=self.batch_size,
+            layers_per_step=self.layers_per_step,
+            learning_rate=self.learning_rate or start.learning_rate,
+            targets=self.targets,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class PolicySetup:
+    """How a ConsistentEE exit policy is trained on the token env (reward -CE - alpha t per token).
+
+    ``exit_prior`` (None: 1/L) is where every layer's exit probability starts (see
+    :func:`~ee_gym.generation.policies.set_exit_prior`: from 0.5 a 30-layer model is never explored
+    past its first layers). ``min_layer`` forbids exits below it in training and acting alike: the
+    propagated keys and values of shallow exits derail later tokens.
+    """
+
+    min_layer: int = 11
+    reward: str = "plain"
+    epochs: int = 40
+    learning_rate: float = 1e-3
+    exit_prior: float | None = None
+    num_envs: int = 64  # token episodes stepped together
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """Every setting of one comparison (what ``python -m benchmarks.generation`` parses into)."""
+
+    decoder: str = "smollm2"  # an embedded name, a hub name or a model folder
+    data_dir: str | None = None  # holds xsum/xsum_0shot.jsonl (default: $EE_GYM_DATA)
+    eval_rows: str = "eval"  # scored articles: a split name or rows 'start:stop'
+    articles: int = 100  # the first N of eval_rows are scored
+    policy_rows: str = "200:400"  # the policy table's articles (and where thresholds are placed)
+    max_new_tokens: int = 32
+    batch_size: int = 16  # articles decoded together (scores only)
+    heads: str | None = None  # a folder of trained heads: no head training
+    save_heads: str | None = None  # where trained heads go (default under $EE_GYM_HOME)
+    head: HeadSetup = field(default_factory=HeadSetup)
+    static_layers: tuple[int, ...] = (20, 24)
+    speedups: tuple[float, ...] = (1.3, 1.6)  # layer speed-ups at which CALM thresholds are placed
+    calm_min_layers: tuple[int, ...] = (11,)
+    alphas: tuple[float, ...] = (0.12, 0.18)  # ConsistentEE policies reading the state
+    confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
+    policy: PolicySetup = field(default_factory=PolicySetup)
+    oracle: bool = True  # the oracle reference (about 5x the cost of full depth)
+    timing_articles: int = 3
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- heads
+
+
+@dataclass
+class HeadsReport:
+    """How a decoder's heads were made: the training record and the settings a results file shows."""
+
+    history: list[dict]
+    settings: dict[str, Any]
+    folder: Path | None = None  # where they were saved (None: loaded, not saved)
+
+
+def make_decoder(
+    name: str, heads: str | os.PathLike | None = None, setup: HeadSetup | None = None, device: str = "cpu"
+) -> MultiExitDecoder:
+    """``name`` with the heads of folder ``heads``, else with fresh adapter heads of ``setup``'s rank."""
+    if heads is not None:
+        return MultiExitDecoder.from_pretrained(name, heads=heads, device=device)
+    rank = (setup or HeadSetup()).adapter_rank
+    return MultiExitDecoder.from_pretrained(name, head_kind="adapter", adapter_rank=rank, device=device)
+
+
+def train_heads_for(
+    decoder: MultiExitDecoder,
+    setup: HeadSetup,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_new_tokens: int = 32,
+    save_to: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Log = print,
+) -> HeadsReport:
+    """Train ``decoder``'s heads on ``setup.rows`` (in place) and save them to ``save_to`` (default:
+    the method's folder under :func:`~ee_gym.generation.prepare.default_heads_dir`)."""
+    config = setup.training(seed)
+    history = train_heads(
+        decoder, "xsum", split=setup.rows, method=setup.method, data_dir=data_dir, max_prompts=None,
+        max_new_tokens=max_new_tokens, config=config, progress=progress,
+    )  # fmt: skip
+    settings = {
+        "head_method": setup.method,
+        "head_rows": setup.rows,
+        "head_tokens": decoder.heads_metadata.get("tokens"),  # self-distilled (gradient phase)
+        "head_positions": None if setup.method == "gradient" else history[0]["positions"],
+        "adapter_rank": setup.adapter_rank or "full",
+        "head_training": None if setup.method == "regression" else asdict(config),
+    }
+    name = decoder.name or "decoder"
+    folder = Path(save_to) if save_to else default_heads_dir(name, HEAD_FOLDERS[setup.method])
+    decoder.save_heads(folder, metadata={**decoder.heads_metadata, "rows": setup.rows})
+    log(f"heads saved to {folder}")
+    return HeadsReport(history, settings, folder)
+
+
+def describe_heads(decoder: MultiExitDecoder, folder: str | os.PathLike) -> HeadsReport:
+    """What a loaded heads folder recorded of how its heads were made (older folders record less)."""
+    meta = decoder.heads_metadata
+    settings = {
+        "heads": f"loaded from {folder}",
+        "head_method": meta.get("method", meta.get("training", {}).get("method", "(not recorded)")),
+        "head_rows": meta.get("rows", meta.get("split", "(not recorded)")),
+        "head_tokens": meta.get("tokens"),
+        "adapter_rank": decoder.adapter_rank or "full",
+        "head_training": meta.get("training"),
+    }
+    return HeadsReport(meta.get("history", []), settings)
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def policy_table(
+    decoder: MultiExitDecoder,
+    rows: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> TokenTable:
+    """The token table of ``rows`` (held out from the heads): the per-layer exits of every token the
+    full model generates there, what policies train on and thresholds are placed on."""
+    tokens = collect_split(
+        decoder, "xsum", rows, data_dir=data_dir, max_new_tokens=max_new_tokens, progress=progress
+    )
+    return TokenTable.build(decoder, tokens, split="train", progress=progress)
+
+
+def table_speedup(rule: GenerationExit, table: TokenTable) -> float:
+    """L / the mean exit layer of a rule on a table's tokens."""
+    return table.num_layers / rule.table_exit_layers(table).mean()
+
+
+def calm_rules(
+    table: TokenTable, speedups: Sequence[float], min_layers: Sequence[int] = (1,)
+) -> dict[str, GenerationExit]:
+    """CALM's confidence and similarity rules, one per (min layer, speed-up), each threshold the most
+    cautious that reaches the speed-up on ``table`` (never on the scored articles)."""
+    rules: dict[str, GenerationExit] = {}
+    for kind, values, make in (
+        ("calm-confidence", table.top2_gap, ConfidenceExit),
+        ("calm-similarity", table.similarity, StateSimilarityExit),
+    ):
+        for min_layer in min_layers:
+            for target in speedups:
+                rule = make(threshold_for_speedup(values, target, min_layer=min_layer), min_layer=min_layer)
+                guard = f", min layer {min_layer}" if min_layer > 1 else ""
+                rules[f"{kind} (lambda={rule.threshold:.4g}{guard})"] = rule
+    return rules
+
+
+def _learner_api() -> tuple[Callable[..., Any], Callable[[Any, TokenTable], Any]]:
+    """(make a policy by name, score a policy on a table): the one place the core reaches ``agents``,
+    at call time only, so that importing ``ee_gym`` never imports it."""
+    import agents
+    from agents.evaluate import evaluate
+
+    return agents.make, evaluate
+
+
+@dataclass
+class TrainedPolicy:
+    """A policy trained on a token table, ready to decode with (``exit``) and what it did there."""
+
+    name: str
+    policy: Any  # the learner (any exit policy with bind/learn/act)
+    exit: PolicyExit  # for MultiExitDecoder.generate(exit_fn=...)
+    table: dict[str, Any]  # its evaluation on the training table (mean exit layer, speed-up...)
+    history: list[dict]
+
+    @property
+    def table_speedup(self) -> float:
+        return self.table["speedup"]
+
+
+def policy_name(kind: str, alpha: float, min_layer: int) -> str:
+    """A ConsistentEE row's name, e.g. ``consistentee+confidence (alpha=0.18, min layer 11)``."""
+    guard = f", min layer {min_layer}" if min_layer > 1 else ""
+    return f"{kind} (alpha={alpha:g}{guard})"
+
+
+def train_token_policy(
+    decoder: MultiExitDecoder,
+    table: TokenTable,
+    alpha: float,
+    obs_mode: str = "state+layer",
+    setup: PolicySetup | None = None,
+    *,
+    name: str | None = None,
+    policy: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainedPolicy:
+    """Train an exit policy on ``ConsistentEE-XSum-v0`` over ``table`` at reward weight ``alpha``.
+
+    ``policy`` (default: ``reinforce`` with ``obs_mode``, ``setup.min_layer`` and ``seed``) is bound
+    to the env, started at exit probability ``setup.exit_prior`` (1/L) at every layer when it has
+    per-layer networks, and trained for ``setup.epochs``; then scored on the same table.
+    """
+    from ee_gym.envs import ConsistentEEVectorEnv  # the env package imports this one: at call time
+
+    setup = setup or PolicySetup()
+    make, evaluate = _learner_api()
+    env = ConsistentEEVectorEnv(
+        setup.num_envs, table=table, split="train", reward=setup.reward, alpha=alpha, obs_mode=obs_mode,
+        final_obs=False,
+    )  # fmt: skip
+    if policy is None:
+        policy = make("reinforce", seed=seed, obs_mode=obs_mode, min_layer=setup.min_layer)
+    policy.bind(env)
+    if hasattr(getattr(policy, "net", None), "layers"):  # per-layer exit networks: give them the prior
+        set_exit_prior(policy, setup.exit_prior or 1.0 / decoder.num_layers)
+    policy.learn(env, epochs=setup.epochs, lr=setup.learning_rate, progress=progress)
+    name = name or policy_name("consistentee", alpha, setup.min_layer)
+    exit_rule = PolicyExit(policy, decoder, label=name)
+    return TrainedPolicy(
+        name=name,
+        policy=policy,
+        exit=exit_rule,
+        table=evaluate(policy, table).to_dict(),
+        history=list(getattr(policy, "history", [])),
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_policies(
+    decoder: MultiExitDecoder,
+    articles: Sequence[Article],
+    policies: Mapping[str, ExitFn | None],
+    table_speedups: Mapping[str, float] | None = None,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    timing_articles: int = 3,
+    progress: bool = True,
+) -> list[dict]:
+    """Decode ``articles`` with every policy (name -> exit rule, None = full depth) and score it: one
+    record per policy (``GenerationRun.to_dict`` with the summaries, and ``table_speedup``: its
+    layer speed-up on the policy table, None where it has none)."""
+    runs = evaluate_generation(
+        decoder, articles, policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        timing_articles=timing_articles, progress=progress,
+    )  # fmt: skip
+    records = []
+    for run in runs:
+        record = run.to_dict(with_summaries=True)
+        record["table_speedup"] = (table_speedups or {}).get(run.name)
+        records.append(record)
+    return records
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_exit_policies` found: the pieces of a results file."""
+
+    settings: dict[str, Any]
+    seconds: dict[str, float]
+    table_summary: dict[str, list[float]]
+    head_history: list[dict]
+    policy_history: dict[str, dict]
+    runs: list[dict]  # full depth first
+
+
+def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, log: Log = print) -> Comparison:
+    """The whole comparison in order: heads, the policy table, thresholds, policies, evaluation.
+
+    Full depth, the oracle (unless ``config.oracle`` is False; from the policies' min layer), static
+    exits, the CALM rules and the ConsistentEE policies (``state+layer`` at each of ``alphas``,
+    ``state+confidence`` at each of ``confidence_alphas``) all decode the first ``articles`` of
+    ``eval_rows``. Each phase's wall time goes to ``seconds``.
+    """
+    seconds: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+        log(f"[{name}] {seconds[name]:.0f} s")
+
+    torch.manual_seed(config.seed)
+    decoder = make_decoder(config.decoder, config.heads, config.head)
+    lap("load")
+    if config.heads:
+        heads = describe_heads(decoder, config.heads)
+    else:
+        heads = train_heads_for(
+            decoder, config.head, data_dir=config.data_dir, max_new_tokens=config.max_new_tokens,
+            save_to=config.save_heads, seed=config.seed, progress=progress, log=log,
+        )  # fmt: skip
+        lap("heads: training")
+
+    table = policy_table(
+        decoder, config.policy_rows, data_dir=config.data_dir, max_new_tokens=config.max_new_tokens,
+        progress=progress,
+    )  # fmt: skip
+    summary = table.layer_summary()
+    log("held-out CE per layer: " + " ".join(f"{x:.2f}" for x in summary["cross_entropy"]))
+    lap("policy table")
+
+    rules: dict[str, GenerationExit] = {}
+    if config.oracle:
+        rules[ORACLE] = OracleExit(min_layer=config.policy.min_layer)
+    rules.update({f"static (layer {layer})": StaticExit(layer) for layer in config.static_layers})
+    rules.update(calm_rules(table, config.speedups, config.calm_min_layers))
+    policies: dict[str, ExitFn | None] = {"full depth": None, **rules}
+    speedups = {name: table_speedup(rule, table) for name, rule in rules.items()}
+    policy_history = {}
+    for kind, alphas in zip(POLICY_KINDS, (config.alphas, config.confidence_alphas), strict=True):
+        for alpha in alphas:
+            trained = train_token_policy(
+                decoder, table, alpha, POLICY_KINDS[kind], config.policy, seed=config.seed,
+                name=policy_name(kind, alpha, config.policy.min_layer), progress=progress,
+            )  # fmt: skip
+            policies[trained.name] = trained.exit
+            speedups[trained.name] = trained.table_speedup
+            policy_history[trained.name] = {"history": trained.history, "table": trained.table}
+            log(
+                f"{trained.name}: table mean exit {trained.table['mean_exit_layer']:.2f} "
+                f"({trained.table_speedup:.2f}x)"
+            )
+    lap("policies")
+
+    articles = load_xsum(config.eval_rows, config.data_dir, config.articles)
+    runs = evaluate_policies(
+        decoder, articles, policies, speedups, max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size, timing_articles=config.timing_articles, progress=progress,
+    )  # fmt: skip
+    lap("evaluation")
+    seconds["total"] = time.perf_counter() - started
+
+    settings = {
+        "decoder": config.decoder,
+        "articles": len(articles),
+        "eval_rows": config.eval_rows,
+        **heads.settings,
+        "calm_speedups": list(config.speedups),
+        "calm_min_layers": list(config.calm_min_layers),
+        "policy_rows": config.policy_rows,
+        "policy_tokens": table.num_inputs,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "reward": config.policy.reward,
+        "policy_min_layer": config.policy.min_layer,
+        "policy_epochs": config.policy.epochs,
+        "policy_lr": config.policy.learning_rate,
+        "exit_prior": config.policy.exit_prior or f"1/{decoder.num_layers}",
+        "timing_articles": config.timing_articles,
+        "threads": torch.get_num_threads(),  # what the timings ran on (the script sets it by --threads)
+        "seed": config.seed,
+    }
+    return Comparison(settings, seconds, summary, heads.history, policy_history, runs)

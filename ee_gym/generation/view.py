@@ -1,0 +1,98 @@
+"""What an exit rule sees after each layer of the token being decoded, and the rule's signature.
+
+:class:`LayerView` is the one object every exit rule reads (CALM's rules, a learned policy, the
+oracle, the live token env's bookkeeping): the layer, the hidden state, the rows still decoding, and
+on first access the signals a rule may need (states, logits, confidence, similarity), so that a rule
+that reads none of them pays nothing. Kept apart from the decoding loop so that exit rules
+(:mod:`ee_gym.generation.policies`) depend on the view, not on how decoding is run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ee_gym.generation.decoder import MultiExitDecoder
+
+
+def probability_gap(logits: torch.Tensor) -> torch.Tensor:
+    """p(1st) - p(2nd) of the softmax of ``logits`` [..., V], in float32."""
+    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+class LayerView:
+    """What an exit callback sees after layer ``layer`` (1-based) for the current token.
+
+    ``states`` (final norm of ``hidden``, the s_l of METHOD.md), ``logits`` (exit ``layer``'s
+    next-token logits), ``confidence`` (their top-1 minus top-2 probability, CALM's softmax signal)
+    and ``similarity`` (cosine of h_l and h_{l-1}, CALM's state signal) are computed on first access
+    only, so callbacks that need none of them pay nothing.
+    """
+
+    def __init__(
+        self,
+        decoder: MultiExitDecoder,
+        layer: int,
+        hidden: torch.Tensor,
+        active: torch.Tensor,
+        previous: torch.Tensor | None = None,
+    ):
+        self.decoder = decoder
+        self.layer = layer
+        self.hidden = hidden  # [B, d] h_l
+        self.active = active  # [B] bool, rows that have not exited yet (decisions for others are ignored)
+        self.previous = previous  # [B, d] h_{l-1}; h_0 is the token's embedding
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.num_layers
+
+    @cached_property
+    def states(self) -> torch.Tensor:
+        return self.decoder.final_norm(self.hidden)
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return self.decoder.head(self.layer)(self.states)
+
+    @cached_property
+    def confidence(self) -> torch.Tensor:
+        """[B] p_l(1st) - p_l(2nd) in float32 on the CPU, 0 for rows that already exited: the head (a
+        vocabulary-sized product, the cost of this signal) runs on the active rows only."""
+        out = torch.zeros(self.batch_size)
+        active = self.active.to(self.hidden.device)
+        with torch.no_grad():  # a decision signal, never trained through
+            if bool(active.any()):
+                logits = self.decoder.head(self.layer)(self.states[active])
+                out[active.cpu()] = probability_gap(logits).cpu()
+        return out
+
+    @cached_property
+    def similarity(self) -> torch.Tensor:
+        """[B] cos(h_l, h_{l-1}) in float32."""
+        if self.previous is None:
+            raise ValueError("this view carries no previous hidden state (h_{l-1})")
+        return F.cosine_similarity(self.hidden.float(), self.previous.float(), dim=-1)
+
+
+#: After layer l < L: a bool per row, True = this row's token exits here.
+ExitFn = Callable[[LayerView], "torch.Tensor | Sequence[bool]"]
+
+
+def exit_at_layer(layer: int) -> ExitFn:
+    """An exit rule that sends every token out at ``layer`` (1-based)."""
+
+    def rule(view: LayerView) -> torch.Tensor:
+        return torch.full((view.batch_size,), view.layer >= layer, dtype=torch.bool)
+
+    return rule

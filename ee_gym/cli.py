@@ -2,11 +2,17 @@
 
 ee-gym tasks                                  list the tasks and where their data comes from
 ee-gym stage1 --task rte [--epochs 3 ...]     stage 1: train every exit (resumes if interrupted)
-ee-gym train --task rte --agent reinforce --rounds 1
+ee-gym train --task rte --agent reinforce --rounds 1 [--protocol held-out --stage1.epochs 2 ...]
                                               stage 1, then rounds of stage 2 + stage 3 (resumes)
 ee-gym cache --task rte --split dev           build the per-layer cache of a trained model
 ee-gym hardness --task rte                    histogram of the memorized layer on the train split
 ee-gym predict --policy entropy --texts FILE  batched early-exit predictions (or --task/--split)
+
+The options of ``stage1`` and ``train`` are generated from their config dataclasses (nested stage
+sections as ``--stage1.<field>``); ``cache``, ``hardness`` and ``predict`` default to the stage-1
+model of ``--protocol`` (default ``held-out``: the one ``gym.make`` and the benchmarks use);
+``stage1`` trains on ``--train-split`` (default ``train``, the ``paper`` protocol's) unless
+``--protocol`` names one.
 """
 
 from __future__ import annotations
@@ -119,10 +125,16 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
+    from ee_gym.protocols import get_protocol
     from ee_gym.training import train_stage1
 
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
-    config = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    if args.protocol is not None:  # the protocol's stage-1 split (held-out: the model gym.make uses)
+        if args.train_split not in ("train", get_protocol(args.protocol).stage1_split):
+            raise ValueError("give --protocol or --train-split, not both")
+        settings["train_split"] = get_protocol(args.protocol).stage1_split
+    config = Stage1Config(**settings)
     result = train_stage1(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: main process only
         return 0
@@ -321,15 +333,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_protocol_argument(parser: argparse.ArgumentParser) -> None:
+def _add_protocol_argument(
+    parser: argparse.ArgumentParser,
+    text: str = "whose stage-1 model is the default --model: the one trained on its stage-1 split",
+) -> None:
     from ee_gym.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
     parser.add_argument(
         "--protocol",
         default=DEFAULT_PROTOCOL,
         choices=list(PROTOCOLS),
-        help="whose stage-1 model is the default --model: the one trained on this protocol's stage-1 "
-        f"split (default: {DEFAULT_PROTOCOL})",
+        help=f"{text} (default: {DEFAULT_PROTOCOL})",
     )
 
 
@@ -341,8 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=_cmd_tasks)
 
+    from ee_gym.protocols import PROTOCOLS
+
     p = sub.add_parser("stage1", help="stage 1: fine-tune backbone and all exits")
     add_dataclass_arguments(p, Stage1Config)
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=list(PROTOCOLS),
+        help="train on this protocol's stage-1 split instead of --train-split; held-out: the model "
+        "gym.make and the benchmarks use by default",
+    )
     p.set_defaults(func=_cmd_stage1)
 
     from ee_gym.pipeline import PipelineConfig

@@ -41,6 +41,7 @@ from ee_gym.files import (
     write_text_atomic,
 )
 from ee_gym.multiexit import POOLINGS, MultiExitModel
+from ee_gym.protocols import protocol_of_split
 from ee_gym.tasks import (
     BUILTIN_TASKS,
     TaskDefaults,
@@ -350,7 +351,8 @@ def finished_stage1_model(config: Stage1Config, progress: bool | None = None) ->
     if config.backbone != DEFAULT_BACKBONE:
         command += ["--backbone", str(config.backbone)]
     if config.train_split != "train":
-        command += ["--train-split", config.train_split]
+        protocol = protocol_of_split(config.train_split)
+        command += ["--train-split", config.train_split] if protocol is None else ["--protocol", protocol]
     if config.data_dir:
         command += ["--data-dir", str(config.data_dir)]
     for k in differing:

@@ -2,7 +2,8 @@
 
 ``ee-gym train --task rte --agent reinforce --rounds 2`` calls :func:`train_pipeline`. Stage 1 is
 :func:`ee_gym.training.train_stage1`, stage 2 the agent's ``learn`` on the current model's cached
-training table, stage 3 :func:`ee_gym.joint.train_stage3`. Every finished stage appends one record
+table of the protocol's policy split, stage 3 :func:`ee_gym.joint.train_stage3`. The settings are one
+tree (:class:`PipelineConfig`: a shared :class:`~ee_gym.config.RunSetup` and one section per stage). Every finished stage appends one record
 (with the dev scores of the policy and of the full-depth model) to ``pipeline.jsonl``; a re-run
 resumes after the last finished stage.
 """
@@ -191,7 +192,8 @@ class PipelineResult:
 
 def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel | None = None, **overrides):
     """ConsistentEE end to end in one run folder: stage 1, the memorized layer, then ``rounds`` rounds
-    of (stage 2: the agent learns on the current model's cached training table; stage 3:
+    of (stage 2: the agent learns on the current model's cached table of the protocol's policy split;
+    stage 3:
     :func:`train_stage3`, the model trains with the agent's exits).
 
     ``reinforce`` carries its networks from round to round and trains in stage 3 too. Any other learner
@@ -199,8 +201,9 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     model) and held fixed in stage 3; rules have nothing to learn and only decide stage 3's exits.
 
     Folder: ``config.json``, ``pipeline.jsonl`` (one record per finished stage, with its dev scores),
-    ``stage1/``, ``memorized.npy``, ``round<r>/stage2/`` (policy), ``round<r>/stage3/`` (a stage-3 run
-    folder). A re-run resumes after the last finished stage (and inside an unfinished stage 1 or 3
+    ``stage1/``, ``memorized.npy`` (the stage-1 model's m(x) on stage 3's rows, the protocol's stage-1
+    split) and ``memorized-policy.npy`` (on stage 2's, its policy split), ``round<r>/stage2/``
+    (policy), ``round<r>/stage3/`` (a stage-3 run folder). A re-run resumes after the last finished stage (and inside an unfinished stage 1 or 3
     after its last finished epoch). The reward of every round uses the stage-1 model's m(x)
     (METHOD.md), also in stage 2 of later rounds, whose table comes from the refreshed model's cache
     (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model

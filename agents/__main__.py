@@ -2,7 +2,7 @@
 
 Learners train on the policy split of ``--protocol`` (default: ``held-out``, stage 1 on
 ``train[:90%]`` and policies on ``train[90%:]``; ``paper``: both on ``train``; see
-``ee_gym.envs.prepare.POLICY_PROTOCOLS``) and every policy is scored on the dev table of the same
+:mod:`ee_gym.protocols`) and every policy is scored on the dev table of the same
 model, each at its default settings; ``--alphas`` adds runs of ``reinforce`` at other layer prices.
 Prints a Markdown table (and writes JSON with ``--json``). The full model (static exit at L) and the
 two oracles are rows of the table too, for reference.
@@ -17,7 +17,8 @@ import time
 import agents
 from agents.evaluate import evaluate
 from ee_gym.envs import ConsistentEEVectorEnv
-from ee_gym.envs.prepare import POLICY_PROTOCOL, POLICY_PROTOCOLS, load_model, load_table, policy_tables
+from ee_gym.envs.prepare import load_model, load_table, policy_tables
+from ee_gym.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
 from ee_gym.rewards import default_alpha
 from ee_gym.tasks import get_task
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model", default=None, help="a multi-exit checkpoint (default: stage 1 of --backbone)"
     )
-    parser.add_argument("--protocol", default=POLICY_PROTOCOL, choices=sorted(POLICY_PROTOCOLS))
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS))
     parser.add_argument("--backbone", default="minilm-l6")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--agents", default=DEFAULT_AGENTS, help="comma-separated registry names")
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     task = get_task(args.task).name
     if args.model:  # a given model: its policy-split and dev tables
         model = load_model(task, model=args.model, data_dir=args.data_dir)
-        train = load_table(model, task, POLICY_PROTOCOLS[args.protocol][1], data_dir=args.data_dir)
+        train = load_table(model, task, get_protocol(args.protocol).policy_split, data_dir=args.data_dir)
         dev = load_table(model, task, "dev", data_dir=args.data_dir)
     else:
         train, dev = policy_tables(task, args.protocol, backbone=args.backbone, data_dir=args.data_dir)

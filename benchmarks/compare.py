@@ -12,7 +12,7 @@ On the same model and the same dev inputs, every named policy is scored:
   rewards (``--rewards``) to test what the hardness-guided reward buys;
 * references: the full model (static exit at L) and the two oracles (not deployable).
 
-Learners train on the policy split of ``--protocol`` (``ee_gym.envs.prepare.POLICY_PROTOCOLS``). One
+Learners train on the policy split of ``--protocol`` (:mod:`ee_gym.protocols`). One
 operating point per policy, its default settings (alpha x 1 for learners), fills the table: the task
 metric with a 95 % interval over seeds (scipy's percentile bootstrap of the mean), saved layers, the
 layer speed-up L / mean exit layer, the wall-clock speed-up of batched early-exit inference
@@ -56,7 +56,7 @@ class CompareArgs:
     seeds: int = 3  # per learner and price
     alpha_scales: str = "0.5,1,2,4"  # learners' prices, as multiples of the task's default alpha
     rewards: str = "hardness,plain,ce"  # reinforce runs under each; the first is every learner's reward
-    protocol: str | None = None  # None: ee_gym.envs.prepare.POLICY_PROTOCOL
+    protocol: str | None = None  # None: ee_gym.protocols.DEFAULT_PROTOCOL
     policy_split: str | None = None  # learners' split instead of the protocol's, e.g. "train[:8000]"
     backbone: str = "minilm-l6"
     model: str | None = None  # a multi-exit model folder instead of stage 1 of (task, backbone)
@@ -70,12 +70,12 @@ class CompareArgs:
     progress: bool = True
 
     def resolved(self) -> CompareArgs:
-        from ee_gym.envs.prepare import POLICY_PROTOCOL
+        from ee_gym.protocols import get_protocol
         from ee_gym.tasks import get_task
 
         changes: dict[str, Any] = {
             "task": get_task(self.task).name,
-            "protocol": self.protocol or POLICY_PROTOCOL,
+            "protocol": get_protocol(self.protocol).name,  # checked: an unknown name lists the choices
         }
         if self.quick:
             changes.update(seeds=1, alpha_scales="0.5,1,2", rewards=self.rewards.split(",")[0])
@@ -93,8 +93,8 @@ HELP: dict[str, str] = {
     "seeds": "seeds per learner and layer price",
     "alpha_scales": "comma-separated layer prices of the learners, as multiples of the task's default alpha",
     "rewards": "comma-separated rewards reinforce runs under; the first is every learner's reward",
-    "protocol": "which inputs learners train on: 'paper' or 'held-out' (ee_gym.envs.prepare.POLICY_PROTOCOLS; "
-    "None: POLICY_PROTOCOL)",
+    "protocol": "which inputs learners train on: 'paper' or 'held-out' (ee_gym.protocols; "
+    "None: DEFAULT_PROTOCOL, held-out)",
     "policy_split": "the learners' split instead of the protocol's, e.g. 'train[:8000]'",
     "backbone": "the backbone whose stage-1 model is compared (trained on first use)",
     "model": "a multi-exit model folder, used instead of stage 1 of (task, backbone)",
@@ -542,19 +542,17 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from agents.evaluate import evaluate
-    from ee_gym.envs.prepare import POLICY_PROTOCOLS, load_model, load_table
+    from ee_gym.envs.prepare import load_model, load_table
+    from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
 
     began = time.perf_counter()
     args = parse_args(argv).resolved()
     task = args.task
-    if args.protocol not in POLICY_PROTOCOLS:
-        raise ValueError(f"unknown protocol {args.protocol!r}; choose one of {', '.join(POLICY_PROTOCOLS)}")
-    stage1_split, policy_split = POLICY_PROTOCOLS[args.protocol]
-    policy_split = args.policy_split or policy_split
+    policy_split = args.policy_split or get_protocol(args.protocol).policy_split
     model = load_model(
         task, model=args.model, backbone=args.backbone, data_dir=args.data_dir, progress=args.progress,
-        train_split=stage1_split,
+        protocol=args.protocol,
     )  # fmt: skip
     tables = dict(data_dir=args.data_dir, progress=args.progress)
     train = load_table(model, task, policy_split, **tables)
@@ -585,6 +583,7 @@ def main(argv=None) -> int:
         "metric": metric,
         "num_layers": num_layers,
         "dev_inputs": dev.num_inputs,
+        "protocol": args.protocol,
         "policy_split": policy_split,
         "policy_inputs": train.num_inputs,
         "default_alpha": alpha,

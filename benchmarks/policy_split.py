@@ -17,7 +17,8 @@ model and on the table it learnt from. Stage-1 models are trained on first use (
 task defaults), caches built on first use; both are reused afterwards. Prints Markdown tables:
 the protocols (mean +- std over seeds; "dev reward" is the env's reward, what REINFORCE maximises),
 the paired dev-accuracy differences, and the static per-layer accuracy, mean confidence,
-cross-entropy and reward of every table (confidence above accuracy = over-confident).
+cross-entropy and reward of every table (confidence above accuracy = over-confident). The measured
+run and its reading: ``benchmarks/results/policy-split/README.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 import agents
 from agents.evaluate import evaluate
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
-from ee_gym.envs.prepare import POLICY_PROTOCOLS, load_model, load_table
+from ee_gym.envs.prepare import load_model, load_table
+from ee_gym.protocols import POLICY_PROTOCOLS
 
 #: name: (stage-1 split, policy split); "paper" and "held-out" as offered by policy_tables
 PROTOCOLS = {**POLICY_PROTOCOLS, "seen-90": ("train[:90%]", "train[:90%]")}

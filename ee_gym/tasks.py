@@ -42,6 +42,7 @@ __all__ = [
     "DataSourceError",
     "Examples",
     "TableFormat",
+    "TaskDefaults",
     "TaskSpec",
     "UnknownTaskError",
     "check_data_source",
@@ -60,6 +61,7 @@ __all__ = [
     "task_from_hub",
     "task_names",
     "task_spec_from_dict",
+    "task_default",
     "task_spec_to_dict",
 ]
 
@@ -117,6 +119,21 @@ class TableFormat:
 
 
 @dataclass(frozen=True)
+class TaskDefaults:
+    """A task's training defaults: what a ``None`` setting of any stage means for this task.
+
+    Read in one place, :func:`task_default`. The built-in values were chosen for the small embedded
+    backbone on a 2-core CPU (README); a task you add gets these generic ones unless it passes its own.
+    """
+
+    learning_rate: float = 3e-5  # stage 1
+    epochs: int = 3  # stage 1
+    max_length: int = 128  # tokens, in every stage, cache and env
+    batch_size: int = 16  # stage 1
+    alpha: float = 0.035  # the price of one layer for a 12-layer model (rescaled by 12/L, ee_gym.rewards)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One classification task.
 
@@ -137,6 +154,7 @@ class TaskSpec:
     hub_label_column: str = "label"
     local_format: TableFormat | None = field(default=None, repr=False)
     title: str | None = None  # the name in gym ids; default derived from `name`
+    defaults: TaskDefaults = field(default_factory=TaskDefaults)  # read through task_default()
 
     def __post_init__(self) -> None:
         setattr_ = object.__setattr__
@@ -147,6 +165,8 @@ class TaskSpec:
         setattr_(self, "hub_splits", dict(self.hub_splits))
         if self.hub is not None:
             setattr_(self, "hub", tuple(self.hub))
+        if isinstance(self.defaults, Mapping):  # from task_spec_to_dict's plain data
+            setattr_(self, "defaults", TaskDefaults(**self.defaults))
         if not _key(self.name):
             raise ValueError(f"task name {self.name!r} needs at least one letter or digit")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -903,6 +923,13 @@ def check_split(split: Any, spec: TaskSpec | None = None) -> str:
     return split
 
 
+def task_default(task: str | TaskSpec, name: str):
+    """The task's default for setting ``name`` (a :class:`TaskDefaults` field): the one place every
+    stage, env, cache and command reads a per-task default from."""
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    return getattr(spec.defaults, name)
+
+
 def task_spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
     """A task as plain JSON data (what a user task's env id carries, see :func:`resolve_task`)."""
     return json.loads(json.dumps(dataclasses.asdict(spec)))
@@ -943,6 +970,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub=(_GLUE_HUB, "rte"),
         local_format=TableFormat(("sentence1", "sentence2"), "label"),
         title="RTE",
+        defaults=TaskDefaults(learning_rate=5e-05, epochs=5, max_length=128, batch_size=16),
     ),
     TaskSpec(
         name="mrpc",
@@ -953,6 +981,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub=(_GLUE_HUB, "mrpc"),
         local_format=TableFormat(("#1 String", "#2 String"), "Quality", label_kind="id"),
         title="MRPC",
+        defaults=TaskDefaults(learning_rate=5e-05, epochs=3, max_length=128, batch_size=16),
     ),
     TaskSpec(
         name="sst2",
@@ -963,6 +992,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub=(_GLUE_HUB, "sst2"),
         local_format=TableFormat(("sentence",), "label", label_kind="id"),
         title="SST2",
+        defaults=TaskDefaults(learning_rate=3e-05, epochs=1, max_length=64, batch_size=32),
     ),
     TaskSpec(
         name="cola",
@@ -974,6 +1004,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         # No header; the fields are: source, label, original-label mark, sentence.
         local_format=TableFormat((3,), 1, header=False, label_kind="id"),
         title="CoLA",
+        defaults=TaskDefaults(learning_rate=5e-05, epochs=4, max_length=64, batch_size=16),
     ),
     TaskSpec(
         name="qnli",
@@ -984,6 +1015,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub=(_GLUE_HUB, "qnli"),
         local_format=TableFormat(("question", "sentence"), "label"),
         title="QNLI",
+        defaults=TaskDefaults(learning_rate=3e-05, epochs=2, max_length=128, batch_size=32),
     ),
     TaskSpec(
         name="qqp",
@@ -994,6 +1026,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub=(_GLUE_HUB, "qqp"),
         local_format=TableFormat(("question1", "question2"), "is_duplicate", label_kind="id"),
         title="QQP",
+        defaults=TaskDefaults(learning_rate=3e-05, epochs=2, max_length=128, batch_size=32),
     ),
     TaskSpec(
         name="mnli",
@@ -1006,6 +1039,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         hub_splits={"train": "train", "dev": "validation_matched", "dev_mismatched": "validation_mismatched"},
         local_format=TableFormat(("sentence1", "sentence2"), "gold_label"),
         title="MNLI",
+        defaults=TaskDefaults(learning_rate=3e-05, epochs=2, max_length=128, batch_size=32),
     ),
 )
 """The GLUE tasks, with label ids in the order of the hub's ``nyu-mll/glue``."""

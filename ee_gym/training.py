@@ -31,6 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from ee_gym import paths
 from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import TokenizedSplit, all_exit_logits, shuffled_batches, tokenize_examples
+from ee_gym.config import config_dict, flat_settings
 from ee_gym.files import (
     CorruptFileError,
     folder_lock,
@@ -40,7 +41,16 @@ from ee_gym.files import (
     write_text_atomic,
 )
 from ee_gym.multiexit import POOLINGS, MultiExitModel
-from ee_gym.tasks import compute_metrics, get_task, load_split, split_slug
+from ee_gym.protocols import protocol_of_split
+from ee_gym.tasks import (
+    BUILTIN_TASKS,
+    TaskDefaults,
+    compute_metrics,
+    get_task,
+    load_split,
+    split_slug,
+    task_default,
+)
 from ee_gym.validation import (
     ConfigError,
     check_choice,
@@ -51,22 +61,22 @@ from ee_gym.validation import (
     check_output_folder,
 )
 
-#: Per-task defaults, chosen for the small embedded backbone on a 2-core CPU (see the README).
+#: The built-in tasks' stage-1 defaults, as plain dicts (deprecated: they live on each task's spec,
+#: ``TaskSpec.defaults``, and are read with :func:`ee_gym.tasks.task_default`).
 TASK_DEFAULTS: dict[str, dict] = {
-    "rte": {"learning_rate": 5e-5, "epochs": 5, "max_length": 128, "batch_size": 16},
-    "mrpc": {"learning_rate": 5e-5, "epochs": 3, "max_length": 128, "batch_size": 16},
-    "sst2": {"learning_rate": 3e-5, "epochs": 1, "max_length": 64, "batch_size": 32},
-    "cola": {"learning_rate": 5e-5, "epochs": 4, "max_length": 64, "batch_size": 16},
-    "qnli": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
-    "qqp": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
-    "mnli": {"learning_rate": 3e-5, "epochs": 2, "max_length": 128, "batch_size": 32},
+    spec.name: {k: getattr(spec.defaults, k) for k in ("learning_rate", "epochs", "max_length", "batch_size")}
+    for spec in BUILTIN_TASKS
 }
-GENERIC_DEFAULTS = {"learning_rate": 3e-5, "epochs": 3, "max_length": 128, "batch_size": 16}
+#: the stage-1 settings a None field takes from the task's spec
+TASK_DEFAULT_FIELDS = ("learning_rate", "epochs", "max_length", "batch_size")
+GENERIC_DEFAULTS = {k: getattr(TaskDefaults(), k) for k in TASK_DEFAULT_FIELDS}
 
 
 @dataclass
 class Stage1Config:
-    """Arguments of stage 1. ``None`` fields take the task's defaults from ``TASK_DEFAULTS``."""
+    """Arguments of stage 1. ``None`` fields take the task's defaults (``TaskSpec.defaults``, read
+    with :func:`ee_gym.tasks.task_default`). Complete on its own (``ee-gym stage1``); inside a run,
+    the run's shared setup fills the fields it also has (:func:`ee_gym.config.follow_run`)."""
 
     task: str = "rte"
     backbone: str = DEFAULT_BACKBONE
@@ -127,8 +137,10 @@ class Stage1Config:
     def resolved(self) -> Stage1Config:
         """A copy with every default filled in (what a run folder records)."""
         task = get_task(self.task)
-        defaults = TASK_DEFAULTS.get(task.name, GENERIC_DEFAULTS)
-        filled = {k: (defaults[k] if getattr(self, k) is None else getattr(self, k)) for k in defaults}
+        filled = {
+            k: task_default(task, k) if getattr(self, k) is None else getattr(self, k)
+            for k in TASK_DEFAULT_FIELDS
+        }
         output_dir = self.output_dir or str(default_stage1_dir(task.name, self.backbone, self.train_split))
         return dataclasses.replace(self, task=task.name, output_dir=output_dir, **filled)
 
@@ -252,7 +264,7 @@ def _train_stage1(
     model, optimizer = accelerator.prepare(model, optimizer)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
+        write_json_atomic(run_dir / "config.json", config_dict(config))
 
     history = _read_history(run_dir)[:start_epoch]
     for epoch in range(start_epoch, config.epochs):
@@ -339,7 +351,8 @@ def finished_stage1_model(config: Stage1Config, progress: bool | None = None) ->
     if config.backbone != DEFAULT_BACKBONE:
         command += ["--backbone", str(config.backbone)]
     if config.train_split != "train":
-        command += ["--train-split", config.train_split]
+        protocol = protocol_of_split(config.train_split)
+        command += ["--train-split", config.train_split] if protocol is None else ["--protocol", protocol]
     if config.data_dir:
         command += ["--data-dir", str(config.data_dir)]
     for k in differing:
@@ -419,14 +432,29 @@ def _saved_config(run_dir: Path) -> dict | None:
 
 
 def _differing_settings(saved: dict, config) -> list[str]:
-    """The fields of ``config`` (any stage's config dataclass) whose value ``saved`` records otherwise,
-    except those a run may change between resumptions (:data:`RESUMABLE_CHANGES`)."""
-    current = dataclasses.asdict(config)
-    # A field added since the run was saved counts as its default (train_split: "train").
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    """The settings of ``config`` (any stage's or the pipeline's config dataclass; nested sections as
+    dotted names, ``stage1.epochs``) whose value ``saved`` records otherwise, except those a run may
+    change between resumptions (:data:`RESUMABLE_CHANGES`)."""
+    current, recorded = flat_settings(config_dict(config)), flat_settings(saved)
+    # A setting added since the run was saved counts as its default (train_split: "train").
+    defaults = flat_settings(_field_defaults(type(config)))
     return sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
+        k
+        for k in set(current) | set(recorded)
+        if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES
+        and recorded.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
     )
+
+
+def _field_defaults(cls) -> dict:
+    """The declared defaults of a config dataclass, a nested section's as a dict of its class's."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif dataclasses.is_dataclass(f.default_factory):
+            defaults[f.name] = _field_defaults(f.default_factory)
+    return defaults
 
 
 def _load_trainer_state(ckpt_dir: Path) -> dict:

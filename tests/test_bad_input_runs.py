@@ -116,7 +116,8 @@ def test_gym_make_uses_the_finished_stage1_run_whatever_its_settings(
     assert finished.model_dir == default_stage1_dir("sst2", "random-bert") / "model"
     capsys.readouterr()
     monkeypatch.setattr(training, "weighted_exit_loss", lambda *a: pytest.fail("stage 1 ran again"))
-    model = load_model("sst2", backbone="random-bert", data_dir=str(tiny_data))
+    # the run trained on "train": the paper protocol's stage-1 split (the default is held-out's)
+    model = load_model("sst2", backbone="random-bert", data_dir=str(tiny_data), protocol="paper")
     assert model.fingerprint() == finished.model.fingerprint()
     line = capsys.readouterr().out.strip()
     assert str(finished.model_dir) in line and "epochs=2" in line and "\n" not in line
@@ -127,7 +128,7 @@ def test_gym_make_uses_the_finished_stage1_run_whatever_its_settings(
     with pytest.raises(KeyboardInterrupt):
         _tiny_stage1(tokenizer, tiny_data, task="rte", epochs=2)
     with pytest.raises(ValueError) as error:
-        load_model("rte", backbone="random-bert", data_dir=str(tiny_data), progress=False)
+        load_model("rte", backbone="random-bert", data_dir=str(tiny_data), progress=False, protocol="paper")
     message = str(error.value)
     run_dir = default_stage1_dir("rte", "random-bert")
     assert str(run_dir) in message and "epochs=2" in message

@@ -34,7 +34,7 @@ from gymnasium import spaces
 from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import tokenize_examples
 from ee_gym.envs.observations import ObservationEncoder, check_obs_mode
-from ee_gym.envs.prepare import default_max_length, load_model, load_table
+from ee_gym.envs.prepare import default_max_length, env_split, load_model, load_table
 from ee_gym.envs.table import ExitTable, log_softmax, softmax
 from ee_gym.hardness import memorized_layer
 from ee_gym.multiexit import MultiExitModel
@@ -282,8 +282,9 @@ class ConsistentEEEnv(LayerEpisodeEnv):
     def __init__(
         self,
         task: str = "rte",
-        split: str = "train",
+        split: str | None = None,  # None: the protocol's policy split (prepare.env_split)
         *,
+        protocol: str | None = None,  # None: the default, "held-out" (ee_gym.protocols)
         model: MultiExitModel | str | os.PathLike | None = None,
         backbone: str = DEFAULT_BACKBONE,
         reward: str = "hardness",
@@ -300,6 +301,7 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         task_spec: dict | None = None,
     ):
         # Every keyword first: nothing below (stage 1, the cache) starts for a setting that cannot be right.
+        split = env_split(split, protocol, model, table)
         checked = check_env_settings(
             task=task,
             split=split,
@@ -329,7 +331,12 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         self.model: MultiExitModel | None = None
         if table is None:
             self.model = load_model(
-                self.task, model=model, backbone=backbone, data_dir=data_dir, progress=progress
+                self.task,
+                model=model,
+                backbone=backbone,
+                data_dir=data_dir,
+                progress=progress,
+                protocol=protocol,
             )
             self.max_length = max_length or default_max_length(self.task, self.model)
             if mode == "cached":

@@ -4,8 +4,11 @@
 backbone (once, with a progress bar; later calls reuse it), builds the cache of the split (once) and
 loads it. Every step of that can be pointed elsewhere with the env's keyword arguments.
 
-Which inputs the exit policy learns from is a protocol, a (stage-1 split, policy split) pair in
-:data:`POLICY_PROTOCOLS`; :func:`policy_tables` returns the (policy, dev) tables of one.
+Which inputs the exit policy learns from is a protocol (:mod:`ee_gym.protocols`): with nothing said,
+``held-out``, so ``gym.make`` uses the same stage-1 model (of ``train[:90%]``, in its default folder)
+and the same policy split (``train[90%:]``) as ``python -m benchmarks.compare`` and ``python -m
+agents``: one model per task, backbone and protocol. :func:`policy_tables` returns the (policy, dev) tables of one. Why held-out is
+the default, measured: ``benchmarks/results/policy-split/README.md``.
 """
 
 from __future__ import annotations
@@ -16,37 +19,12 @@ from ee_gym.backbones import DEFAULT_BACKBONE, max_input_length
 from ee_gym.cache import build_cache
 from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel, check_model_task
-from ee_gym.tasks import get_task, load_split
+from ee_gym.protocols import DEFAULT_PROTOCOL, POLICY_PROTOCOLS, get_protocol
+from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import Stage1Config, finished_stage1_model, train_stage1
 
-#: (split stage 1 trains on, split the exit policy learns from), by protocol name.
-#: "paper": the policy learns on the training inputs the heads were fitted to (ConsistentEE).
-#: "held-out": stage 1 fits on the first 90 % of train; the policy learns on the last 10 %, unseen by
-#: the heads, so that their confidence there is what it will be on new inputs.
-POLICY_PROTOCOLS: dict[str, tuple[str, str]] = {
-    "paper": ("train", "train"),
-    "held-out": ("train[:90%]", "train[90%:]"),
-}
-#: The default protocol: "held-out", measured with ``python -m benchmarks.policy_split`` (RTE,
-#: minilm-l6, REINFORCE defaults, 5 epochs, seeds 0-2, mean +- std; dev reward = the hardness reward
-#: REINFORCE maximises)::
-#:
-#:     protocol   stage 1 / policy split       dev acc        dev exit     speed-up     dev reward
-#:     paper      train / train                0.579+-0.004   4.23+-0.20   1.42+-0.07   -1.04+-0.04
-#:     held-out   train[:90%] / train[90%:]    0.551+-0.008   1.16+-0.28   5.35+-1.14   -0.72+-0.00
-#:     (seen-90   train[:90%] / train[:90%]    0.587+-0.002   4.16+-0.13   1.44+-0.05   -1.01+-0.02)
-#:
-#: On its own split the "paper" policy scores 0.913 (vs 0.579 on dev): the heads memorised those
-#: inputs (static train accuracy 0.92 from layer 4, cross-entropy 0.23, vs 0.57 and 0.89 on dev), so
-#: it learns that layer 4 pays, which is false on new inputs. On the held-out slice the per-layer
-#: reward matches dev's (-0.72 -0.74 -0.76 -0.91 -1.10 -1.18 vs -0.72 -0.74 -0.78 -0.99 -1.16 -1.27),
-#: so the policy's training numbers predict its dev numbers (0.557 vs 0.551). The dev accuracy cost,
-#: -0.028 +- 0.034 (paired standard error), is within noise; the speed-up and dev reward are not.
-#: "seen-90" shows that 10 % less stage-1 data changes nothing measurable (+0.008 +- 0.022).
-#: Caveat: with RTE heads this weak neither policy is input-adaptive: each matches a static exit
-#: (held-out ~ layer 1, exactly layer 1 after 50 epochs, as many updates as paper's 5; paper ~
-#: layer 4). Pass ``protocol="paper"`` for the paper's setting.
-POLICY_PROTOCOL = "held-out"
+#: Re-exported from :mod:`ee_gym.protocols` (where every entry point reads them).
+POLICY_PROTOCOL = DEFAULT_PROTOCOL
 STAGE1_SPLIT, POLICY_SPLIT = POLICY_PROTOCOLS[POLICY_PROTOCOL]
 
 _TABLES: dict[tuple, ExitTable] = {}  # tables already loaded in this process, by cache identity
@@ -59,16 +37,20 @@ def load_model(
     backbone: str = DEFAULT_BACKBONE,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
-    train_split: str = "train",
+    train_split: str | None = None,
+    protocol: str | None = None,
 ) -> MultiExitModel:
     """A multi-exit model: the one given, a checkpoint folder, or stage 1 of (task, backbone) trained
-    on ``train_split``: the finished run in its default folder whatever its settings (reported in one
+    on ``train_split`` (None: the stage-1 split of ``protocol``, itself None for the default,
+    ``held-out``): the finished run in its default folder whatever its settings (reported in one
     line when they are not the defaults, see :func:`ee_gym.training.finished_stage1_model`), else
     trained (or resumed) with the defaults."""
+    protocol_split = get_protocol(protocol).stage1_split  # checked even when a model is given
     if isinstance(model, MultiExitModel):
         return model.eval()
     if model is not None:
         return MultiExitModel.from_pretrained(model)
+    train_split = protocol_split if train_split is None else train_split
     config = Stage1Config(
         task=task,
         backbone=backbone,
@@ -85,7 +67,7 @@ def load_model(
 def default_max_length(task: str, model: MultiExitModel | None = None) -> int:
     """The task's stage-1 max length, capped at what ``model``'s backbone takes when it is given (an
     explicit ``max_length`` past that limit is an error instead, see ``check_max_length``)."""
-    length = Stage1Config(task=task).resolved().max_length
+    length = task_default(task, "max_length")
     return length if model is None else min(length, max_input_length(model))
 
 
@@ -129,6 +111,20 @@ def load_table(
     return _TABLES[key]
 
 
+def env_split(split: str | None, protocol: str | None, model=None, table: ExitTable | None = None) -> str:
+    """The split an env plays: ``split`` when given (or the given ``table``'s); else the protocol's
+    policy split, because the env finds its own stage-1 model of that protocol (``model`` None) or
+    was told the protocol; else, for a model you pass with no protocol named, ``"train"`` (which
+    inputs trained it is not known)."""
+    if split is not None:
+        return split
+    if table is not None:
+        return table.split
+    if model is None or protocol is not None:
+        return get_protocol(protocol).policy_split
+    return "train"
+
+
 def policy_tables(
     task: str,
     protocol: str = POLICY_PROTOCOL,
@@ -142,11 +138,7 @@ def policy_tables(
 
     Both tables come from the stage-1 model of the protocol's stage-1 split, trained on first use.
     """
-    if protocol not in POLICY_PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(POLICY_PROTOCOLS)}")
-    stage1_split, policy_split = POLICY_PROTOCOLS[protocol]
-    model = load_model(
-        task, backbone=backbone, data_dir=data_dir, progress=progress, train_split=stage1_split
-    )
+    chosen = get_protocol(protocol)
+    model = load_model(task, backbone=backbone, data_dir=data_dir, progress=progress, protocol=chosen.name)
     options = dict(data_dir=data_dir, max_length=max_length, progress=progress)
-    return load_table(model, task, policy_split, **options), load_table(model, task, "dev", **options)
+    return load_table(model, task, chosen.policy_split, **options), load_table(model, task, "dev", **options)

@@ -47,7 +47,7 @@ from ee_gym.envs.classification import (
     draws_at_random,
 )
 from ee_gym.envs.observations import ObservationEncoder
-from ee_gym.envs.prepare import default_max_length, load_model, load_table
+from ee_gym.envs.prepare import default_max_length, env_split, load_model, load_table
 from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.rewards import default_alpha
@@ -107,8 +107,9 @@ class ConsistentEEVectorEnv(VectorEnv):
         self,
         num_envs: int = 1,
         task: str = "rte",
-        split: str = "train",
+        split: str | None = None,  # None: the protocol's policy split (prepare.env_split)
         *,
+        protocol: str | None = None,  # None: the default, "held-out" (ee_gym.protocols)
         model: MultiExitModel | str | os.PathLike | None = None,
         backbone: str = DEFAULT_BACKBONE,
         reward: str = "hardness",
@@ -128,6 +129,7 @@ class ConsistentEEVectorEnv(VectorEnv):
         task_spec: dict | None = None,
     ):
         # Every keyword first: nothing below (stage 1, the cache) starts for a setting that cannot be right.
+        split = env_split(split, protocol, model, table)
         num_envs = check_int("num_envs", num_envs, minimum=1)
         checked = check_env_settings(
             task=task,
@@ -153,7 +155,9 @@ class ConsistentEEVectorEnv(VectorEnv):
         )
         if table is None:
             task = checked["spec"].name
-            loaded = load_model(task, model=model, backbone=backbone, data_dir=data_dir, progress=progress)
+            loaded = load_model(
+                task, model=model, backbone=backbone, data_dir=data_dir, progress=progress, protocol=protocol
+            )
             table = load_table(
                 loaded,
                 task,

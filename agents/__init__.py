@@ -1,15 +1,17 @@
 """Exit policies, swappable by name: ``agents.make("reinforce")``, ``agents.make("entropy", threshold=0.2)``.
 
-Adding an algorithm is one new file with an :class:`~agents.base.ExitPolicy` subclass plus one line
-in ``REGISTRY`` below.
+Every policy here implements :class:`ee_gym.policy.ExitPolicy` and is registered, on import, in the
+core's policy registry (:func:`ee_gym.policy.register_policy`), through which the pipeline, stage 3,
+inference and the CLI find policies by name without importing this package. Adding an algorithm is
+one class written to the protocol, registered: one line in ``REGISTRY`` below for the policies of
+this package, or an entry point in the ``ee_gym.policies`` group for another package's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agents.base import ExitPolicy, load_policy
-from ee_gym.validation import ConfigError
+from ee_gym.policy import ExitPolicy, load_policy, make_policy, policy_names, register_policy
 
 # name -> "module:Class"; imported on first use so that a missing optional dependency only
 # affects the policies that need it.
@@ -21,7 +23,7 @@ REGISTRY: dict[str, str] = {
     "dqn": "agents.sb3:DQNPolicy",
     "qrdqn": "agents.sb3:QRDQNPolicy",
     "maskable-ppo": "agents.sb3:MaskablePPOPolicy",
-    # classic rules (BASELINES.md)
+    # classic rules (docs: the baselines)
     "static": "agents.rules:Static",
     "entropy": "agents.rules:Entropy",
     "normentropy": "agents.rules:NormalizedEntropy",
@@ -33,11 +35,13 @@ REGISTRY: dict[str, str] = {
     "oracle": "agents.oracles:Oracle",
     "oracle-consistent": "agents.oracles:OracleConsistent",
 }
+for _name, _target in REGISTRY.items():
+    register_policy(_name, _target)
 
 
 def names() -> list[str]:
-    """Every registered policy name."""
-    return sorted(REGISTRY)
+    """Every registered policy name (this package's and any other's registered in ee_gym)."""
+    return policy_names()
 
 
 def make(name: str, **kwargs: Any) -> ExitPolicy:
@@ -47,20 +51,7 @@ def make(name: str, **kwargs: Any) -> ExitPolicy:
     :class:`~ee_gym.validation.ConfigError` (a ValueError) listing the valid ones; so do values out of
     range (``make("reinforce", hidden_size=0)``, ``make("maxprob", threshold=2.0)``).
     """
-    import importlib
-
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ConfigError(f"unknown policy {name!r}; known: {', '.join(names())}")
-    module, cls_name = REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
-    accepted = cls.accepted_arguments()
-    unknown = [key for key in kwargs if accepted is not None and key not in accepted]
-    if unknown:
-        raise ConfigError(
-            f"policy {name!r} takes no argument {', '.join(map(repr, unknown))}; it accepts "
-            f"{', '.join(accepted) if accepted else 'no arguments'}"
-        )
-    return cls(**kwargs)
+    return make_policy(name, **kwargs)
 
 
 __all__ = ["REGISTRY", "ExitPolicy", "load_policy", "make", "names"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv
+from ee_gym.policy import ExitPolicy
 
 
 class _EnvPeeker(ExitPolicy):

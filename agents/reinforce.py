@@ -90,13 +90,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
 from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
 from ee_gym.files import read_json
+from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget
+from ee_gym.runner import NetworkExits, model_env_stand_in
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
-ROLLOUTS = ("sample", "threshold")
 WEIGHTS_FILE = "policy.safetensors"
 HISTORY_FILE = "history.json"
 
@@ -159,6 +159,15 @@ def group_baseline(rewards: torch.Tensor, replicas: int) -> torch.Tensor:
 
 
 @dataclass
+class _Trajectories:
+    """What :meth:`Reinforce.joint_loss` reads of a rollout (stage 3 passes its own)."""
+
+    policy_logits: torch.Tensor  # [N, L]
+    exit_layer: torch.Tensor  # [N]
+    exit_chosen: torch.Tensor  # [N]
+
+
+@dataclass
 class Rollout:
     """What one training rollout returns, one row per (input, replica)."""
 
@@ -189,6 +198,7 @@ class Reinforce(ExitPolicy):
     name: ClassVar[str] = "reinforce"
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
+    trains_jointly: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -287,30 +297,19 @@ class Reinforce(ExitPolicy):
         return (exits | (layers == self.net.num_layers)).astype(np.int64)
 
     # -- learning ---------------------------------------------------------------------------------
-    def learn(
-        self,
-        env: Any,
-        epochs: int = 2,
-        batch_size: int = 32,
-        replicas: int = 8,
-        lr: float = 3e-4,
-        rollout: str | None = None,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> Reinforce:
+    def fit(self, env: Any, budget: TrainingBudget) -> None:
         """Train on the table, reward and alpha of ``env`` (any env with ``table``, ``reward_fn``, ``alpha``).
 
-        ``rollout`` and ``seed`` default to the constructor's; a given seed re-seeds the policy's
-        random draws (not its weights, which are initialised once).
+        ``budget`` (:class:`~ee_gym.policy.TrainingBudget`): ``epochs`` (2), ``batch_size`` (32),
+        ``replicas`` (8), ``learning_rate`` (3e-4), ``rollout`` and ``seed`` (the constructor's),
+        ``progress`` (True); a given seed re-seeds the policy's random draws (not its weights, which
+        are initialised once). ``total_timesteps`` is not read.
         """
-        rollout = check_rollout(self.rollout if rollout is None else rollout)
-        epochs = check_int("epochs", epochs, minimum=1)
-        batch_size = check_int("batch_size", batch_size, minimum=1)
-        replicas = check_int("replicas", replicas, minimum=1)
-        lr = check_float("lr", lr, minimum=0.0, exclusive_minimum=True)
-        seed = check_optional_int("seed", seed, minimum=0)
-        if seed is not None:
-            self._seed(seed)
+        rollout = check_rollout(budget.get("rollout", self.rollout))
+        epochs, batch_size = budget.get("epochs", 2), budget.get("batch_size", 32)
+        replicas, lr = budget.get("replicas", 8), budget.get("learning_rate", 3e-4)
+        if budget.seed is not None:
+            self._seed(budget.seed)
         table: ExitTable = getattr(env, "table", None)
         if table is None:
             raise ValueError("REINFORCE trains on a cached table: the env has none (live mode?)")
@@ -319,6 +318,7 @@ class Reinforce(ExitPolicy):
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         envs: dict[int, ConsistentEEVectorEnv] = {}  # one vector env per batch size (the last is short)
         n = table.num_inputs
+        progress = budget.get("progress", True)
         bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="reinforce", disable=not progress)
         for epoch in range(epochs):
             start_time, totals = time.perf_counter(), np.zeros(5)  # reward, layer, correct, loss, rows
@@ -330,14 +330,13 @@ class Reinforce(ExitPolicy):
                     envs[rows] = self._training_env(env, table, rows)
                 out = self._rollout(envs[rows], np.repeat(inputs, replicas), rollout)
                 rewards = torch.as_tensor(out.rewards, dtype=torch.float32)
-                advantage = rewards - group_baseline(rewards, replicas)
-                log_prob = trajectory_log_prob(
-                    out.logits,
-                    torch.from_numpy(out.exit_layer),
-                    torch.from_numpy(out.exit_chosen),
-                    self.min_layer,
+                loss = self.joint_loss(
+                    _Trajectories(
+                        out.logits, torch.from_numpy(out.exit_layer), torch.from_numpy(out.exit_chosen)
+                    ),
+                    rewards,
+                    replicas,
                 )
-                loss = -(advantage * log_prob).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -365,7 +364,61 @@ class Reinforce(ExitPolicy):
                 }
             )
         bar.close()
-        return self
+
+    # -- the decisions and the loss, shared by stage 2 (tables) and stage 3 (the live model) --------
+    def _exits(
+        self, replicas: int, rollout: str, generator: torch.Generator, dropout: float, **live: Any
+    ) -> NetworkExits:
+        """The one place this policy decides exits in training: its network, its min_layer."""
+        return NetworkExits(
+            self.net,
+            replicas,
+            rollout,
+            generator,
+            self.min_layer,
+            dropout if rollout == "threshold" else 0.0,
+            **live,
+        )
+
+    def joint_module(self, model: Any) -> PerLayerPolicy:
+        """The per-layer networks, built for ``model``'s sizes (or checked against them): stage 3
+        trains them with the model."""
+        self.bind(model_env_stand_in(model))
+        return self.net
+
+    def joint_decider(
+        self,
+        model: Any,
+        replicas: int = 1,
+        generator: torch.Generator | None = None,
+        rollout: str | None = None,
+    ) -> NetworkExits:
+        """Stage 3's decider: ``replicas`` trajectories per input on the live model, reading what
+        the network reads on tables (s_l, and exit l's confidence in ``state+confidence``, built by
+        the envs' own encoder), with no exit below ``min_layer``. No input dropout: in stage 3 the
+        backbone's dropout makes separate replicas differ."""
+        self.joint_module(model)
+        encoder = ObservationEncoder(self.obs_mode, model.num_layers, model.hidden_size, model.num_labels)
+        if encoder.uses_confidence:
+            size = encoder.feature_size
+
+            def features(view: Any) -> torch.Tensor:
+                states = view.states.detach().float().cpu().numpy()
+                obs = encoder.from_outputs(states, view.history)[:, :size]
+                return torch.from_numpy(obs).to(view.states.device)
+
+            live = {"features": features, "reads_history": True}
+        else:
+            live = {}
+        return self._exits(replicas, check_rollout(rollout or self.rollout), generator, 0.0, **live)
+
+    def joint_loss(self, rollout: Any, rewards: torch.Tensor, group: int) -> torch.Tensor:
+        """-mean (R - b(x)) log pi(tau), b(x) the mean reward of the ``group`` trajectories of an
+        input; the loss of stage 2 and of stage 3 alike."""
+        logits = rollout.policy_logits
+        advantage = rewards.to(logits.device) - group_baseline(rewards.to(logits.device), group)
+        log_prob = trajectory_log_prob(logits, rollout.exit_layer, rollout.exit_chosen, self.min_layer)
+        return -(advantage * log_prob).mean()
 
     def _training_env(self, env: Any, table: ExitTable, num_envs: int) -> ConsistentEEVectorEnv:
         """A vector env over ``env``'s table with ``env``'s reward function and alpha."""
@@ -380,30 +433,19 @@ class Reinforce(ExitPolicy):
         """Play every row of ``env`` from ``index`` until its first exit; keep the exit logits' graph."""
         net = self.net
         n, num_layers, d = len(index), env.num_layers, net.state_size
+        exits = self._exits(1, rollout, self._torch_rng, self.dropout)
         obs, _ = env.reset(options={"index": index})
         active = np.ones(n, dtype=bool)
         exit_layer, exit_chosen = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
         rewards, correct = np.zeros(n), np.zeros(n, dtype=bool)
         columns = []
         for layer in range(1, num_layers + 1):
-            if layer < self.min_layer:  # no decision here: every row continues, no network runs
-                obs, *_ = env.step(np.zeros(n, dtype=np.int64))
-                columns.append(torch.zeros(n))
-                continue
             rows = np.flatnonzero(active)
-            states = torch.from_numpy(obs[rows, :d])
-            if rollout == "threshold" and self.dropout > 0:  # replicas differ only by dropout
-                keep = torch.rand(states.shape, generator=self._torch_rng) >= self.dropout
-                states = states * keep / (1.0 - self.dropout)
-            logits = net(states, torch.full((len(rows),), layer))
-            probs = torch.sigmoid(logits.detach())
-            if rollout == "sample":
-                chosen = torch.bernoulli(probs, generator=self._torch_rng).numpy() > 0
-            else:
-                chosen = probs.numpy() > 0.5
+            chosen, logits = exits.decide(layer, torch.from_numpy(obs[rows, :d]))
             actions = np.zeros(n, dtype=np.int64)  # rows already out act on ignored new episodes
-            actions[rows] = chosen
-            columns.append(torch.zeros(n).index_put((torch.from_numpy(rows),), logits))
+            actions[rows] = chosen[:, 0].numpy()
+            column = torch.zeros(n)
+            columns.append(column if logits is None else column.index_put((torch.from_numpy(rows),), logits))
             obs, reward, exited, _, info = env.step(actions)
             newly = exited & active
             if newly.any():  # info holds "final_info" only on steps where some row exited

@@ -21,9 +21,9 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
-from agents.base import ExitPolicy
 from ee_gym.envs import ConsistentEEVectorEnv, ObservationEncoder, SB3VecEnv
 from ee_gym.envs.observations import LAYER_ONE_HOT_MODES, check_obs_mode
+from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.rewards import REWARDS
 from ee_gym.validation import check_int, check_optional_int
 
@@ -104,23 +104,21 @@ class SB3Policy(ExitPolicy):
             **self.algo_kwargs,
         }
 
-    def learn(
-        self,
-        env: ConsistentEEVectorEnv,
-        total_timesteps: int | None = None,
-        seed: int | None = None,
-        progress: bool = False,
-    ) -> SB3Policy:
-        """Train a new model on ``env``'s table (rebuilt with ``num_envs`` inputs if it has others)."""
-        seed = self.seed if seed is None else check_int("seed", seed, minimum=0)
-        total_timesteps = check_optional_int("total_timesteps", total_timesteps, minimum=1)
+    def fit(self, env: ConsistentEEVectorEnv, budget: TrainingBudget) -> None:
+        """Train a new model on ``env``'s table (rebuilt with ``num_envs`` inputs if it has others).
+
+        ``budget`` (:class:`~ee_gym.policy.TrainingBudget`): ``total_timesteps`` and ``seed`` (the
+        constructor's when None), ``progress`` (False); the epoch-based fields are not read (the
+        algorithm's own settings, given to the constructor, say how it updates)."""
+        seed = budget.get("seed", self.seed)
         venv = self.vec_env_class(self._training_env(env))
         policy = "MultiInputPolicy" if self.obs_mode == "full" else "MlpPolicy"
         kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
         self._learned_on(env, fresh=True)  # a new model: it fits this table's (L, d, K) only
-        self.model.learn(total_timesteps or self.total_timesteps, progress_bar=progress)
-        return self
+        self.model.learn(
+            budget.get("total_timesteps", self.total_timesteps), progress_bar=budget.get("progress", False)
+        )
 
     def _training_env(self, env: ConsistentEEVectorEnv) -> ConsistentEEVectorEnv:
         """``env`` itself when it fits, else a new vector env with the same table, reward and price."""

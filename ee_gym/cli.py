@@ -233,12 +233,12 @@ def _policy_from_args(args: argparse.Namespace):
     import json
     from pathlib import Path
 
-    import agents  # lazily: ee_gym does not import agents at module import
+    from ee_gym.policy import load_policy, make_policy  # the registry: the core never imports agents
 
     if Path(args.policy).is_dir():
         if args.policy_arg:
             raise ValueError("--policy-arg applies to a policy name, not to a saved policy folder")
-        return agents.load_policy(args.policy)
+        return load_policy(args.policy)
     kwargs = {}
     for pair in args.policy_arg:
         key, sep, value = pair.partition("=")
@@ -248,7 +248,7 @@ def _policy_from_args(args: argparse.Namespace):
             kwargs[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             kwargs[key.replace("-", "_")] = value
-    return agents.make(args.policy, **kwargs)
+    return make_policy(args.policy, **kwargs)
 
 
 def _read_texts(path: str) -> tuple[list[str], list[str] | None]:

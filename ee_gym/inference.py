@@ -2,21 +2,22 @@
 
 METHOD.md, "Inference": an input exits at the first layer its policy says EXIT (the paper's policy:
 p_l > 0.5), else at layer L. The authors support batch size 1 only; here a whole batch runs layer by
-layer and, after each layer, the rows that exit are recorded and removed from the batch with
-``MultiExitModel.select`` (which also trims the padding no remaining row needs), so later layers run
-on fewer and often shorter rows. Inputs are sorted by length into batches (and put back in their
+layer (:func:`ee_gym.runner.run_layers`, the loop stage 3 runs too) and, after each layer, the rows
+that exit are recorded and removed from the batch with ``MultiExitModel.select`` (which also trims
+the padding no remaining row needs), so later layers run on fewer and often shorter rows. Inputs are sorted by length into batches (and put back in their
 order at the end), so that a batch pads little to begin with.
 
-The policy is any deployable exit policy (``agents``: a rule, REINFORCE, an SB3 learner, ...): each
+The policy is any deployable exit policy (:class:`ee_gym.policy.ExitPolicy`; ``agents`` has a rule,
+REINFORCE, SB3 learners, ...): each
 layer it receives one batch observation of its ``obs_mode`` for the rows still running, built by
 :meth:`ObservationEncoder.from_outputs` exactly as the envs build them one row at a time, and answers
 0 (CONTINUE) or 1 (EXIT) per row. ``policy=None`` runs every input to layer L.
 
 ``ExitPolicy.bind`` expects the vector env a policy will act in; the rules read ``env.num_layers`` and
 ``env.table.num_labels`` from it, REINFORCE ``env.table.hidden_size`` and ``env.table.num_layers``.
-There is no env here: policies are bound to :func:`model_env_stand_in`, a light object exposing
-those sizes (L, K, d) for the model. Policies that read more than sizes from their env (the oracles,
-which peek at labels) are not deployable and are refused.
+There is no env here: policies are bound to :func:`~ee_gym.runner.model_env_stand_in`, a light object
+exposing those sizes (L, K, d) for the model. Policies that read more than sizes from their env (the
+oracles, which peek at labels) are not deployable and are refused.
 
 Results are deterministic, and batching does not change them: the same predictions and exit layers
 come out at any batch size (up to floating-point ties at a decision threshold, which the kernels of
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import os
 import time
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,8 @@ from ee_gym.batching import length_sorted_batches, tokenize_examples
 from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.envs.table import softmax
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.policy import make_policy, policy_names
+from ee_gym.runner import ActingExits, model_env_stand_in, run_layers
 from ee_gym.tasks import Examples
 from ee_gym.validation import ConfigError
 
@@ -83,31 +85,19 @@ class Predictions:
         return 1.0 - self.mean_exit_layer / self.num_layers if len(self) else float("nan")
 
 
-def model_env_stand_in(model: MultiExitModel) -> types.SimpleNamespace:
-    """What ``policy.bind`` reads from a vector env, for ``model``: its sizes, and nothing else.
-
-    ``num_layers``, ``num_labels``, ``hidden_size`` at the top and under ``table`` (as on
-    :class:`~ee_gym.envs.ConsistentEEVectorEnv` and its :class:`~ee_gym.envs.ExitTable`).
-    """
-    sizes = dict(num_layers=model.num_layers, num_labels=model.num_labels, hidden_size=model.hidden_size)
-    return types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes))
-
-
 def resolve_policy(policy: Any) -> Any:
-    """``policy`` itself, or for a name (``"entropy"``) the rule ``agents.make(name)`` makes with its
-    defaults. A learner's name is refused (an untrained learner has nothing to act on): pass a
-    trained one (``agents.load_policy(folder)``, or ``policy.learn(env)`` first)."""
+    """``policy`` itself, or for a name (``"entropy"``) the rule the policy registry makes with its
+    defaults (:func:`ee_gym.policy.make_policy`). A learner's name is refused (an untrained learner
+    has nothing to act on): pass a trained one (``load_policy(folder)``, or ``policy.learn(env)``)."""
     if not isinstance(policy, str):
         return policy
-    import agents  # here, not at module level: ee_gym never imports agents on import
-
-    if policy not in agents.REGISTRY:
+    if policy not in policy_names():
         raise ConfigError(
             f"unknown policy {policy!r}: pass an exit policy (agents.make(name, ...), or "
             f"agents.load_policy(folder) for a trained one) or the name of a rule; registered names: "
-            f"{', '.join(agents.names())}"
+            f"{', '.join(policy_names())}"
         )
-    made = agents.make(policy)
+    made = make_policy(policy)
     if made.learns:
         raise ConfigError(
             f"policy {policy!r} learns, and a new one has learned nothing: pass a trained policy "
@@ -141,6 +131,14 @@ def prepare_policy(policy: Any, model: MultiExitModel) -> ObservationEncoder | N
     return ObservationEncoder(policy.obs_mode, model.num_layers, model.hidden_size, model.num_labels)
 
 
+def acting_exits(policy: Any, model: MultiExitModel, deterministic: bool = True) -> ActingExits | None:
+    """The runner's decider for ``policy`` on ``model`` (checked and bound by :func:`prepare_policy`);
+    None for full depth (``policy=None``)."""
+    policy = resolve_policy(policy)
+    encoder = prepare_policy(policy, model)
+    return None if encoder is None else ActingExits(policy, encoder, deterministic)
+
+
 def predict(
     model: MultiExitModel,
     text_a: Sequence[str],
@@ -156,8 +154,8 @@ def predict(
         model: a multi-exit model with a tokenizer (run in eval mode; its mode is restored after).
         text_a, text_b: the inputs; ``text_b`` for pair tasks (same length as ``text_a``). A str is
             one input (``predict(model, "a review")`` gives one prediction).
-        policy: a deployable :class:`agents.ExitPolicy` (bound here to the model's sizes), the name
-            of a rule (``"entropy"``: ``agents.make("entropy")`` at its defaults), or None for full
+        policy: a deployable :class:`~ee_gym.policy.ExitPolicy` (bound here to the model's sizes), the
+            name of a rule (``"entropy"``: ``make_policy("entropy")`` at its defaults), or None for full
             depth.
         batch_size: rows per batch at layer 1 (batches shrink as rows exit).
         max_length: tokens per input (truncated beyond).
@@ -215,8 +213,7 @@ def predict_batches(
 ) -> Predictions:
     """Run prepared batches (:func:`prepare_batches`) with early exits; ``seconds``: the model's time."""
     start_time = time.perf_counter()
-    policy = resolve_policy(policy)
-    encoder = prepare_policy(policy, model)
+    decide = acting_exits(policy, model, deterministic)
     exit_layers = np.zeros(num_inputs, dtype=np.int64)
     logits = np.zeros((num_inputs, model.num_labels), dtype=np.float32)
     was_training = model.training
@@ -224,9 +221,9 @@ def predict_batches(
     try:
         with torch.inference_mode():
             for batch in batches:
-                _run_batch(
-                    model, batch.inputs, batch.rows, policy, encoder, deterministic, exit_layers, logits
-                )
+                run = run_layers(model, batch.inputs, decide)
+                exit_layers[batch.rows] = run.exit_layer.cpu().numpy()
+                logits[batch.rows] = run.exit_logits.float().cpu().numpy()
     finally:
         model.train(was_training)
     return Predictions(
@@ -236,46 +233,6 @@ def predict_batches(
         num_layers=model.num_layers,
         seconds=time.perf_counter() - start_time,
     )
-
-
-def _run_batch(
-    model: MultiExitModel,
-    batch: dict[str, torch.Tensor],
-    rows: np.ndarray,
-    policy: Any,
-    encoder: ObservationEncoder | None,
-    deterministic: bool,
-    exit_layers: np.ndarray,
-    exit_logits: np.ndarray,
-) -> None:
-    """Run one batch to its last exit, writing each row's exit layer and logits at ``rows``."""
-    num_layers = model.num_layers
-    state = model.start(**batch)
-    rows = np.asarray(rows)  # input index of each row still running
-    history = None if policy is None else np.zeros((len(rows), num_layers, model.num_labels), np.float32)
-    for layer in range(1, num_layers + 1):
-        state = model.advance(state)
-        if policy is None and layer < num_layers:
-            continue  # full depth needs only the last head
-        out = model.exit_outputs(state)
-        logits = out.logits.float().cpu().numpy()
-        if layer == num_layers:
-            exit_layers[rows], exit_logits[rows] = layer, logits
-            return
-        history[:, layer - 1] = logits
-        states = out.states.float().cpu().numpy() if encoder.uses_state else None
-        obs = encoder.from_outputs(states, history[:, :layer])
-        exits = np.asarray(policy.act(obs, deterministic=deterministic)).reshape(-1) == 1
-        if len(exits) != len(rows):
-            raise ValueError(f"the policy answered {len(exits)} actions for {len(rows)} rows")
-        if not exits.any():
-            continue
-        exit_layers[rows[exits]], exit_logits[rows[exits]] = layer, logits[exits]
-        if exits.all():
-            return
-        keep = np.flatnonzero(~exits)
-        state = model.select(state, torch.from_numpy(keep).to(model.device))
-        rows, history = rows[keep], history[keep]
 
 
 def predict_split(

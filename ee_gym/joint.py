@@ -5,20 +5,25 @@ chose, plus the policy loss:
 
     loss3 = mean_x CE(C_t(s_t), y) + loss2,    loss2 = -mean_{x,k} (R - b(x)) log pi(tau)
 
-Which exits, by agent:
+Which exits, by capability (:class:`ee_gym.policy.ExitPolicy`), never by name:
 
-* ``reinforce`` (the paper's learner) trains end to end. Each input has K = ``replicas`` trajectories:
-  at layer l the per-layer network gives p_l from the pooled state s_l and each replica still running
-  exits with a Bernoulli(p_l) draw (``rollout="sample"``, the default, as in ``agents.reinforce``);
-  at layer L every replica exits. The reward of each replica is the named reward of
-  :mod:`ee_gym.rewards` from its (detached) CE, its exit t and the memorized layer m(x) (an array over
-  the training split, computed once from the starting model); the baseline b(x) is the mean reward of
-  the input's K replicas (:func:`agents.reinforce.group_baseline`).
-* any other agent (an SB3 learner, a rule) is **held fixed**: at each layer it reads the observation
+* a policy with ``trains_jointly`` (``reinforce``, the paper's learner) trains end to end. Each input
+  has K = ``replicas`` trajectories, drawn by the policy's ``joint_decider`` (REINFORCE: at layer l
+  its per-layer network gives p_l from what it reads, s_l and, in ``state+confidence``, exit l's
+  confidence; each replica still running exits with a Bernoulli(p_l) draw, ``rollout="sample"``,
+  the default; none below its ``min_layer``: the decisions its stage-2 rollouts make, in the same
+  code, :class:`ee_gym.runner.NetworkExits`); at layer L every replica exits. The reward of each
+  replica is the named reward of :mod:`ee_gym.rewards` from its (detached) CE, its exit t and the
+  memorized layer m(x) (an array over the training split, computed once from the starting model);
+  the policy's ``joint_loss`` turns the rewards into loss2 (REINFORCE: the baseline b(x) is the
+  mean reward of the input's K replicas).
+* any other policy (an SB3 learner, a rule) is **held fixed**: at each layer it reads the observation
   the envs would give it (:meth:`ObservationEncoder.from_outputs` on the live states and head logits)
   and its deterministic action decides where the input pays CE; there is no loss2. The pipeline
-  (:func:`ee_gym.pipeline.train_pipeline`) then re-trains it on the refreshed model's table: the "frozen, then jointly
-  trained" loop of the paper for every algorithm.
+  (:func:`ee_gym.pipeline.train_pipeline`) then re-trains it on the refreshed model's table: the
+  "frozen, then jointly trained" loop of the paper for every algorithm.
+
+Every rollout runs through :func:`ee_gym.runner.run_layers`, the loop batched inference runs.
 
 Replicas share one forward pass by default: the K trajectories of an input differ only by their
 exit draws, so the model runs once per input, up to the last of its replicas' exits, and a replica
@@ -64,7 +69,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -73,8 +77,11 @@ from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import all_exit_logits, shuffled_batches, tokenize_examples
 from ee_gym.files import folder_lock, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
+from ee_gym.inference import acting_exits
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.policy import ROLLOUTS, check_policy_name, load_policy, make_policy_with, policy_class
 from ee_gym.rewards import REWARDS, default_alpha, get_reward
+from ee_gym.runner import ActingExits, Decider, NetworkExits, run_layers
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import (
     _check_run_config,
@@ -94,8 +101,6 @@ from ee_gym.validation import (
     check_output_folder,
 )
 
-ROLLOUTS = ("sample", "threshold")
-
 
 @dataclass
 class Stage3Config:
@@ -105,7 +110,7 @@ class Stage3Config:
 
     task: str = "rte"
     model_dir: str | None = None  # the model to start from; default: stage 1 of (task, minilm-l6)
-    agent: str = "reinforce"  # the exit policy: "reinforce" learns here, any other is held fixed
+    agent: str = "reinforce"  # the exit policy: one that trains_jointly learns here, any other is held fixed
     policy_dir: str | None = None  # a saved policy; default: the one passed, else a new ``agent``
     data_dir: str | None = None
     # default: $EE_GYM_HOME/checkpoints/<task>-stage3-<agent>-<fingerprint of the starting model>
@@ -134,11 +139,8 @@ class Stage3Config:
     def validate(self) -> Stage3Config:
         """Refuse (ConfigError) any value that cannot be right, before any work; run on construction
         and again by :meth:`resolved`. ``max_length`` meets the model's limit in :meth:`resolved`."""
-        import agents
-
         positive = dict(minimum=0.0, exclusive_minimum=True)
-        if self.agent not in agents.REGISTRY:
-            raise ConfigError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
+        check_policy_name("agent", self.agent)
         self.epochs = check_int("epochs", self.epochs, minimum=1)
         self.learning_rate = check_float("learning_rate", self.learning_rate, **positive)
         self.policy_learning_rate = check_float("policy_learning_rate", self.policy_learning_rate, **positive)
@@ -154,7 +156,8 @@ class Stage3Config:
         self.seed = check_int("seed", self.seed, minimum=0)
         self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
         check_output_folder("output_dir", self.output_dir)
-        if self.agent == "reinforce" and self.rollout == "threshold" and not self.separate_replicas:
+        jointly = policy_class(self.agent).trains_jointly
+        if jointly and self.rollout == "threshold" and not self.separate_replicas:
             raise ConfigError(
                 "the threshold rollout's replicas differ only by dropout, so with a shared forward pass "
                 "they are identical and learn nothing: set separate_replicas=True (or rollout='sample')"
@@ -179,59 +182,20 @@ class Stage3Config:
 @dataclass
 class Stage3Result:
     model: MultiExitModel
-    policy: Any  # an agents.ExitPolicy (trained here when it is reinforce)
+    policy: Any  # an ee_gym.policy.ExitPolicy (trained here when it trains_jointly)
     model_dir: Path
     policy_dir: Path
     history: list[dict]  # one record per epoch, as in metrics.jsonl
 
 
-# -- who decides the exits ------------------------------------------------------------------------
-class LearnedExits:
-    """REINFORCE's per-layer networks ``net(states, layers) -> exit logits``: K trajectories per row.
-
-    ``rollout="sample"``: each replica draws its own Bernoulli(p_l) from ``generator``;
-    ``"threshold"``: all exit when p_l > 0.5.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        replicas: int = 1,
-        rollout: str = "sample",
-        generator: torch.Generator | None = None,
-    ):
-        if rollout not in ROLLOUTS:
-            raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
-        self.net, self.replicas, self.rollout, self.generator = net, replicas, rollout, generator
-
-    reads_history = False  # the networks read the state alone
-
-    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray | None):
-        logits = self.net(states.detach(), torch.full((len(states),), layer, device=states.device))
-        probs = torch.sigmoid(logits.detach()).float().cpu()[:, None].expand(-1, self.replicas)
-        if self.rollout == "sample":
-            chosen = torch.bernoulli(probs.contiguous(), generator=self.generator) > 0
-        else:
-            chosen = probs > 0.5
-        return chosen.to(states.device), logits
+# -- who decides the exits: the runner's deciders, under their stage-3 names ----------------------
+#: REINFORCE-style per-layer networks ``net(states, layers) -> exit logits``, K trajectories per row
+LearnedExits = NetworkExits
 
 
-class FixedAgentExits:
+def FixedAgentExits(policy: Any, model: MultiExitModel) -> ActingExits:  # noqa: N802 (a former class)
     """Any deployable exit policy, held fixed: its deterministic action on the envs' observation."""
-
-    replicas = 1
-    reads_history = True  # observations are built from the head logits of layers 1..l
-
-    def __init__(self, policy: Any, model: MultiExitModel):
-        from ee_gym.inference import prepare_policy
-
-        self.policy, self.encoder = policy, prepare_policy(policy, model)
-
-    def __call__(self, layer: int, states: torch.Tensor, history: np.ndarray):
-        numpy_states = states.detach().float().cpu().numpy() if self.encoder.uses_state else None
-        obs = self.encoder.from_outputs(numpy_states, history)
-        exits = np.asarray(self.policy.act(obs, deterministic=True)).reshape(-1) == 1
-        return torch.from_numpy(exits)[:, None].to(states.device), None
+    return acting_exits(policy, model)
 
 
 # -- one rollout on the live model --------------------------------------------------------------
@@ -247,64 +211,15 @@ class JointRollout:
 
 
 def joint_rollout(
-    model: MultiExitModel, decide, batch: dict[str, torch.Tensor], labels: torch.Tensor
+    model: MultiExitModel, decide: Decider, batch: dict[str, torch.Tensor], labels: torch.Tensor
 ) -> JointRollout:
-    """Run ``batch`` layer by layer; ``decide`` (:class:`LearnedExits`, :class:`FixedAgentExits`) picks
-    the exits of its ``replicas`` trajectories per row. A row leaves the batch once all have exited.
-
-    ``decide(layer, states [b, d], head logits of layers 1..l [b, l, K] as numpy, or None when
-    ``decide.reads_history`` is False)`` returns
-    (exit flags [b, replicas] bool, the policy's exit logits [b] with their graph, or None).
-    """
-    n, num_layers, device, k = labels.shape[0], model.num_layers, model.device, decide.replicas
-    state = model.start(**batch)
-    alive = torch.arange(n, device=device)  # original row of each row still in the batch
-    running = torch.ones(n, k, dtype=torch.bool, device=device)  # replicas not yet exited
-    ce = torch.zeros(n, k, device=device)
-    exit_layer = torch.zeros(n, k, dtype=torch.long, device=device)
-    exit_chosen = torch.zeros(n, k, dtype=torch.bool, device=device)
-    correct = torch.zeros(n, k, dtype=torch.bool, device=device)
-    # head logits of layers 1..l for the rows in the batch, copied to the CPU only for deciders that
-    # read them (a per-layer device-to-host copy the REINFORCE networks do not need)
-    history = np.zeros((n, num_layers, model.num_labels), dtype=np.float32) if decide.reads_history else None
-    columns = []
-    for layer in range(1, num_layers + 1):
-        state = model.advance(state)
-        states = model.pool(state.hidden, state.attention_mask)
-        head_logits = model.head(layer, states)
-        if history is not None:
-            history[:, layer - 1] = head_logits.detach().float().cpu().numpy()
-        chosen, policy_logits = decide(layer, states, None if history is None else history[:, :layer])
-        if policy_logits is not None:
-            columns.append(
-                torch.zeros(n, dtype=policy_logits.dtype, device=device).index_put((alive,), policy_logits)
-            )
-        leaving = running[alive] & (chosen | (layer == num_layers))
-        if leaving.any():
-            row, replica = leaving.nonzero(as_tuple=True)
-            rows = alive[row]
-            row_labels = labels[alive]
-            row_ce = F.cross_entropy(head_logits, row_labels, reduction="none")
-            ce = ce.index_put((rows, replica), row_ce[row])
-            exit_layer[rows, replica] = layer
-            exit_chosen[rows, replica] = chosen[row, replica]
-            correct[rows, replica] = (head_logits.detach().argmax(-1) == row_labels)[row]
-            running[rows, replica] = False
-        still = running[alive].any(1)
-        if layer == num_layers or not still.any():
-            break
-        if not still.all():
-            state = model.select(state, still)
-            alive = alive[still]
-            if history is not None:
-                history = history[still.cpu().numpy()]
-    policy_logits = None
-    if columns:
-        columns += [torch.zeros(n, device=device)] * (num_layers - len(columns))
-        policy_logits = torch.stack(columns, 1).repeat_interleave(k, 0)
-    return JointRollout(
-        ce.reshape(-1), policy_logits, exit_layer.reshape(-1), exit_chosen.reshape(-1), correct.reshape(-1)
-    )
+    """Run ``batch`` layer by layer (:func:`ee_gym.runner.run_layers`); ``decide`` picks the exits of
+    its ``replicas`` trajectories per row, and each trajectory pays the CE of the head it exited at."""
+    run = run_layers(model, batch, decide)
+    labels = labels.to(run.exit_logits.device).repeat_interleave(run.replicas)
+    ce = F.cross_entropy(run.exit_logits.float(), labels, reduction="none")
+    correct = run.exit_logits.detach().argmax(-1) == labels
+    return JointRollout(ce, run.policy_logits, run.exit_layer, run.exit_chosen, correct)
 
 
 def replicate(batch: dict[str, torch.Tensor], replicas: int) -> dict[str, torch.Tensor]:
@@ -342,11 +257,11 @@ def train_stage3(
 
     ``model``: the model to start from (else ``config.model_dir``, else stage 1 of the task's default
     backbone). ``policy``: an exit policy to start from (else ``config.policy_dir``, else a new
-    ``config.agent``; a learner other than reinforce must have been trained: stage 2). A
-    :class:`agents.reinforce.Reinforce` policy trains with the model; any other is held fixed.
+    ``config.agent``; a learner that does not train jointly must have been trained: stage 2). A
+    policy with ``trains_jointly`` trains with the model; any other is held fixed.
     ``memorized``: m(x) of every row of the training split (``train_split``, ``train_limit``); None:
-    computed from the starting model (eval mode) and kept in the run folder. Model and a reinforce
-    policy are trained in place on a fresh run.
+    computed from the starting model (eval mode) and kept in the run folder. Model and a jointly
+    trained policy are trained in place on a fresh run.
     """
     config = dataclasses.replace(config or Stage3Config(), **overrides)
     if policy is not None:
@@ -367,10 +282,6 @@ def _train_stage3(
     config: Stage3Config, model: MultiExitModel, policy: Any, memorized: np.ndarray | None, accelerator
 ) -> Stage3Result:
     """:func:`train_stage3` on a resolved config, inside the run folder's lock."""
-    import agents
-    from agents.base import load_policy
-    from agents.reinforce import Reinforce, group_baseline, trajectory_log_prob
-
     task = get_task(config.task)
     run_dir = Path(config.output_dir)
     final_model, final_policy = run_dir / "model", run_dir / "policy"
@@ -402,23 +313,13 @@ def _train_stage3(
         policy = load_policy(ckpt_dir / "policy")
     elif policy is None and config.policy_dir:
         policy = load_policy(config.policy_dir)
-    elif policy is None:
-        policy = agents.make(
-            config.agent,
-            **({"rollout": config.rollout, "seed": config.seed} if config.agent == "reinforce" else {}),
-        )
-    learned = isinstance(policy, Reinforce)
+    elif policy is None:  # the run's rollout and seed go to a policy that takes them
+        policy = make_policy_with(config.agent, {"rollout": config.rollout, "seed": config.seed})
+    learned = policy.trains_jointly  # trains here with the model; any other is held fixed
     device = accelerator.device
     model.to(device).train()
     if learned:
-        if policy.net is None:
-            policy._build(model.hidden_size, model.num_layers)
-        net = policy.net
-        if (net.state_size, net.num_layers) != (model.hidden_size, model.num_layers):
-            raise ValueError(
-                f"the policy was built for d={net.state_size}, L={net.num_layers}; the model has "
-                f"d={model.hidden_size}, L={model.num_layers}"
-            )
+        net = policy.joint_module(model)  # built for the model's sizes, or checked against them
         net.to(device).train()
         policy_optimizer = torch.optim.Adam(net.parameters(), lr=config.policy_learning_rate)
     else:
@@ -447,12 +348,12 @@ def _train_stage3(
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
 
     reward_fn, num_layers = get_reward(config.reward), model.num_layers
-    if learned and config.separate_replicas:  # K copies of each row, one trajectory each
-        decide, copies = LearnedExits(net, 1, config.rollout, sampler), config.replicas
-    elif learned:
-        decide, copies = LearnedExits(net, config.replicas, config.rollout, sampler), 1
+    # separate replicas: K copies of each row, one trajectory each; else K trajectories per row
+    copies = config.replicas if learned and config.separate_replicas else 1
+    if learned:
+        decide = policy.joint_decider(model, config.replicas // copies, sampler, config.rollout)
     else:
-        decide, copies = FixedAgentExits(policy, model), 1
+        decide = policy.joint_decider(model)
     group = config.replicas if learned else 1  # trajectories per input
     trained = list(model.parameters()) + (list(net.parameters()) if learned else [])
     history = _read_history(run_dir)[:start_epoch]
@@ -487,9 +388,7 @@ def _train_stage3(
             ce_loss = out.ce.mean()
             policy_loss = torch.zeros((), device=device)
             if learned:
-                advantage = rewards - group_baseline(rewards, group)
-                log_prob = trajectory_log_prob(out.policy_logits, out.exit_layer, out.exit_chosen)
-                policy_loss = -(advantage * log_prob).mean()
+                policy_loss = policy.joint_loss(out, rewards, group)
             loss = ce_loss + policy_loss
             optimizer.zero_grad(set_to_none=True)
             if learned:
@@ -531,7 +430,7 @@ def _train_stage3(
                 "seconds": round(time.perf_counter() - began, 2),
             }
         )
-        if learned:
+        if learned and isinstance(getattr(policy, "history", None), list):
             policy.history.append({"stage": 3, **history[-1]})
         if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
             _write_history(run_dir, history)
@@ -542,7 +441,7 @@ def _train_stage3(
 
     model.eval()
     if learned:
-        net.eval().cpu()  # Reinforce acts on CPU tensors
+        net.eval().cpu()  # policies act on CPU tensors
     if main:
         model.save_pretrained(final_model)
         policy.save(final_policy)

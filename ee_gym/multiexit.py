@@ -7,7 +7,8 @@ C_l(s_l), the exit's logits.
 Two ways to run it:
 - ``forward``: every layer, every exit at once (stage 1 training, the per-layer cache);
 - ``start`` / ``advance`` / ``exit_outputs``: one layer at a time on a :class:`LayerState`, whose rows
-  can be dropped with ``LayerState.select`` as inputs exit (live envs, fast batched inference).
+  can be dropped with ``LayerState.select`` as inputs exit (live envs, fast batched inference);
+  ``run(batch, decide)`` is that loop with an exit decider (:mod:`ee_gym.runner`).
 """
 
 from __future__ import annotations
@@ -335,6 +336,13 @@ class MultiExitModel(nn.Module):
             raise ValueError("no exit before layer 1: call advance() first")
         states = self.pool(state.hidden, state.attention_mask)
         return ExitOutput(states, self.head(state.layer, states))
+
+    def run(self, batch: dict[str, torch.Tensor], decide: Any = None) -> Any:
+        """Run ``batch`` layer by layer, dropping rows as ``decide`` exits them (None: full depth):
+        :func:`ee_gym.runner.run_layers`, the one loop inference and stage 3 share."""
+        from ee_gym.runner import run_layers  # the runner builds on this module
+
+        return run_layers(self, batch, decide)
 
     # -- all exits at once ----------------------------------------------------------------------
     def forward(

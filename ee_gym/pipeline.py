@@ -30,6 +30,7 @@ from ee_gym.config import RunSetup, config_dict, follow_run
 from ee_gym.files import folder_lock, read_jsonl, write_json_atomic, write_text_atomic
 from ee_gym.joint import ROLLOUTS, Stage3Config, _save_npy_atomic, train_stage3
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.policy import ExitPolicy, TrainingBudget, check_policy_name, load_policy, make_policy_with
 from ee_gym.protocols import DEFAULT_PROTOCOL, get_protocol
 from ee_gym.rewards import REWARDS
 from ee_gym.tasks import get_task
@@ -126,11 +127,8 @@ class PipelineConfig(RunSetup):
         from it would refuse, before any stage runs; run on construction (each section validated
         itself when it was made). ``max_length`` meets the backbone's limit at the top of
         :func:`train_pipeline`."""
-        import agents
-
         RunSetup.validate(self)
-        if self.agent not in agents.REGISTRY:
-            raise ConfigError(f"unknown agent {self.agent!r}; known: {', '.join(agents.names())}")
+        check_policy_name("agent", self.agent)
         self.rounds = check_int("rounds", self.rounds, minimum=1)
         self.reward = check_choice("reward", self.reward, REWARDS)
         self.alpha = check_optional_float("alpha", self.alpha, minimum=0.0)
@@ -184,7 +182,7 @@ PipelineConfig.__init__ = _init_with_legacy_keywords
 @dataclass
 class PipelineResult:
     model: MultiExitModel
-    policy: Any  # an agents.ExitPolicy
+    policy: Any  # an ee_gym.policy.ExitPolicy
     model_dir: Path
     policy_dir: Path
     stages: list[dict]  # as in pipeline.jsonl
@@ -196,8 +194,8 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     stage 3:
     :func:`train_stage3`, the model trains with the agent's exits).
 
-    ``reinforce`` carries its networks from round to round and trains in stage 3 too. Any other learner
-    is trained anew in each stage 2 on the refreshed table (an SB3 algorithm's ``learn`` starts a new
+    A policy that ``trains_jointly`` (``reinforce``) carries its networks from round to round and
+    trains in stage 3 too. Any other learner is trained anew in each stage 2 on the refreshed table (an SB3 algorithm's ``learn`` starts a new
     model) and held fixed in stage 3; rules have nothing to learn and only decide stage 3's exits.
 
     Folder: ``config.json``, ``pipeline.jsonl`` (one record per finished stage, with its dev scores),
@@ -244,10 +242,8 @@ def default_run_dir(task: str, backbone: str, agent: str, protocol: str = DEFAUL
 
 def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processes: PartialState):
     """:func:`train_pipeline` on a resolved config, inside the run folder's lock."""
-    import agents
-    from agents.base import load_policy
-    from agents.evaluate import evaluate
     from ee_gym.envs.prepare import load_table
+    from ee_gym.evaluation import evaluate, full_depth_metrics
     from ee_gym.training import train_stage1
 
     task, max_length = get_task(config.task), config.max_length
@@ -280,12 +276,12 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
     def dev_scores(current_model, current_policy) -> dict:
         """The policy's dev scores, and (under "full_depth") the current model's at layer L."""
         dev = load_table(current_model, task.name, "dev", max_inputs=config.dev_limit, **tables)
-        full = evaluate(agents.make("static", layer=current_model.num_layers), dev)
+        full = full_depth_metrics(dev)
         if current_policy is None:
-            return {"full_depth": full.metrics}
+            return {"full_depth": full}
         result = evaluate(current_policy, dev)
         scores = {**result.metrics, "mean_exit_layer": result.mean_exit_layer, "speedup": result.speedup}
-        return {**scores, "full_depth": full.metrics}
+        return {**scores, "full_depth": full}
 
     if config.stage1_model:
         stage1 = _given_stage1(config.stage1_model)
@@ -332,8 +328,10 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
             }
         )
 
-    reinforce = config.agent == "reinforce"
-    policy = _new_agent(config, config.seed) if reinforce else None
+    # a policy that trains jointly carries its training from round to round; any other learner is
+    # made anew in each stage 2, on the refreshed model's table
+    policy = _new_agent(config, config.seed)
+    carries = policy.trains_jointly
     model_dir, policy_dir = stage1.model_dir, None
     for r in range(1, config.rounds + 1):
         stage2_dir = run_dir / f"round{r}" / "stage2"
@@ -348,7 +346,7 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
                 current, task.name, protocol.policy_split, max_inputs=config.train_limit, **tables
             )
             table = dataclasses.replace(table, memorized=policy_memorized, derived={})  # stage-1 m(x)
-            if not reinforce:  # a new learner on the refreshed table (rules: nothing to learn)
+            if not carries:  # a new learner on the refreshed table (rules: nothing to learn)
                 policy = _new_agent(config, config.seed + r)
             began = time.perf_counter()
             _learn(policy, config, table, seed=config.seed + r)
@@ -412,48 +410,37 @@ def _stage3_config(config: PipelineConfig, run_dir: Path | None, round_: int) ->
     return dataclasses.replace(stage, seed=stage.seed + round_)
 
 
-def _new_agent(config: PipelineConfig, seed: int):
-    """A new policy of ``config.agent`` (reinforce with the pipeline's rollout)."""
-    import agents
-
-    if config.agent == "reinforce":
-        return agents.make("reinforce", rollout=config.stage2.rollout, seed=seed)
-    policy = agents.make(config.agent)
-    if hasattr(policy, "seed"):  # SB3 learners
-        policy.seed = seed
-    return policy
+def _new_agent(config: PipelineConfig, seed: int) -> ExitPolicy:
+    """A new policy of ``config.agent``, given the run's seed and rollout where it takes them."""
+    return make_policy_with(config.agent, {"rollout": config.stage2.rollout, "seed": seed})
 
 
-def _learn(policy, config: PipelineConfig, table, seed: int) -> None:
-    """Stage 2: train ``policy`` on ``table`` with the pipeline's reward and price (rules: no-op)."""
+def _learn(policy: ExitPolicy, config: PipelineConfig, table, seed: int) -> None:
+    """Stage 2: train ``policy`` on ``table`` with the pipeline's reward, price and budget (one
+    budget for every learner: each reads what applies to it; rules: no-op)."""
     from ee_gym.envs import ConsistentEEVectorEnv
 
     if not policy.learns:
         return
     env = ConsistentEEVectorEnv(
-        1 if config.agent == "reinforce" else 256,
+        256,  # parallel inputs; a learner that trains on another number rebuilds it over the table
         table=table,
         split=table.split,
         reward=config.reward,
         alpha=config.alpha,
         obs_mode=policy.obs_mode,
     )
-    if config.agent == "reinforce":
-        training = config.stage2
-        policy.learn(
-            env,
-            epochs=training.epochs,
-            batch_size=training.batch_size,
-            replicas=training.replicas,
-            lr=training.learning_rate,
-            rollout=training.rollout,
-            seed=seed,
-            progress=config.progress,
-        )
-    elif config.stage2.timesteps is not None:
-        policy.learn(env, total_timesteps=config.stage2.timesteps, seed=seed, progress=config.progress)
-    else:
-        policy.learn(env, seed=seed, progress=config.progress)
+    budget = TrainingBudget(
+        epochs=config.stage2.epochs,
+        total_timesteps=config.stage2.timesteps,
+        batch_size=config.stage2.batch_size,
+        replicas=config.stage2.replicas,
+        learning_rate=config.stage2.learning_rate,
+        rollout=config.stage2.rollout,
+        seed=seed,
+        progress=config.progress,
+    )
+    policy.learn(env, budget)
 
 
 def _given_stage1(folder: str):

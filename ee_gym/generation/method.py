@@ -54,6 +54,7 @@ from ee_gym.generation.prepare import (
 )
 from ee_gym.generation.table import TokenTable
 from ee_gym.generation.training import HeadTrainingConfig
+from ee_gym.policy import TrainingBudget
 
 #: the name of the oracle's row in every comparison
 ORACLE = "oracle (reference, not deployable)"
@@ -262,12 +263,12 @@ def calm_rules(
 
 
 def _learner_api() -> tuple[Callable[..., Any], Callable[[Any, TokenTable], Any]]:
-    """(make a policy by name, score a policy on a table): the one place the core reaches ``agents``,
-    at call time only, so that importing ``ee_gym`` never imports it."""
-    import agents
-    from agents.evaluate import evaluate
+    """(make a policy by name, score a policy on a table), through the core's policy registry (which
+    ``agents`` fills on first use), imported at call time so that importing this module stays light."""
+    from ee_gym.evaluation import evaluate
+    from ee_gym.policy import make_policy
 
-    return agents.make, evaluate
+    return make_policy, evaluate
 
 
 @dataclass
@@ -322,7 +323,9 @@ def train_token_policy(
     policy.bind(env)
     if hasattr(getattr(policy, "net", None), "layers"):  # per-layer exit networks: give them the prior
         set_exit_prior(policy, setup.exit_prior or 1.0 / decoder.num_layers)
-    policy.learn(env, epochs=setup.epochs, lr=setup.learning_rate, progress=progress)
+    policy.learn(
+        env, TrainingBudget(epochs=setup.epochs, learning_rate=setup.learning_rate, progress=progress)
+    )
     name = name or policy_name("consistentee", alpha, setup.min_layer)
     exit_rule = PolicyExit(policy, decoder, label=name)
     return TrainedPolicy(

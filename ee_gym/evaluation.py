@@ -1,0 +1,108 @@
+"""One evaluation loop for every exit policy: run it over a split, score it, count layers.
+
+Every input of the split is one episode in the native vector env (all at once, or in batches);
+the policy acts until each input has exited once. Reported: the task metric of the predictions at
+the exit layers, the mean exit layer, saved layers (1 - mean/L), the layer speed-up (L / mean) and
+the histogram of exit layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
+from ee_gym.policy import ExitPolicy
+from ee_gym.tasks import UnknownTaskError, compute_metrics
+
+
+@dataclass
+class EvalResult:
+    policy: str
+    task: str
+    split: str
+    metric: str  # the task's primary metric
+    metrics: dict[str, float]
+    mean_exit_layer: float
+    saved_layers: float
+    speedup: float
+    exit_histogram: list[int]  # inputs exiting at layer 1..L
+    deployable: bool = True
+    exit_layers: np.ndarray = field(default=None, repr=False)  # [N] 1..L
+    predictions: np.ndarray = field(default=None, repr=False)  # [N]
+
+    @property
+    def score(self) -> float:
+        """The primary metric."""
+        return self.metrics[self.metric]
+
+    def to_dict(self) -> dict:
+        """JSON-ready numbers (without the per-input arrays)."""
+        record = asdict(self)
+        record.pop("exit_layers")
+        record.pop("predictions")
+        return record
+
+
+def score_predictions(task: str, predictions: np.ndarray, labels: np.ndarray) -> tuple[str, dict[str, float]]:
+    """(primary metric name, metrics) for a task; accuracy for tables of unregistered tasks."""
+    try:
+        metrics = compute_metrics(task, predictions, labels)
+    except UnknownTaskError:
+        metrics = {"accuracy": float(np.mean(predictions == labels))}
+    return next(iter(metrics)), metrics
+
+
+def run_policy(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Exit layer and prediction of every input of the table under ``policy``."""
+    n, num_layers = table.num_inputs, table.num_layers
+    exit_layers = np.zeros(n, dtype=np.int64)
+    predictions = np.zeros(n, dtype=np.int64)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        env = ConsistentEEVectorEnv(
+            num_envs=len(rows), table=table, split=table.split, obs_mode=policy.obs_mode, final_obs=False
+        )
+        policy.bind(env)
+        obs, _ = env.reset(options={"index": rows})
+        active = np.ones(len(rows), dtype=bool)
+        for _ in range(num_layers):
+            obs, _, exited, _, info = env.step(policy.act(obs, deterministic=True))
+            newly = exited & active
+            if newly.any():  # rows that exited before now act on new inputs: their results are ignored
+                final = info["final_info"]
+                exit_layers[rows[newly]] = final["exit_layer"][newly]
+                predictions[rows[newly]] = final["prediction"][newly]
+                active &= ~exited
+            if not active.any():
+                break
+    return exit_layers, predictions
+
+
+def evaluate(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> EvalResult:
+    """Score ``policy`` on every input of ``table`` (see the module docstring)."""
+    exit_layers, predictions = run_policy(policy, table, batch_size)
+    metric, metrics = score_predictions(table.task, predictions, table.labels)
+    mean = float(exit_layers.mean())
+    histogram = np.bincount(exit_layers, minlength=table.num_layers + 1)[1:]
+    return EvalResult(
+        policy=policy.name,
+        task=table.task,
+        split=table.split,
+        metric=metric,
+        metrics=metrics,
+        mean_exit_layer=mean,
+        saved_layers=1.0 - mean / table.num_layers,
+        speedup=table.num_layers / mean,
+        exit_histogram=histogram.tolist(),
+        deployable=policy.deployable,
+        exit_layers=exit_layers,
+        predictions=predictions,
+    )
+
+
+def full_depth_metrics(table: ExitTable) -> dict[str, float]:
+    """The task metrics of every input at layer L: the model without early exits (what a static
+    exit at L scores, without making that rule)."""
+    return score_predictions(table.task, table.predictions[:, -1], table.labels)[1]

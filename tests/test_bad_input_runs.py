@@ -115,13 +115,13 @@ def test_gym_make_uses_the_finished_stage1_run_whatever_its_settings(
     finished = _tiny_stage1(tokenizer, tiny_data, epochs=2)
     assert finished.model_dir == default_stage1_dir("sst2", "random-bert") / "model"
     capsys.readouterr()
-    monkeypatch.setattr(training, "weighted_exit_loss", lambda *a: pytest.fail("stage 1 ran again"))
     # the run trained on "train": the paper protocol's stage-1 split (the default is held-out's)
-    model = load_model("sst2", backbone="random-bert", data_dir=str(tiny_data), protocol="paper")
+    with monkeypatch.context() as patch:  # undone at the end of the block, EE_GYM_HOME stays set
+        patch.setattr(training, "weighted_exit_loss", lambda *a: pytest.fail("stage 1 ran again"))
+        model = load_model("sst2", backbone="random-bert", data_dir=str(tiny_data), protocol="paper")
     assert model.fingerprint() == finished.model.fingerprint()
     line = capsys.readouterr().out.strip()
     assert str(finished.model_dir) in line and "epochs=2" in line and "\n" not in line
-    monkeypatch.undo()
 
     # an unfinished run with other settings: the error names the folder, the settings and the ways out
     killed_after_first_checkpoint(monkeypatch, training)

@@ -127,8 +127,8 @@ class ThirdLayerLearner:
         self.bound += 1
         self.num_layers = env.num_layers
 
-    def learn(self, env, epochs: int = 1, lr: float = 0.0, progress: bool = False):
-        self.epochs = epochs
+    def learn(self, env, budget=None):  # the protocol's one signature: learn(problem, budget)
+        self.epochs = budget.epochs
         return self
 
     def act(self, obs, deterministic: bool = True) -> np.ndarray:

@@ -45,12 +45,12 @@ def test_pipeline_runs_every_stage_and_resumes_after_the_last_finished(
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train_stage3", die)
-    with pytest.raises(KeyboardInterrupt):
-        _pipeline(tokenizer, tiny_data, run)
+    with monkeypatch.context() as patch:  # undone at the end of the block; EE_GYM_HOME stays set
+        patch.setattr(pipeline, "train_stage3", die)
+        with pytest.raises(KeyboardInterrupt):
+            _pipeline(tokenizer, tiny_data, run)
     stages = [json.loads(line)["stage"] for line in (run / "pipeline.jsonl").read_text().splitlines()]
     assert stages == ["stage1", "memorized", "stage2-round1"]
-    monkeypatch.undo()
 
     monkeypatch.setattr(Reinforce, "learn", die)  # stage 2 is finished: not run again
     result = _pipeline(tokenizer, tiny_data, run)

@@ -46,6 +46,7 @@ from ee_gym.batching import iter_exit_outputs, tokenize_examples
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.multiexit import MultiExitModel, check_model_task
+from ee_gym.shapes import ExitShapes
 from ee_gym.tasks import Examples, TaskSpec, compute_metrics, get_task, load_split, split_slug
 
 FORMAT_VERSION = 1
@@ -59,30 +60,6 @@ class StaleCacheError(RuntimeError):
 REBUILD_FIX = (
     "rebuild it with build_cache(..., overwrite=True) or `ee-gym cache --overwrite`, or delete the folder"
 )
-
-
-class ExitShapes:
-    """Sizes read off per-layer arrays: ``states`` [N, L, d], ``logits`` [N, L, K], ``labels`` [N]."""
-
-    states: np.ndarray
-    logits: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def num_inputs(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def num_labels(self) -> int:
-        return self.logits.shape[2]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.states.shape[2]
 
 
 @dataclass

@@ -343,22 +343,9 @@ class ObservationEncoder:
         self.kind: ObsMode = get_obs_mode(self.mode)
         self.mode = self.kind.name
         self.space: spaces.Space = self.kind.space(self)
-
-    @property
-    def uses_state(self) -> bool:
-        return self.kind.uses_state
-
-    @property
-    def uses_stats(self) -> bool:
-        return self.kind.uses_stats
-
-    @property
-    def uses_confidence(self) -> bool:
-        return self.kind.uses_confidence
-
-    @property
-    def has_layer_one_hot(self) -> bool:
-        return self.kind.has_layer_one_hot
+        # what the mode reads and shows, for callers that hold the encoder (ObsMode says what each means)
+        self.uses_state, self.uses_stats = self.kind.uses_state, self.kind.uses_stats
+        self.uses_confidence, self.has_layer_one_hot = self.kind.uses_confidence, self.kind.has_layer_one_hot
 
     @property
     def feature_size(self) -> int:

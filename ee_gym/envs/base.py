@@ -92,6 +92,21 @@ def draws_at_random(split: str) -> bool:
     return str(split).strip().lower().startswith("train")
 
 
+def exit_record(
+    index: int, layer: int, prediction: int, label: int, memorized: int, cross_entropy: float
+) -> dict[str, Any]:
+    """The info of an exit step: the fields of the vector env's ``final_info``, as plain Python values."""
+    return {
+        "index": index,
+        "exit_layer": layer,
+        "prediction": prediction,
+        "label": label,
+        "correct": prediction == label,
+        "memorized_layer": memorized,
+        "cross_entropy": cross_entropy,
+    }
+
+
 class LayerSource:
     """Where an env's layers come from: its sizes, and per (item, layer) the observation, the exit's
     outcome and a line of text. Hooks :meth:`begin`, :meth:`advance` and :meth:`end` let a live source
@@ -150,15 +165,14 @@ class TableSource(LayerSource):
 
     def exit_info(self, index: int, layer: int) -> dict[str, Any]:
         table, column = self.table, layer - 1
-        return {
-            "index": index,
-            "exit_layer": layer,
-            "prediction": int(table.predictions[index, column]),
-            "label": int(table.labels[index]),
-            "correct": bool(table.correct[index, column]),
-            "memorized_layer": int(table.memorized[index]),
-            "cross_entropy": float(table.cross_entropy[index, column]),
-        }
+        return exit_record(
+            index,
+            layer,
+            int(table.predictions[index, column]),
+            int(table.labels[index]),
+            int(table.memorized[index]),
+            float(table.cross_entropy[index, column]),
+        )
 
     def describe(self, index: int, layer: int) -> str:
         probs = softmax(self.table.logits[index, layer - 1])

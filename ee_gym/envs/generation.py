@@ -46,7 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ee_gym.envs.base import LayerEpisodeEnv, LayerSource, TokenTableSource, check_mode, check_render_mode
+from ee_gym.envs.base import (
+    LayerEpisodeEnv,
+    LayerSource,
+    TokenTableSource,
+    check_mode,
+    check_render_mode,
+    exit_record,
+)
 from ee_gym.envs.vector import ConsistentEEVectorEnv
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer, probability_gap
@@ -290,16 +297,8 @@ class LiveDecoderSource(LayerSource):
         """The fields of the vector env's ``final_info``, plus ``position``, the token's generated
         position."""
         emitted = self.tokens[-1]  # what the real pass emitted: exit t's argmax
-        return {
-            "index": index,
-            "exit_layer": layer,
-            "prediction": emitted,
-            "label": self.label,
-            "correct": emitted == self.label,
-            "memorized_layer": self.memorized(),
-            "cross_entropy": self.cross_entropy(layer),
-            "position": self.position,
-        }
+        info = exit_record(index, layer, emitted, self.label, self.memorized(), self.cross_entropy(layer))
+        return {**info, "position": self.position}
 
     def describe(self, index: int, layer: int) -> str:
         return (

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ee_gym.batching import tokenize_examples
-from ee_gym.envs.base import LayerSource
+from ee_gym.envs.base import LayerSource, exit_record
 from ee_gym.hardness import memorized_layer
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.probabilities import log_softmax, softmax
@@ -77,16 +77,8 @@ class LiveEncoderSource(LayerSource):
 
     def exit_info(self, index: int, layer: int) -> dict[str, Any]:
         logits = self._logits[-1].astype(np.float64)
-        prediction = int(logits.argmax())
-        return {
-            "index": index,
-            "exit_layer": layer,
-            "prediction": prediction,
-            "label": self.label,
-            "correct": prediction == self.label,
-            "memorized_layer": self.memorized(),
-            "cross_entropy": float(-log_softmax(logits)[self.label]),
-        }
+        cross_entropy = float(-log_softmax(logits)[self.label])
+        return exit_record(index, layer, int(logits.argmax()), self.label, self.memorized(), cross_entropy)
 
     def describe(self, index: int, layer: int) -> str:
         probs = softmax(self._logits[-1])

@@ -91,8 +91,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
-from ee_gym.envs.observations import LAYER_ONE_HOT_MODES
 from ee_gym.files import read_json
+from ee_gym.observations import LAYER_ONE_HOT_MODES, OBS_MODE_REGISTRY
 from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget
 from ee_gym.runner import NetworkExits, model_env_stand_in
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
@@ -212,7 +212,8 @@ class Reinforce(ExitPolicy):
         min_layer: int = 1,
     ):
         check_rollout(rollout)
-        if not isinstance(obs_mode, str) or obs_mode not in LAYER_ONE_HOT_MODES:
+        kind = OBS_MODE_REGISTRY.get(obs_mode) if isinstance(obs_mode, str) else None
+        if kind is None or not kind.has_layer_one_hot:  # per-layer networks read the layer one-hot
             raise ConfigError(
                 f"REINFORCE reads obs_mode {' or '.join(LAYER_ONE_HOT_MODES)}, not {obs_mode!r}"
             )

@@ -22,7 +22,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from ee_gym.envs import ConsistentEEVectorEnv, ObservationEncoder, SB3VecEnv
-from ee_gym.envs.observations import LAYER_ONE_HOT_MODES, check_obs_mode
+from ee_gym.observations import check_obs_mode, get_obs_mode
 from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.rewards import REWARDS
 from ee_gym.validation import check_int, check_optional_int
@@ -112,7 +112,7 @@ class SB3Policy(ExitPolicy):
         algorithm's own settings, given to the constructor, say how it updates)."""
         seed = budget.get("seed", self.seed)
         venv = self.vec_env_class(self._training_env(env))
-        policy = "MultiInputPolicy" if self.obs_mode == "full" else "MlpPolicy"
+        policy = "MultiInputPolicy" if get_obs_mode(self.obs_mode).is_dict else "MlpPolicy"
         kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
         self._learned_on(env, fresh=True)  # a new model: it fits this table's (L, d, K) only
@@ -229,7 +229,7 @@ class MaskablePPOPolicy(PPOPolicy):
     vec_env_class = MaskableSB3VecEnv
 
     def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
-        if self.model is None or self.obs_mode not in LAYER_ONE_HOT_MODES:
+        if self.model is None or not get_obs_mode(self.obs_mode).has_layer_one_hot:
             return super()._predict(obs, deterministic)
         last = np.asarray(obs)[..., -1] == 1.0
         masks = np.stack([~last, np.ones_like(last)], axis=-1)

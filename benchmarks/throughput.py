@@ -150,13 +150,14 @@ def measure_gather(table, batch: int, args, np, mode: str = "raise") -> float:
 
     ``np.take(..., out=buf)`` buffers ``out`` in its default ``mode="raise"``; ``mode="clip"`` writes
     straight into it (the faster bound, shown beside)."""
-    from ee_gym.envs.observations import stats_features
+    from ee_gym.observations import get_obs_mode, stats_features
 
     n, num_layers = table.num_inputs, table.num_layers
     sources = []
-    if args.obs_mode != "stats":
+    kind = get_obs_mode(args.obs_mode)
+    if kind.uses_state:
         sources.append(table.states.reshape(n * num_layers, -1))
-    if args.obs_mode in ("stats", "full"):
+    if kind.uses_stats:
         sources.append(stats_features(table.logits, num_layers).reshape(n * num_layers, -1))
     buffers = [np.empty((batch, s.shape[1]), s.dtype) for s in sources]
     rng = np.random.default_rng(3)

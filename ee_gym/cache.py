@@ -33,20 +33,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from accelerate import PartialState
-from filelock import FileLock
-from tqdm.auto import tqdm
 
 from ee_gym import paths
-from ee_gym.backbones import check_max_length
-from ee_gym.batching import iter_exit_outputs, tokenize_examples
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
-from ee_gym.multiexit import MultiExitModel, check_model_task
+from ee_gym.shapes import ExitShapes
 from ee_gym.tasks import Examples, TaskSpec, compute_metrics, get_task, load_split, split_slug
+
+if TYPE_CHECKING:  # torch, accelerate and the model code load when a cache is built, not to open one
+    import torch
+    from accelerate import PartialState
+
+    from ee_gym.multiexit import MultiExitModel
 
 FORMAT_VERSION = 1
 STATE_DTYPES = ("auto", "float16", "float32")
@@ -59,30 +60,6 @@ class StaleCacheError(RuntimeError):
 REBUILD_FIX = (
     "rebuild it with build_cache(..., overwrite=True) or `ee-gym cache --overwrite`, or delete the folder"
 )
-
-
-class ExitShapes:
-    """Sizes read off per-layer arrays: ``states`` [N, L, d], ``logits`` [N, L, K], ``labels`` [N]."""
-
-    states: np.ndarray
-    logits: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def num_inputs(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def num_labels(self) -> int:
-        return self.logits.shape[2]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.states.shape[2]
 
 
 @dataclass
@@ -154,6 +131,13 @@ def build_cache(
     again. A model trained for another task is refused (:func:`~ee_gym.multiexit.check_model_task`)
     unless ``allow_other_task=True``; one with another label count always is.
     """
+    import torch
+    from accelerate import PartialState
+    from filelock import FileLock
+
+    from ee_gym.backbones import check_max_length
+    from ee_gym.multiexit import check_model_task
+
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
     task = get_task(task)
@@ -197,6 +181,11 @@ def _build(
     progress: bool,
 ) -> ExitCache:
     """Write the cache (every process its share of the batches, the main one the folder)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ee_gym.batching import iter_exit_outputs, tokenize_examples
+
     rank, world, main = processes.process_index, processes.num_processes, processes.is_main_process
     tokenized = tokenize_examples(examples, model.tokenizer, max_length)
     n, num_layers, d, k = len(tokenized), model.num_layers, model.hidden_size, model.num_labels
@@ -429,11 +418,13 @@ def _identity(
     }
 
 
-@torch.no_grad()
 def _fp16_prediction_mismatches(model: MultiExitModel, states: torch.Tensor, logits: torch.Tensor) -> int:
     """How many (input, layer) predictions change when states are rounded to float16."""
+    import torch
+
     rounded = states.half().float()
-    predicted = torch.stack(
-        [model.head(layer, rounded[:, layer - 1]) for layer in range(1, model.num_layers + 1)], 1
-    )
+    with torch.no_grad():
+        predicted = torch.stack(
+            [model.head(layer, rounded[:, layer - 1]) for layer in range(1, model.num_layers + 1)], 1
+        )
     return int((predicted.argmax(-1) != logits.argmax(-1)).sum())

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from ee_gym.batching import length_sorted_batches, tokenize_examples
-from ee_gym.envs.observations import ObservationEncoder
-from ee_gym.envs.table import softmax
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.observations import ObservationEncoder
 from ee_gym.policy import make_policy, policy_names
+from ee_gym.probabilities import softmax
 from ee_gym.runner import ActingExits, model_env_stand_in, run_layers
 from ee_gym.tasks import Examples
 from ee_gym.validation import ConfigError

@@ -62,3 +62,17 @@ def get_protocol(name: str | None = None) -> Protocol:
 def protocol_of_split(stage1_split: str) -> str | None:
     """The protocol whose stage 1 trains on ``stage1_split`` (None when no protocol does)."""
     return next((p.name for p in PROTOCOLS.values() if p.stage1_split == stage1_split.strip()), None)
+
+
+def env_split(split: str | None, protocol: str | None, model=None, table=None) -> str:
+    """The split an env plays: ``split`` when given (or the given ``table``'s); else the protocol's
+    policy split, because the env finds its own stage-1 model of that protocol (``model`` None) or
+    was told the protocol; else, for a model you pass with no protocol named, ``"train"`` (which
+    inputs trained it is not known)."""
+    if split is not None:
+        return split
+    if table is not None:
+        return table.split
+    if model is None or protocol is not None:
+        return get_protocol(protocol).policy_split
+    return "train"

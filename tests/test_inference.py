@@ -58,7 +58,7 @@ def test_from_outputs_equals_single_row_by_row(mode, layer):
 def test_table_observations_equal_the_live_ones(monkeypatch, mode, precomputed):
     """What the vector env gathers from a table (precomputed, or joined per step when the table is too
     big) is what live inference builds from the same states and logits."""
-    from ee_gym.envs import observations
+    from ee_gym import observations  # where the modes live (ee_gym.envs.observations re-exports)
 
     if not precomputed:
         monkeypatch.setattr(observations, "PRECOMPUTE_LIMIT_BYTES", 0)

@@ -46,8 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ee_gym.envs.classification import LayerEpisodeEnv, check_mode
-from ee_gym.envs.observations import ObservationEncoder
+from ee_gym.envs.base import (
+    LayerEpisodeEnv,
+    LayerSource,
+    TokenTableSource,
+    check_mode,
+    check_render_mode,
+    exit_record,
+)
 from ee_gym.envs.vector import ConsistentEEVectorEnv
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer, probability_gap
@@ -57,8 +63,9 @@ from ee_gym.generation.prepare import (
     load_decoder,
     load_token_table,
 )
-from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
+from ee_gym.generation.table import TokenTable, observation_scale, squash
 from ee_gym.hardness import memorized_layer
+from ee_gym.observations import STATE_OBS_MODES, get_obs_mode
 from ee_gym.rewards import check_alpha, default_alpha, get_reward
 from ee_gym.validation import ConfigError, check_int, check_optional_int
 
@@ -66,11 +73,15 @@ DEFAULT_REWARD = "plain"
 
 
 def check_obs_mode(obs_mode: str) -> str:
-    """``obs_mode`` if the token env serves it, else a clear error."""
-    if not isinstance(obs_mode, str) or obs_mode not in GENERATION_OBS_MODES:
+    """``obs_mode`` if the token env serves it (a mode that reads no logits history), else a clear error."""
+    try:
+        served = not get_obs_mode(obs_mode).uses_stats
+    except ConfigError:
+        served = False
+    if not served:
         raise ConfigError(
             f"observation mode {obs_mode!r} is not available for generation (the token table holds no "
-            f"logits); choose one of {', '.join(GENERATION_OBS_MODES)}"
+            f"logits); choose one of {', '.join(STATE_OBS_MODES)}"
         )
     return obs_mode
 
@@ -158,24 +169,22 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         # Every keyword first: nothing below (the decoder, its heads, the table) starts for a bad one.
         check_mode(mode)
         check_obs_mode(obs_mode)
-        if render_mode not in (None, "ansi"):
-            raise ConfigError(f"unknown render_mode {render_mode!r}; this env offers 'ansi'")
+        check_render_mode(render_mode)
         self.reward_fn, self.reward_name = get_reward(reward), reward
         alpha = check_alpha(alpha)
         max_prompts = check_optional_int("max_prompts", max_prompts, minimum=1)
         max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, minimum=1)
         self.split, self.mode, self.render_mode = split, mode, render_mode
         self.table: TokenTable | None = None
-        self._live: _LiveTokens | None = None
+        self._live: LiveDecoderSource | None = None
+        source: LayerSource
         if mode == "live":
             if table is not None:
                 raise ValueError("live mode runs a decoder: pass decoder=..., not table=...")
             loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
             new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-            self._live = _LiveTokens(loaded, split, data_dir, max_prompts, new_tokens)
-            self.task, self.item_name = str(task).lower(), "prompts"
-            self.num_layers, self.num_inputs = loaded.num_layers, len(self._live)
-            hidden_size, vocab_size = loaded.hidden_size, loaded.vocab_size
+            source = self._live = LiveDecoderSource(loaded, split, data_dir, max_prompts, new_tokens)
+            self.task = str(task).lower()
         else:
             self.table = resolve_table(
                 task,
@@ -190,99 +199,12 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
                 obs_mode=obs_mode,
                 progress=progress,
             )
-            self.task = self.table.task
-            self.num_layers, self.num_inputs = self.table.num_layers, self.table.num_inputs
-            hidden_size, vocab_size = self.table.hidden_size, self.table.num_labels
-        self.alpha = default_alpha(self.task, self.num_layers) if alpha is None else alpha
-        self.encoder = ObservationEncoder(obs_mode, self.num_layers, hidden_size, vocab_size)
-        self._init_episode_state()
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        obs, info = super().reset(seed=seed, options=options)
-        if self._live is not None:
-            info["position"] = self._live.position
-        return obs, info
-
-    # -- internals: live mode -----------------------------------------------------------------
-    def _pick_index(self, options: dict | None, reseeded: bool) -> int:
-        live = self._live
-        if live is None:
-            return super()._pick_index(options, reseeded)
-        chosen = bool(options and "index" in options)
-        if not (reseeded or chosen or live.ended):
-            # The sequence goes on: its next token (or the same one again if the last episode was
-            # abandoned before its exit, which is what decodes a token).
-            return live.prompt
-        self._done = True  # whatever happens below, the episode under way is abandoned
-        while True:  # a new sequence, skipping prompts whose first token already ends them
-            index = super()._pick_index(options, reseeded)
-            if live.start(index):
-                return index
-            if chosen:
-                raise ValueError(f"prompt {index} ends at its first generated token: no token to decide")
-            if len(live.empty) == len(live):
-                raise ValueError("every prompt of the split ends at its first generated token")
-
-    def _begin(self, index: int) -> None:
-        if self._live is not None:
-            self._live.begin()
-
-    def _end(self) -> None:
-        if self._live is not None:
-            self._live.exit(self._layer)
-
-    # -- internals ---------------------------------------------------------------------------
-    def _observation(self):
-        if self._live is None:
-            return self.encoder.at(self.table, self._index, self._layer)
-        live, layer = self._live, self._layer
-        gap = live.top2_gap(layer) if self.encoder.uses_confidence else None  # an LM-head product
-        return self.encoder.from_state(live.observations[layer - 1], layer, gap)
-
-    def _exit_info(self) -> dict[str, Any]:
-        """The fields of the vector env's ``final_info``, for this token at its exit (live mode adds
-        ``position``, the token's generated position)."""
-        if self._live is not None:
-            live = self._live
-            emitted = live.tokens[-1]  # what the real pass emitted: exit t's argmax
-            return {
-                "index": self._index,
-                "exit_layer": self._layer,
-                "prediction": emitted,
-                "label": live.label,
-                "correct": emitted == live.label,
-                "memorized_layer": live.memorized(),
-                "cross_entropy": live.cross_entropy(self._layer),
-                "position": live.position,
-            }
-        table, i, column = self.table, self._index, self._layer - 1
-        return {
-            "index": i,
-            "exit_layer": self._layer,
-            "prediction": int(table.predictions[i, column]),
-            "label": int(table.labels[i]),
-            "correct": bool(table.correct[i, column]),
-            "memorized_layer": int(table.memorized[i]),
-            "cross_entropy": float(table.cross_entropy[i, column]),
-        }
-
-    def _trace_line(self, action: int) -> str:
-        layer, live = self._layer, self._live
-        if live is not None:
-            where = f"prompt {self._index:4d} token {live.position:3d}"
-            prediction, gap, label = live.prediction(layer), live.top2_gap(layer), live.label
-        else:
-            table, i = self.table, self._index
-            where = f"token {i:6d}"
-            prediction, label = int(table.predictions[i, layer - 1]), int(table.labels[i])
-            gap = float(table.top2_gap[i, layer - 1])
-        return (
-            f"{where} layer {layer:2d}/{self.num_layers}: predicts {prediction} "
-            f"(gap={gap:.3f}, target {label}) -> {self._exit_word(action)}"
-        )
+            source, self.task = TokenTableSource(self.table), self.table.task
+        self.alpha = default_alpha(self.task, source.num_layers) if alpha is None else alpha
+        self._init_episodes(source, obs_mode)
 
 
-class _LiveTokens:
+class LiveDecoderSource(LayerSource):
     """The prompts of a split decoded with the agent's exits, one token per episode (live mode).
 
     A sequence is one prompt being decoded. :meth:`start` runs the prompt at full depth, which gives
@@ -292,7 +214,13 @@ class _LiveTokens:
     full model's greedy next token, the target. :meth:`exit` then runs it for real with the agent's
     exit t, on the real state: it emits exit t's argmax and writes the propagated keys and values of
     the skipped layers. The exits' logits are computed when asked for, once per token.
+
+    Episodes: consecutive tokens of one prompt; once it ends, the next reset starts another prompt
+    (:meth:`pick_index`), so ``index`` names a prompt and ``position`` (in reset's info and the exit's)
+    its token.
     """
+
+    item_name = "prompts"
 
     def __init__(
         self,
@@ -318,6 +246,8 @@ class _LiveTokens:
         self.tokens: list[int] = []  # generated so far; the last one is fed next
         self._state: DecodeState | None = None  # the real decode state of the sequence
         self._full_state: DecodeState | None = None  # after the full-depth pass of the current token
+        self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
+        self.num_labels, self.num_inputs = decoder.vocab_size, len(self.prompts)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -337,8 +267,48 @@ class _LiveTokens:
             self.empty.add(prompt)
         return not self.ended
 
+    # -- the env's episodes ---------------------------------------------------------------------
+    def pick_index(self, options, reseeded: bool, default) -> int:
+        chosen = bool(options and "index" in options)
+        if not (reseeded or chosen or self.ended):
+            # The sequence goes on: its next token (or the same one again if the last episode was
+            # abandoned before its exit, which is what decodes a token).
+            return self.prompt
+        while True:  # a new sequence, skipping prompts whose first token already ends them
+            index = default()
+            if self.start(index):
+                return index
+            if chosen:
+                raise ValueError(f"prompt {index} ends at its first generated token: no token to decide")
+            if len(self.empty) == len(self):
+                raise ValueError("every prompt of the split ends at its first generated token")
+
+    def reset_info(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def end(self, layer: int) -> None:
+        self.exit(layer)
+
+    def observation(self, index: int, layer: int) -> np.ndarray:
+        gap = self.top2_gap(layer) if self.encoder.uses_confidence else None  # an LM-head product
+        return self.encoder.from_state(self.observations[layer - 1], layer, gap)
+
+    def exit_info(self, index: int, layer: int) -> dict[str, Any]:
+        """The fields of the vector env's ``final_info``, plus ``position``, the token's generated
+        position."""
+        emitted = self.tokens[-1]  # what the real pass emitted: exit t's argmax
+        info = exit_record(index, layer, emitted, self.label, self.memorized(), self.cross_entropy(layer))
+        return {**info, "position": self.position}
+
+    def describe(self, index: int, layer: int) -> str:
+        return (
+            f"prompt {index:4d} token {self.position:3d} layer {layer:2d}/{self.num_layers}: predicts "
+            f"{self.prediction(layer)} (gap={self.top2_gap(layer):.3f}, target {self.label})"
+        )
+
+    # -- decoding ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def begin(self) -> None:
+    def begin(self, index: int | None = None) -> None:
         """The full-depth pass of the next token (see the class docstring)."""
         decoder = self.decoder
         self._full_state = self._state.clone()
@@ -435,3 +405,6 @@ def make_token_vector_env(
         render_mode=render_mode,
         autoreset_mode=autoreset_mode,
     )
+
+
+_LiveTokens = LiveDecoderSource  # the former name

@@ -19,7 +19,7 @@ from ee_gym.backbones import DEFAULT_BACKBONE, max_input_length
 from ee_gym.cache import build_cache
 from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel, check_model_task
-from ee_gym.protocols import DEFAULT_PROTOCOL, POLICY_PROTOCOLS, get_protocol
+from ee_gym.protocols import DEFAULT_PROTOCOL, POLICY_PROTOCOLS, env_split, get_protocol  # noqa: F401 (env_split: re-exported)
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import Stage1Config, finished_stage1_model, train_stage1
 
@@ -109,20 +109,6 @@ def load_table(
         )
         _TABLES[key] = ExitTable.from_cache(cache)
     return _TABLES[key]
-
-
-def env_split(split: str | None, protocol: str | None, model=None, table: ExitTable | None = None) -> str:
-    """The split an env plays: ``split`` when given (or the given ``table``'s); else the protocol's
-    policy split, because the env finds its own stage-1 model of that protocol (``model`` None) or
-    was told the protocol; else, for a model you pass with no protocol named, ``"train"`` (which
-    inputs trained it is not known)."""
-    if split is not None:
-        return split
-    if table is not None:
-        return table.split
-    if model is None or protocol is not None:
-        return get_protocol(protocol).policy_split
-    return "train"
 
 
 def policy_tables(

@@ -8,27 +8,17 @@ computed here once, so that a step is an array lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ee_gym.cache import ExitCache, ExitShapes
+from ee_gym.probabilities import log_softmax, normalized_entropy, softmax
+from ee_gym.shapes import ExitShapes
 
+if TYPE_CHECKING:  # the cache module pulls in torch; a table is read without it
+    from ee_gym.cache import ExitCache
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(-1, keepdims=True)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def normalized_entropy(probs: np.ndarray) -> np.ndarray:
-    """H(p) / log K in [0, 1] (natural log; FastBERT's uncertainty)."""
-    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
-    return np.clip(entropy / np.log(probs.shape[-1]), 0.0, 1.0)
+__all__ = ["ExitTable", "log_softmax", "normalized_entropy", "softmax"]
 
 
 @dataclass(eq=False)  # identity equality: tables hold arrays (and EnvSpecs compare their kwargs)

@@ -28,7 +28,7 @@ and in ``step`` (actions); ``step`` before the first ``reset`` raises ``EpisodeO
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gymnasium import spaces
@@ -36,7 +36,6 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from ee_gym.backbones import DEFAULT_BACKBONE
 from ee_gym.envs.classification import (
     EXIT,
     EpisodeOverError,
@@ -46,12 +45,14 @@ from ee_gym.envs.classification import (
     check_seed,
     draws_at_random,
 )
-from ee_gym.envs.observations import ObservationEncoder
-from ee_gym.envs.prepare import default_max_length, env_split, load_model, load_table
 from ee_gym.envs.table import ExitTable
-from ee_gym.multiexit import MultiExitModel
+from ee_gym.observations import ObservationEncoder
+from ee_gym.protocols import env_split
 from ee_gym.rewards import default_alpha
 from ee_gym.validation import ConfigError, check_int
+
+if TYPE_CHECKING:
+    from ee_gym.multiexit import MultiExitModel
 
 FINAL_INFO_KEYS = (
     "index",
@@ -111,7 +112,7 @@ class ConsistentEEVectorEnv(VectorEnv):
         *,
         protocol: str | None = None,  # None: the default, "held-out" (ee_gym.protocols)
         model: MultiExitModel | str | os.PathLike | None = None,
-        backbone: str = DEFAULT_BACKBONE,
+        backbone: str | None = None,
         reward: str = "hardness",
         alpha: float | None = None,
         obs_mode: str = "state+layer",
@@ -153,10 +154,18 @@ class ConsistentEEVectorEnv(VectorEnv):
         split, alpha, max_inputs, max_length = (
             checked[k] for k in ("split", "alpha", "max_inputs", "max_length")
         )
-        if table is None:
+        if table is None:  # the model and the cache code load only now (torch with them)
+            from ee_gym.backbones import DEFAULT_BACKBONE
+            from ee_gym.envs.prepare import default_max_length, load_model, load_table
+
             task = checked["spec"].name
             loaded = load_model(
-                task, model=model, backbone=backbone, data_dir=data_dir, progress=progress, protocol=protocol
+                task,
+                model=model,
+                backbone=backbone or DEFAULT_BACKBONE,
+                data_dir=data_dir,
+                progress=progress,
+                protocol=protocol,
             )
             table = load_table(
                 loaded,

@@ -35,9 +35,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
-from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale, squash
+from ee_gym.generation.table import TokenTable, observation_scale, squash
+from ee_gym.observations import OBS_MODE_REGISTRY, STATE_OBS_MODES, ObservationEncoder
 
 
 def _first_exit(flags: np.ndarray, min_layer: int = 1) -> np.ndarray:
@@ -186,10 +186,11 @@ class PolicyExit(GenerationExit):
         self, policy: Any, decoder: MultiExitDecoder, deterministic: bool = True, label: str | None = None
     ):
         obs_mode = getattr(policy, "obs_mode", None)
-        if obs_mode not in GENERATION_OBS_MODES:
+        kind = OBS_MODE_REGISTRY.get(obs_mode) if isinstance(obs_mode, str) else None
+        if kind is None or kind.uses_stats:
             raise ValueError(
                 f"a generation exit policy reads the state: its obs_mode must be one of "
-                f"{', '.join(GENERATION_OBS_MODES)}, not {obs_mode!r}"
+                f"{', '.join(STATE_OBS_MODES)}, not {obs_mode!r}"
             )
         if not getattr(policy, "deployable", True):
             raise ValueError("this policy is not deployable (it reads labels or later layers)")

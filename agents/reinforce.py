@@ -1,7 +1,7 @@
-"""REINFORCE: ConsistentEE's own exit-policy learner (METHOD.md, stage 2), on the native vector env.
+"""REINFORCE: ConsistentEE's own exit-policy learner (docs/method.md, "Stage 2"), on the native vector env.
 
 One small network per layer, pi_l(s_l) = sigmoid(W2 gelu(W1 s_l)) with W1: d -> 32 and W2: 32 -> 1,
-gives the probability of EXIT at layer l. Training follows METHOD.md exactly:
+gives the probability of EXIT at layer l. Training follows docs/method.md ("Stage 2"):
 
 * each batch of B inputs (a seeded shuffle of the table, every epoch) is replicated K times and
   played in one :class:`~ee_gym.envs.ConsistentEEVectorEnv` of B*K sub-envs, reset onto those inputs;
@@ -24,54 +24,10 @@ Two rollout modes (``rollout=``):
 Inference (``act`` with ``deterministic=True``, what ``agents.evaluate`` uses) is the paper's rule in
 both modes: exit at the first layer with p_l > 0.5, else at L.
 
-Measured (CPU, 1 thread; accuracy / mean exit layer / layer speed-up L / mean on a held-out table
-with ``agents.evaluate``, mean [min-max] over seeds 0-2; batch 32, K = 8, lr 3e-4, hardness reward,
-the env's alpha, 0.07 for L = 6):
-
-* synthetic table (the generator of tests/test_reinforce.py: 2000 train / 1000 dev inputs, L = 6,
-  d = 16, 2 classes; the head at layer l is right iff l >= e(x), e uniform on 1..6, and s_l tells
-  l >= e apart up to Gaussian noise; the oracle exits at 3.50 with 100 %, the only static layer at
-  100 % is layer 6)::
-
-    noise  epochs  rollout     accuracy             mean exit           speed-up  train time
-    0.3    3       sample      1.000 [1.000-1.000]  3.50 [3.49-3.51]    1.71x     1.3 s
-    0.3    3       threshold   1.000 [1.000-1.000]  4.30 [4.24-4.34]    1.39x     1.5 s
-    0.3    20      sample      1.000 [1.000-1.000]  3.49 [3.49-3.49]    1.72x     9.6 s
-    0.3    20      threshold   1.000 [1.000-1.000]  3.62 [3.50-3.71]    1.66x     8.3 s
-    1.5    3       sample      0.942 [0.899-0.974]  4.76 [4.56-4.96]    1.26x     1.2 s
-    1.5    3       threshold   0.927 [0.831-0.981]  5.23 [4.73-5.52]    1.15x     1.2 s
-    1.5    20      sample      0.999 [0.998-0.999]  5.29 [5.20-5.40]    1.14x     8.8 s
-    1.5    20      threshold   0.996 [0.995-0.998]  5.10 [4.96-5.27]    1.18x     9.5 s
-
-  At RTE's scale (2490 inputs, L = 6, d = 384) one epoch takes 0.7 s in either mode.
-* real RTE cache (minilm-l6 stage-1 model, L = 6, d = 384, fingerprint 265d99000e336e2c; train
-  2490 inputs, dev 277; static dev accuracy by layer 0.563 0.534 0.531 0.574 0.581 0.578; oracle
-  0.780 at 2.59 layers)::
-
-    epochs  rollout     dev accuracy         mean exit           speed-up  train time
-    1       sample      0.576 [0.574-0.578]  4.51 [4.43-4.67]    1.33x     0.8 s
-    1       threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    3.17x     0.6 s
-    2       sample      0.578 [0.574-0.581]  4.49 [4.35-4.67]    1.34x     1.3 s
-    2       threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    (same)    1.2 s
-    10      sample      0.575 [0.574-0.578]  4.38 [4.35-4.39]    1.37x     7.3 s
-    10      threshold   0.556 [0.531-0.574]  2.67 [1.00-4.00]    (same)    5.5 s
-
-  ``"threshold"`` never moved on RTE: with every input of a seed exiting at one layer from the
-  start (1, 3 and 4 for seeds 0, 1, 2: whatever the random initialisation said), 10 % dropout on a
-  384-wide pooled state flipped no decision, all K replicas of an input took the same path, every
-  advantage R - b(x) was 0 and so was every gradient (the training reward stayed the same to four
-  digits for 10 epochs). ``"sample"`` learned (training reward -0.67 -> -0.41, stage-1 heads this
-  weak leave little to win on dev: 0.575 at 4.4 layers vs static layer 4 at 0.574, layer 5 at 0.581).
-
-Default: ``rollout="sample"``. On the synthetic table it reached the oracle (3.49-3.51 layers at
-100 %) on every seed in 3 epochs, where ``"threshold"`` needed 20 epochs to come near it; on RTE
-``"threshold"`` did not learn at all (above). ``"threshold"`` explores only where dropout flips a
-decision, i.e. where p_l is near 0.5: a layer whose p_l is below (or above) 0.5 for every input
-receives no gradient and stays so (on the synthetic table: histograms with an empty layer, e.g.
-[171, 151, 0, 224, 7, 447] at low noise and 3 epochs), and its gradient is not the policy gradient
-of the deterministic rule it runs. On the noisy synthetic table after 20 epochs ``"threshold"``
-exited slightly earlier (5.10 vs 5.29) at slightly lower accuracy (0.996 vs 0.999): a tie within
-the seeds' spread, not a reason to leave the textbook estimator.
+Default: ``rollout="sample"``: on a synthetic table it reached the oracle in 3 epochs on every seed,
+where ``"threshold"`` needed 20, and on RTE ``"threshold"`` did not learn at all (every replica of an
+input took the same path, so every advantage was 0). The measurements:
+``benchmarks/results/reinforce/README.md``.
 """
 
 from __future__ import annotations

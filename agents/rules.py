@@ -1,4 +1,4 @@
-"""The classic exit rules of BASELINES.md, as stateless policies over the ``stats`` observation.
+"""The classic exit rules of docs/baselines.md, as stateless policies over the ``stats`` observation.
 
 Each rule reads only what the stats vector shows at layer l (the head's softmax p_l, the layer, the
 argmax and normalized entropy of every head so far) and answers EXIT (1) or CONTINUE (0); the env

@@ -1,4 +1,4 @@
-"""The memorized layer m(x): how hard an input is for the stage-1 model (METHOD.md, step 2).
+"""The memorized layer m(x): how hard an input is for the stage-1 model (docs/method.md, "The memorized layer").
 
 m(x) is the smallest layer l (1-based) such that every head from l to L predicts the gold label;
 m(x) = L when the last head is wrong. Small m: easy input; m = L: hard input.

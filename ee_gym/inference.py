@@ -1,6 +1,6 @@
 """Batched early-exit inference: run a batch layer by layer and drop the rows that have exited.
 
-METHOD.md, "Inference": an input exits at the first layer its policy says EXIT (the paper's policy:
+docs/method.md, "Stage 2" (inference): an input exits at the first layer its policy says EXIT (the paper's policy:
 p_l > 0.5), else at layer L. The authors support batch size 1 only; here a whole batch runs layer by
 layer (:func:`ee_gym.runner.run_layers`, the loop stage 3 runs too) and, after each layer, the rows
 that exit are recorded and removed from the batch with ``MultiExitModel.select`` (which also trims

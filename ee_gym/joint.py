@@ -1,6 +1,6 @@
 """Stage 3, joint ("consistent") training of the model with its exit policy, on the live model.
 
-METHOD.md, stage 4: everything is trainable; each input pays cross-entropy only at the exit the policy
+docs/method.md, "Stage 3": everything is trainable; each input pays cross-entropy only at the exit the policy
 chose, plus the policy loss:
 
     loss3 = mean_x CE(C_t(s_t), y) + loss2,    loss2 = -mean_{x,k} (R - b(x)) log pi(tau)

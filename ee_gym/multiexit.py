@@ -1,6 +1,6 @@
 """The multi-exit model: a backbone with one shared pooler and one classifier head per layer.
 
-State at layer l (METHOD.md): s_l = P(h_l), with P = tanh(Linear(summary(h_l))) shared by all layers
+State at layer l (docs/method.md): s_l = P(h_l), with P = tanh(Linear(summary(h_l))) shared by all layers
 and summary = the first token ("cls") or the masked mean over tokens ("mean"). Head l gives
 C_l(s_l), the exit's logits.
 
@@ -327,7 +327,7 @@ class MultiExitModel(nn.Module):
         return torch.tanh(self.pooler(summary))
 
     def head(self, layer: int, states: torch.Tensor) -> torch.Tensor:
-        """Logits of exit ``layer`` (1-based, as in METHOD.md) for pooled states."""
+        """Logits of exit ``layer`` (1-based, as in docs/method.md) for pooled states."""
         return self.heads[layer - 1](self.head_dropout(states))
 
     def exit_outputs(self, state: LayerState) -> ExitOutput:

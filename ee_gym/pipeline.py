@@ -203,7 +203,7 @@ def train_pipeline(config: PipelineConfig | None = None, model: MultiExitModel |
     split) and ``memorized-policy.npy`` (on stage 2's, its policy split), ``round<r>/stage2/``
     (policy), ``round<r>/stage3/`` (a stage-3 run folder). A re-run resumes after the last finished stage (and inside an unfinished stage 1 or 3
     after its last finished epoch). The reward of every round uses the stage-1 model's m(x)
-    (METHOD.md), also in stage 2 of later rounds, whose table comes from the refreshed model's cache
+    (docs/method.md), also in stage 2 of later rounds, whose table comes from the refreshed model's cache
     (caches are keyed by model fingerprint, so a new model gets new caches). ``model``: the model
     stage 1 starts from (a tiny one in tests) instead of ``config.backbone``.
     """

@@ -1,4 +1,4 @@
-"""ConsistentEE's reward and its named variants (METHOD.md, stage 2).
+"""ConsistentEE's reward and its named variants (docs/method.md, "Stage 2").
 
 Every reward is paid once, at the exit layer t (1..L), from the cross-entropy of the exit's head,
 whether it was right, the input's memorized layer m and the price alpha of one layer:

@@ -1,6 +1,6 @@
 """Stage 1: fine-tune backbone, pooler and every exit head with the depth-weighted loss.
 
-    loss1 = sum_l l * CE(C_l(s_l), y) / sum_l l            (METHOD.md, weights 1..L as PABEE)
+    loss1 = sum_l l * CE(C_l(s_l), y) / sum_l l            (docs/method.md, weights 1..L as PABEE)
 
 AdamW with linear warm-up and decay, gradient clipping, dynamic padding, per-layer dev metrics after
 each epoch, and a checkpoint after each epoch that a re-run resumes from. The loop is written for

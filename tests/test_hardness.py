@@ -1,4 +1,4 @@
-"""The memorized layer against hand-worked cases (METHOD.md, step 2)."""
+"""The memorized layer against hand-worked cases (docs/method.md, "The memorized layer")."""
 
 import numpy as np
 import pytest

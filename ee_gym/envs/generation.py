@@ -4,7 +4,7 @@ reset() shows layer 1 of a token the decoder generated from an XSum prompt; each
 (CONTINUE) or 1 (EXIT). The episode ends at the first EXIT or at layer L, whatever the action there,
 and pays its one reward then:
 
-    plain (the default here, METHOD.md "Generation")   R = -CE(next token under exit t) - alpha * t
+    plain (the default here, docs/method.md, "Generation")   R = -CE(next token under exit t) - alpha * t
 
 with the next token the full model's own greedy choice; every reward of :mod:`ee_gym.rewards` is
 accepted (``hardness`` reads the token's memorized layer: the first layer from which every exit agrees

@@ -1,4 +1,4 @@
-"""Token-level early exit for decoder language models (METHOD.md, "Generation").
+"""Token-level early exit for decoder language models (docs/method.md, "Generation").
 
 :class:`MultiExitDecoder` runs a Hugging Face causal LM one layer at a time with a KV cache, asks an
 exit callback after every layer whether the current token may leave, and fills the skipped layers'

@@ -130,7 +130,7 @@ class MultiExitDecoder(nn.Module):
 
     ``head_kind`` chooses the heads of layers 1..L-1 (exit L is always the model's own head):
 
-    * ``copy`` (the default, as METHOD.md): a trainable copy of the LM head per layer; it costs
+    * ``copy`` (the default, as docs/method.md): a trainable copy of the LM head per layer; it costs
       (L - 1) x vocab x d parameters (3.3 GB in float32 for SmolLM2-135M).
     * ``shared``: the model's own LM head at every layer, CALM's choice and a valid zero-training
       start (``share_heads=True`` is the older spelling of it).

@@ -1,7 +1,7 @@
 """Exit heads of a decoder's layers 1..L-1: their kinds, how they are built, and their folder on disk.
 
 Exit l is ``head_l(final_norm(h_l))``; exit L is always the model's own LM head, so full-depth
-decoding reproduces the model's greedy ``generate`` (METHOD.md, "Generation"). Three kinds for
+decoding reproduces the model's greedy ``generate`` (docs/method.md, "Generation"). Three kinds for
 layers 1..L-1 (``head_kind``): ``copy`` (a trainable copy of the LM head per layer, the paper's
 choice), ``shared`` (the LM head itself, CALM's choice) and ``adapter`` (the LM head after a per-layer
 affine map of the state, initialised to the identity: the "tuned lens", trainable at a fraction of a

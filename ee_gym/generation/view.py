@@ -29,7 +29,7 @@ def probability_gap(logits: torch.Tensor) -> torch.Tensor:
 class LayerView:
     """What an exit callback sees after layer ``layer`` (1-based) for the current token.
 
-    ``states`` (final norm of ``hidden``, the s_l of METHOD.md), ``logits`` (exit ``layer``'s
+    ``states`` (final norm of ``hidden``, the s_l of docs/method.md), ``logits`` (exit ``layer``'s
     next-token logits), ``confidence`` (their top-1 minus top-2 probability, CALM's softmax signal)
     and ``similarity`` (cosine of h_l and h_{l-1}, CALM's state signal) are computed on first access
     only, so callbacks that need none of them pay nothing.

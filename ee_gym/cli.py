@@ -31,7 +31,6 @@ from ee_gym import paths
 from ee_gym.cache import StaleCacheError
 from ee_gym.files import CorruptFileError
 from ee_gym.tasks import task_default
-from ee_gym.training import Stage1Config, format_layer_metrics
 
 
 def add_dataclass_arguments(
@@ -126,7 +125,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
     from ee_gym.protocols import get_protocol
-    from ee_gym.training import train_stage1
+    from ee_gym.training import Stage1Config, format_layer_metrics, train_stage1
 
     fields = {f.name for f in dataclasses.fields(Stage1Config)}
     settings = {k: v for k, v in vars(args).items() if k in fields}
@@ -176,6 +175,7 @@ def format_stages(stages: list[dict]) -> str:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from ee_gym.cache import build_cache
     from ee_gym.multiexit import MultiExitModel
+    from ee_gym.training import format_layer_metrics
 
     model = MultiExitModel.from_pretrained(_model_dir(args))
     max_length = args.max_length or task_default(args.task, "max_length")
@@ -347,17 +347,11 @@ def _add_protocol_argument(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ee-gym", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("tasks", help="list the tasks")
-    p.add_argument("--data-dir", default=None)
-    p.set_defaults(func=_cmd_tasks)
-
+def _add_stage1_arguments(p: argparse.ArgumentParser) -> None:
+    """``ee-gym stage1``'s options: every Stage1Config field, and --protocol."""
     from ee_gym.protocols import PROTOCOLS
+    from ee_gym.training import Stage1Config
 
-    p = sub.add_parser("stage1", help="stage 1: fine-tune backbone and all exits")
     add_dataclass_arguments(p, Stage1Config)
     p.add_argument(
         "--protocol",
@@ -366,19 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on this protocol's stage-1 split instead of --train-split; held-out: the model "
         "gym.make and the benchmarks use by default",
     )
-    p.set_defaults(func=_cmd_stage1)
 
-    from ee_gym.pipeline import PipelineConfig
 
-    p = sub.add_parser(
-        "train",
-        help="the whole method: stage 1, then rounds of stage 2 + stage 3",
-        description="Every PipelineConfig setting is an option; a stage's own are --stage1.*, --stage2.*, "
-        "--stage3.* (the flat --stage1-epochs, --policy-batch-size, ... of earlier releases still work).",
-    )
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """``ee-gym train``'s options: every PipelineConfig field, nested sections included, and the
+    hidden flat flags of earlier releases."""
+    from ee_gym.pipeline import LEGACY_FIELDS, PipelineConfig
+
     add_dataclass_arguments(p, PipelineConfig)
-    from ee_gym.pipeline import LEGACY_FIELDS
-
     for name in LEGACY_FIELDS:  # deprecated flat flags: hidden, passed on as PipelineConfig's legacy keywords
         legacy_type = _legacy_type(PipelineConfig, LEGACY_FIELDS[name][0])
         flag = "--" + name.replace("_", "-")
@@ -398,7 +387,32 @@ def build_parser() -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 help=argparse.SUPPRESS,
             )
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ee-gym`` parser. ``command`` names the one subcommand whose options are needed: the
+    options of ``stage1`` and ``train`` come from config dataclasses whose modules import torch, so
+    ``ee-gym --help`` (``command=""``) builds neither and answers at once; None builds every one."""
+    parser = argparse.ArgumentParser(prog="ee-gym", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list the tasks")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser("stage1", help="stage 1: fine-tune backbone and all exits")
+    p.set_defaults(func=_cmd_stage1)
+    if command in (None, "stage1"):
+        _add_stage1_arguments(p)
+    p = sub.add_parser(
+        "train",
+        help="the whole method: stage 1, then rounds of stage 2 + stage 3",
+        description="Every PipelineConfig setting is an option; a stage's own are --stage1.*, --stage2.*, "
+        "--stage3.* (the flat --stage1-epochs, --policy-batch-size, ... of earlier releases still work).",
+    )
     p.set_defaults(func=_cmd_train)
+    if command in (None, "train"):
+        _add_train_arguments(p)
 
     for name, func, help_text in (
         ("cache", _cmd_cache, "build the per-layer cache of a trained model"),
@@ -440,9 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # only the subcommand asked for builds its options (``ee-gym --help`` imports no torch)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     if args.command == "cache" and args.output and len(args.split) > 1:
-        build_parser().error("--output names one cache folder: give one --split with it")
+        parser.error("--output names one cache folder: give one --split with it")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError, CorruptFileError, StaleCacheError) as error:

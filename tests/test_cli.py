@@ -40,3 +40,16 @@ def test_cache_without_a_trained_model_says_how_to_train_one(capsys):
 def test_output_folder_takes_one_split():
     with pytest.raises(SystemExit):
         main(["cache", "--task", "rte", "--output", "x", "--split", "train", "dev"])
+
+
+def test_top_level_help_imports_no_torch():
+    """`ee-gym --help` answers at once: only the subcommand asked for builds its options."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom ee_gym.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "stage1" in out and out.strip().endswith("False")

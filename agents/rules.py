@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from ee_gym.envs import ConsistentEEVectorEnv
-from ee_gym.envs.observations import StatsView, stats_size
-from ee_gym.envs.table import normalized_entropy
+from ee_gym.observations import StatsView, stats_size
 from ee_gym.policy import ExitPolicy
+from ee_gym.probabilities import normalized_entropy
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
 

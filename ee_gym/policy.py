@@ -381,7 +381,7 @@ def make_policy_with(name: str, settings: dict[str, Any]) -> ExitPolicy:
 # -- loading ------------------------------------------------------------------------------------
 def _saved_shapes(shapes: Any, path: Path) -> dict[str, Any]:
     """The ``shapes`` entry of a policy.json, checked, or CorruptFileError."""
-    from ee_gym.envs.observations import OBS_MODES
+    from ee_gym.observations import OBS_MODES
 
     fine = isinstance(shapes, dict) and set(SHAPE_KEYS) <= set(shapes)
     fine = fine and all(

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ee_gym.envs.observations import ObservationEncoder
 from ee_gym.multiexit import MultiExitModel
+from ee_gym.observations import ObservationEncoder
 from ee_gym.policy import ROLLOUTS
 
 __all__ = [

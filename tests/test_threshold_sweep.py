@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_reinforce import easy_layer_table, train_env
 
 import agents
 from agents.base import load_policy
@@ -14,6 +13,7 @@ from agents.reinforce import Reinforce
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
 from ee_gym.evaluation import evaluate, evaluate_sweep, table_scores
 from ee_gym.validation import ConfigError
+from tests.test_reinforce import easy_layer_table, train_env
 
 NUM = 11  # thresholds per sweep (plus the default)
 

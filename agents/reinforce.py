@@ -22,7 +22,10 @@ Two rollout modes (``rollout=``):
   during training, which is then the only source of exploration.
 
 Inference (``act`` with ``deterministic=True``, what ``agents.evaluate`` uses) is the paper's rule in
-both modes: exit at the first layer with p_l > 0.5, else at L.
+both modes: exit at the first layer with p_l > 0.5, else at L. The 0.5 is a decision threshold like a
+rule's: ``policy.with_threshold(tau)`` exits where p_l > tau instead, so one trained policy traces a
+curve of metric against cost (``ee_gym.evaluation.evaluate_sweep``); the exit probabilities are the
+scores (``exit_scores``).
 
 Default: ``rollout="sample"``: on a synthetic table it reached the oracle in 3 epochs on every seed,
 where ``"threshold"`` needed 20, and on RTE ``"threshold"`` did not learn at all (every replica of an
@@ -155,6 +158,9 @@ class Reinforce(ExitPolicy):
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
     trains_jointly: ClassVar[bool] = True
+    sweeps_threshold: ClassVar[bool] = True
+    default_threshold: ClassVar[float] = 0.5  # the paper's p_l > 0.5
+    score_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __init__(
         self,
@@ -244,10 +250,16 @@ class Reinforce(ExitPolicy):
             probs = torch.sigmoid(self.net(states, layers))
         return probs.numpy(), layers.numpy()
 
+    def exit_scores(self, obs: Any) -> np.ndarray:
+        """p_l of each row: deterministic ``act`` exits where it exceeds ``threshold_in_force``."""
+        return self.exit_probs(obs)[0].astype(np.float64)
+
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        """EXIT where p_l > the threshold in force (0.5 unless ``with_threshold``), or a Bernoulli(p_l)
+        draw when not ``deterministic``; never below ``min_layer``, always at the last layer."""
         probs, layers = self.exit_probs(obs)
         if deterministic:
-            exits = probs > 0.5
+            exits = probs > self.threshold_in_force
         else:
             exits = torch.bernoulli(torch.from_numpy(probs), generator=self._torch_rng).numpy() > 0
         exits &= layers >= self.min_layer

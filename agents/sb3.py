@@ -6,6 +6,12 @@ L steps long, with one reward at the exit, so the defaults use no discount (gamm
 setting), short rollouts and many parallel inputs. Any SB3 constructor argument can be given to the
 policy and overrides the defaults: ``agents.make("ppo", total_timesteps=50_000, learning_rate=1e-3)``.
 
+Each also sweeps its decision threshold (``policy.with_threshold(tau)``, one trained model tracing a
+curve, ``ee_gym.evaluation.evaluate_sweep``): PPO, A2C and Maskable PPO exit where their EXIT
+probability exceeds tau (0.5: the argmax ``model.predict`` takes), DQN and QR-DQN where the margin
+Q(EXIT) - Q(CONTINUE) does (0: the greedy action). While no threshold is set, ``act`` is
+``model.predict`` itself.
+
 QR-DQN and Maskable PPO need sb3-contrib (``pip install sb3-contrib`` or ``ee-gym[contrib]``).
 """
 
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -72,6 +79,10 @@ class SB3Policy(ExitPolicy):
     #: parallel inputs while training
     num_envs: ClassVar[int] = 64
     vec_env_class: ClassVar[type[SB3VecEnv]] = SB3VecEnv
+    sweeps_threshold: ClassVar[bool] = True
+    #: an actor-critic's score is its EXIT probability; argmax of two actions = p(EXIT) > 0.5
+    default_threshold: ClassVar[float] = 0.5
+    score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
 
     def __init__(
         self,
@@ -137,7 +148,27 @@ class SB3Policy(ExitPolicy):
         )
 
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        """``model.predict``; with a threshold set (``with_threshold``) and ``deterministic``:
+        EXIT where ``exit_scores`` exceeds it."""
+        if deterministic and self.exit_threshold is not None:
+            return (self.exit_scores(obs) > self.exit_threshold).astype(np.int64)
         return self._predict(obs, deterministic).astype(np.int64)
+
+    def exit_scores(self, obs: Any) -> np.ndarray:
+        """The score ``act`` compares with a threshold, per observation row (float64, the shape
+        ``model.predict``'s actions have): p(EXIT) here, Q(EXIT) - Q(CONTINUE) for the DQNs."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model yet: call learn() or load_policy()")
+        policy = self.model.policy
+        policy.set_training_mode(False)
+        tensor, vectorized = policy.obs_to_tensor(obs)
+        with torch.no_grad():
+            scores = self._scores(tensor, obs).double().cpu().numpy().reshape(-1)
+        return scores if vectorized else scores[0]
+
+    def _scores(self, tensor: Any, obs: Any) -> torch.Tensor:
+        """[B] scores of a batch already made tensors (``obs``: the same batch as given)."""
+        return self.model.policy.get_distribution(tensor).distribution.probs[:, 1]
 
     def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
         if self.model is None:
@@ -205,6 +236,17 @@ class DQNPolicy(SB3Policy):
         "exploration_fraction": 0.1,
         "exploration_final_eps": 0.02,
     }
+    #: the score is a Q-value margin: unbounded, greedy at 0, so a sweep reads a table's scores
+    default_threshold = 0.0
+    score_range = None
+
+    def _scores(self, tensor: Any, obs: Any) -> torch.Tensor:
+        q = self._q_values(tensor)
+        return q[:, 1] - q[:, 0]
+
+    def _q_values(self, tensor: Any) -> torch.Tensor:
+        """[B, 2] Q(s, CONTINUE), Q(s, EXIT)."""
+        return self.model.policy.q_net(tensor)
 
 
 class QRDQNPolicy(DQNPolicy):
@@ -214,6 +256,9 @@ class QRDQNPolicy(DQNPolicy):
     algorithm = sb3_contrib.QRDQN if sb3_contrib else None
     #: 25 quantiles instead of 200: the loss is quadratic in them (40x faster here, as good)
     default_kwargs = {**DQNPolicy.default_kwargs, "policy_kwargs": {"n_quantiles": 25}}
+
+    def _q_values(self, tensor: Any) -> torch.Tensor:
+        return self.model.policy.quantile_net(tensor).mean(dim=1)  # the mean of the quantiles, as predict
 
 
 class MaskablePPOPolicy(PPOPolicy):
@@ -229,11 +274,24 @@ class MaskablePPOPolicy(PPOPolicy):
     vec_env_class = MaskableSB3VecEnv
 
     def _predict(self, obs: Any, deterministic: bool) -> np.ndarray:
-        if self.model is None or not get_obs_mode(self.obs_mode).has_layer_one_hot:
+        masks = self._masks(obs)
+        if self.model is None or masks is None:
             return super()._predict(obs, deterministic)
-        last = np.asarray(obs)[..., -1] == 1.0
-        masks = np.stack([~last, np.ones_like(last)], axis=-1)
         return self.model.predict(obs, deterministic=deterministic, action_masks=masks)[0]
+
+    def _scores(self, tensor: Any, obs: Any) -> torch.Tensor:
+        masks = self._masks(obs)  # p(EXIT) = 1 at the last layer, as the masked predict
+        if masks is not None:
+            masks = masks.reshape(-1, 2)
+        return self.model.policy.get_distribution(tensor, action_masks=masks).distribution.probs[:, 1]
+
+    def _masks(self, obs: Any) -> np.ndarray | None:
+        """[..., 2] action masks read off the layer one-hot (CONTINUE off at the last layer); None
+        for observation modes without one."""
+        if not get_obs_mode(self.obs_mode).has_layer_one_hot:
+            return None
+        last = np.asarray(obs)[..., -1] == 1.0
+        return np.stack([~last, np.ones_like(last)], axis=-1)
 
 
 if sb3_contrib is None:

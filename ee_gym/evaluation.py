@@ -4,10 +4,16 @@ Every input of the split is one episode in the native vector env (all at once, o
 the policy acts until each input has exited once. Reported: the task metric of the predictions at
 the exit layers, the mean exit layer, saved layers (1 - mean/L), the layer speed-up (L / mean) and
 the histogram of exit layers.
+
+A policy that sweeps its decision threshold (``ExitPolicy.sweeps_threshold``) also traces a whole
+curve from one training run: :func:`evaluate_sweep` scores it at every threshold of a sweep (one
+:class:`EvalResult` each, ``threshold`` set), placed on the policy's own scores over the table
+(:func:`table_scores`), so a learner's curve is as dense as a rule's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,6 +37,8 @@ class EvalResult:
     deployable: bool = True
     exit_layers: np.ndarray = field(default=None, repr=False)  # [N] 1..L
     predictions: np.ndarray = field(default=None, repr=False)  # [N]
+    #: the decision threshold it acted at (:func:`evaluate_sweep`); None: the policy's own rule
+    threshold: float | None = None
 
     @property
     def score(self) -> float:
@@ -42,6 +50,8 @@ class EvalResult:
         record = asdict(self)
         record.pop("exit_layers")
         record.pop("predictions")
+        if record["threshold"] is None:  # results of a policy's own rule read as they always did
+            record.pop("threshold")
         return record
 
 
@@ -106,3 +116,61 @@ def full_depth_metrics(table: ExitTable) -> dict[str, float]:
     """The task metrics of every input at layer L: the model without early exits (what a static
     exit at L scores, without making that rule)."""
     return score_predictions(table.task, table.predictions[:, -1], table.labels)[1]
+
+
+def table_scores(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> np.ndarray:
+    """``policy.exit_scores`` at every (input, layer) of ``table``: float64 [N, L].
+
+    Each input continues to the last layer, so row i, column l-1 is the score the policy gives at
+    layer l on the path every exit decision of input i lies on (whatever the threshold, an input
+    reaches layer l only by continuing at 1..l-1). Scores below a policy's first allowed exit layer
+    and at the last layer (always an exit) decide nothing but are listed too."""
+    if not policy.sweeps_threshold:
+        raise NotImplementedError(policy._no_sweep())
+    n, num_layers = table.num_inputs, table.num_layers
+    scores = np.zeros((n, num_layers))
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        env = ConsistentEEVectorEnv(
+            num_envs=len(rows), table=table, split=table.split, obs_mode=policy.obs_mode, final_obs=False
+        )
+        policy.bind(env)
+        obs, _ = env.reset(options={"index": rows})
+        for layer in range(num_layers):
+            scores[rows, layer] = policy.exit_scores(obs)
+            obs = env.step(np.zeros(len(rows), dtype=np.int64))[0]  # CONTINUE (out at L anyway)
+    return scores
+
+
+def evaluate_sweep(
+    policy: ExitPolicy,
+    table: ExitTable,
+    taus: Sequence[float] | np.ndarray | None = None,
+    num: int = 21,
+    batch_size: int = 8192,
+) -> list[EvalResult]:
+    """One :class:`EvalResult` per threshold of ``taus`` (in that order, ``threshold`` set) for the
+    trained ``policy``, without retraining: each is :func:`evaluate` of
+    ``policy.with_threshold(tau)``, which shares the policy's weights (``act`` is deterministic at
+    each tau). ``taus`` None: ``policy.threshold_sweep`` on the policy's scores over this table
+    (``num`` thresholds from the earliest exit to the latest, plus the default one).
+
+    Why the table's own scores place the thresholds: a learner's scores crowd near 0 or 1 (or
+    around a Q-margin of any scale), so an even grid would leave most of the curve between two
+    points; quantiles put one point per slice of decisions. Mean exit layer never falls as tau rises.
+    """
+    if not policy.sweeps_threshold:
+        raise NotImplementedError(policy._no_sweep())
+    if taus is None:
+        scores = table_scores(policy, table, batch_size)
+        # only the layers that decide: from the first exit allowed (a min_layer, where a policy has
+        # one) to the one before the last (where every input exits)
+        first = getattr(policy, "min_layer", 1) - 1
+        deciding = scores[:, first : table.num_layers - 1]
+        taus = policy.threshold_sweep(deciding if deciding.size else scores, num=num)
+    results = []
+    for tau in taus:
+        result = evaluate(policy.with_threshold(float(tau)), table, batch_size)
+        result.threshold = float(tau)
+        results.append(result)
+    return results

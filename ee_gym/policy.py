@@ -28,6 +28,13 @@ hands stage 3 its trainable module (``joint_module``), a decider for the layer r
 policy is held fixed there, deciding through ``act`` on the observation its envs would give
 (:meth:`ExitPolicy.joint_decider`'s default).
 
+**A curve from one trained policy is a capability too**: a policy with ``sweeps_threshold = True``
+decides "EXIT when my score passes a threshold" (REINFORCE's exit probability, an actor-critic's
+EXIT probability, a Q-network's margin Q(EXIT) - Q(CONTINUE)). ``with_threshold(tau)`` gives the
+same trained policy acting at another threshold, and ``threshold_sweep`` lists thresholds from the
+earliest exit to the latest, so one training run traces a dense metric-vs-cost curve
+(:func:`ee_gym.evaluation.evaluate_sweep`) instead of one point per trained price.
+
 **The registry.** :func:`make_policy` ("reinforce", "entropy", ...) looks a name up in
 :func:`register_policy`'s table, filled on first use from the ``ee_gym.policies`` entry-point group
 (``[project.entry-points."ee_gym.policies"] mine = "my_package.mine:MyPolicy"`` in a package's
@@ -37,6 +44,7 @@ then by name (an install whose metadata predates the entry points still finds it
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -50,7 +58,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
-from ee_gym.validation import ConfigError, check_choice, check_float, check_optional_int
+from ee_gym.validation import ConfigError, check_choice, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:  # types only: this module loads without torch
     import torch
@@ -170,6 +178,15 @@ class ExitPolicy(ABC):
     trains_jointly: ClassVar[bool] = False
     #: a learner's table shapes (:data:`SHAPE_KEYS`), recorded on its first learn/bind; None for rules
     shapes: dict[str, Any] | None = None
+    #: True for policies whose deterministic ``act`` is "EXIT where ``exit_scores`` > a threshold"
+    sweeps_threshold: ClassVar[bool] = False
+    #: the threshold of the policy's own rule (what ``act`` uses while ``exit_threshold`` is None)
+    default_threshold: ClassVar[float | None] = None
+    #: the values ``exit_scores`` can take when known in advance ((0, 1) for probabilities); None:
+    #: unbounded (a Q-value margin), so a sweep needs the scores of a table to place its thresholds
+    score_range: ClassVar[tuple[float, float] | None] = None
+    #: the threshold ``act`` uses (set through :meth:`with_threshold`); None: ``default_threshold``
+    exit_threshold: float | None = None
 
     def bind(self, env: Any) -> None:
         """Called with the vector env before acting in it. Learners check (or, the first time, record)
@@ -193,6 +210,68 @@ class ExitPolicy(ABC):
     def fit(self, env: Any, budget: TrainingBudget) -> None:
         """What a learner implements: train on ``env`` within ``budget`` (its defaults for None)."""
         return None
+
+    # -- a dense curve from one trained policy (sweeps_threshold policies) -------------------------
+    def exit_scores(self, obs: Any) -> np.ndarray:
+        """One score per observation row (float64 [B]); ``act`` exits where it exceeds
+        :attr:`threshold_in_force`. Sweeping policies implement it."""
+        raise NotImplementedError(self._no_sweep())
+
+    @property
+    def threshold_in_force(self) -> float:
+        """The threshold deterministic ``act`` compares ``exit_scores`` against."""
+        if not self.sweeps_threshold:
+            raise NotImplementedError(self._no_sweep())
+        return self.default_threshold if self.exit_threshold is None else self.exit_threshold
+
+    def with_threshold(self, tau: float | None) -> ExitPolicy:
+        """This trained policy acting at threshold ``tau`` (None: its own rule), as a shallow copy:
+        the weights are shared, nothing is retrained, and ``self`` keeps its threshold. A higher
+        ``tau`` never exits earlier: an input exits at its first layer whose score exceeds it."""
+        if not self.sweeps_threshold:
+            raise NotImplementedError(self._no_sweep())
+        if tau is not None:
+            tau = check_float("tau", tau)  # finite
+        other = copy.copy(self)
+        other.exit_threshold = tau
+        return other
+
+    def threshold_sweep(self, scores: Any = None, num: int = 21) -> np.ndarray:
+        """Thresholds (sorted, float64) spanning this policy's decisions, from the earliest exit
+        (below every score: exit at the first layer allowed) to the latest (the highest score: no
+        exit before the last layer), always including :attr:`default_threshold`.
+
+        ``scores``: the policy's :meth:`exit_scores` on the observations it will meet (any shape;
+        :func:`ee_gym.evaluation.table_scores` gives a table's): the thresholds are then their
+        quantiles, dense where the decisions are. Without them the thresholds are evenly spaced over
+        :attr:`score_range` (a ConfigError for a policy whose scores are unbounded). ``num`` (>= 2)
+        thresholds at most, plus the default; ties among the scores give fewer.
+        """
+        if not self.sweeps_threshold:
+            raise NotImplementedError(self._no_sweep())
+        num = check_int("num", num, minimum=2)
+        if scores is not None:
+            values = np.asarray(scores, dtype=np.float64).ravel()
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                raise ConfigError("threshold_sweep: no finite scores to place the thresholds on")
+            lowest = np.nextafter(values.min(), -np.inf)  # every score passes it
+            inner = np.quantile(values, np.linspace(0.0, 1.0, num)[1:-1]) if num > 2 else []
+            taus = np.concatenate([[lowest], inner, [values.max()]])
+        elif self.score_range is not None:
+            taus = np.linspace(*self.score_range, num)
+        else:
+            raise ConfigError(
+                f"{self.name}'s scores are unbounded: pass the scores it gives on a table "
+                "(threshold_sweep(ee_gym.evaluation.table_scores(policy, table)))"
+            )
+        return np.unique(np.append(taus, self.default_threshold).astype(np.float64))
+
+    def _no_sweep(self) -> str:
+        return (
+            f"{self.name} has no decision threshold to sweep (sweeps_threshold is False); "
+            "trace its curve by its own settings (a rule's threshold, a learner's price alpha)"
+        )
 
     # -- stage 3: training with the model (trains_jointly policies) ------------------------------
     def joint_module(self, model: MultiExitModel) -> torch.nn.Module:
@@ -260,6 +339,8 @@ class ExitPolicy(ABC):
         record: dict[str, Any] = {"name": self.name, "params": self.get_params()}
         if self.shapes is not None:
             record["shapes"] = self.shapes
+        if self.exit_threshold is not None:  # an operating point chosen on a sweep
+            record["exit_threshold"] = self.exit_threshold
         write_json_atomic(folder / POLICY_FILE, record)
         return folder
 
@@ -421,6 +502,14 @@ def load_policy(path: str | os.PathLike) -> ExitPolicy:
         if problem is not None:
             raise CorruptFileError(f"{file}: {problem}; {_LOAD_FIX}")
         policy.shapes = shapes
+    if record.get("exit_threshold") is not None:
+        if not isinstance(record["exit_threshold"], (int, float)) or isinstance(
+            record["exit_threshold"], bool
+        ):
+            raise CorruptFileError(
+                f"{file}: its 'exit_threshold' {record['exit_threshold']!r} is not a number; {_LOAD_FIX}"
+            )
+        policy = policy.with_threshold(float(record["exit_threshold"]))
     return policy
 
 

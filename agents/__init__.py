@@ -23,6 +23,8 @@ REGISTRY: dict[str, str] = {
     "dqn": "agents.sb3:DQNPolicy",
     "qrdqn": "agents.sb3:QRDQNPolicy",
     "maskable-ppo": "agents.sb3:MaskablePPOPolicy",
+    # the supervised learned baseline (BERxiT's learning-to-exit module)
+    "learned-exit": "agents.learned_exit:LearnedExit",
     # classic rules (docs: the baselines)
     "static": "agents.rules:Static",
     "entropy": "agents.rules:Entropy",

@@ -113,6 +113,9 @@ class LearnedExit(ExitPolicy):
     name: ClassVar[str] = "learned-exit"
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
+    # the core's threshold sweep (ee_gym.evaluation.evaluate_sweep) reads the predicted correctness
+    sweeps_threshold: ClassVar[bool] = True
+    score_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __init__(
         self,
@@ -123,6 +126,7 @@ class LearnedExit(ExitPolicy):
         obs_mode: str = "state+layer",
     ):
         self.threshold = check_threshold(threshold)
+        self.default_threshold = self.threshold  # the protocol's name for this policy's own rule
         self.seed = check_int("seed", seed, minimum=0)
         self.obs_mode = check_choice("learned-exit obs_mode", obs_mode, LAYER_ONE_HOT_MODES)
         state_size = check_optional_int("state_size", state_size, minimum=1)
@@ -142,11 +146,19 @@ class LearnedExit(ExitPolicy):
         every point (:meth:`with_threshold`), so a sweep costs one ``learn``."""
         return [{"threshold": t} for t in THRESHOLDS]
 
-    def with_threshold(self, threshold: float) -> LearnedExit:
-        """This trained predictor exiting at another threshold (the weights are shared, not copied)."""
+    def with_threshold(self, threshold: float | None) -> LearnedExit:
+        """This trained predictor exiting at another threshold (the weights are shared, not copied);
+        the protocol's :meth:`~ee_gym.policy.ExitPolicy.with_threshold`, with the threshold kept in
+        [0, 1] and as the copy's own ``threshold`` (so its saved params say it)."""
         other = copy.copy(self)
-        other.threshold = check_threshold(threshold)
+        if threshold is not None:
+            other.threshold = other.default_threshold = check_threshold(threshold)
+        other.exit_threshold = None
         return other
+
+    def exit_scores(self, obs: Any) -> np.ndarray:
+        """The predicted correctness c_l of each row: what ``act`` compares with the threshold."""
+        return self.exit_probs(obs)[0].astype(np.float64).reshape(-1)
 
     # -- building ---------------------------------------------------------------------------------
     def _seed(self, seed: int) -> None:
@@ -200,7 +212,7 @@ class LearnedExit(ExitPolicy):
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         obs = np.asarray(obs)
         probs, layers = self.exit_probs(obs)
-        exits = (probs >= self.threshold) | (layers == self.net.num_layers)
+        exits = (probs >= self.threshold_in_force) | (layers == self.net.num_layers)
         return exits.astype(np.int64).reshape(obs.shape[:-1])
 
     # -- learning ---------------------------------------------------------------------------------

@@ -135,3 +135,17 @@ def test_registered_and_validated():
             agents.make("learned-exit", **bad)
     with pytest.raises(ValueError, match="obs_mode='state\\+layer'"):
         LearnedExit().bind(ConsistentEEVectorEnv(1, table=easy_layer_table(n=8), obs_mode="stats"))
+
+
+def test_the_core_threshold_sweep_reads_its_predicted_correctness():
+    """learned-exit is a sweeping policy of the core protocol: evaluate_sweep traces its curve from
+    one trained predictor, and the default threshold gives exactly what act gives."""
+    from ee_gym.evaluation import evaluate_sweep
+
+    train, dev = noisy_table(0, "train"), noisy_table(1, "dev")
+    policy = LearnedExit(seed=0).learn(train_env(train))
+    results = evaluate_sweep(policy, dev, num=11)
+    depths = np.array([r.mean_exit_layer for r in results])
+    assert (np.diff(depths) >= 0).all() and depths[-1] - depths[0] >= 1.0, depths
+    at_default = next(r for r in results if r.threshold == policy.default_threshold)
+    assert at_default.mean_exit_layer == evaluate(policy, dev).mean_exit_layer

@@ -53,10 +53,12 @@ __all__ = [
     "best_by_auc",
     "check_same_inputs",
     "compare_policies",
+    "difference",
     "minimum_detectable_auc",
     "paired_difference",
     "paired_replicates",
     "unpaired_difference",
+    "verdict",
 ]
 
 AUC_GRID_POINTS = 101  # as benchmarks.compare.curve_auc: 101 speed-ups from 1x to L/2 x
@@ -458,6 +460,25 @@ def _differences(a: Replicates, b: Replicates, policy: str, reference: str,
                         a.at[policy][:, g] - b.at[reference][:, g], settings.confidence)
             )  # fmt: skip
     return records
+
+
+def difference(
+    reps: Replicates, policy: str, reference: str, settings: BootstrapSettings = BootstrapSettings()
+) -> list[dict[str, Any]]:
+    """``policy`` minus ``reference`` from replicates already drawn (any pair, no new draw)."""
+    missing = [label for label in (policy, reference) if label not in reps.auc]
+    if missing:
+        raise ValueError(f"{missing} not among the replicated curves {sorted(reps.auc)}")
+    return _differences(reps, reps, policy, reference, settings)
+
+
+def verdict(record: dict[str, Any]) -> str:
+    """ "beats" / "loses to" when the paired interval excludes 0, else "ties with"."""
+    if record["low"] > 0:
+        return "beats"
+    if record["high"] < 0:
+        return "loses to"
+    return "ties with"
 
 
 def paired_difference(

@@ -18,11 +18,15 @@ metric with a 95 % interval over seeds (scipy's percentile bootstrap of the mean
 layer speed-up L / mean exit layer, the wall-clock speed-up of batched early-exit inference
 (``ee_gym.inference.predict_batches`` at ``--wall-batch-size``, against full depth on the same batches)
 and the training time. The area under the curve ranks policies at a glance (:func:`curve_auc`).
+Every curve's AUC (and metric at 1.25x, 1.5x, 2x, 3x) is compared with the best rule's and the full
+model's by a paired bootstrap over the dev inputs and the learners' seeds (:mod:`benchmarks.paired`):
+the table's difference columns, the claims' verdicts and the page's minimum detectable AUC difference.
 
 Written to ``--output-dir`` (default ``benchmarks/results/<task>``): ``results.md`` (the table, the
 ranking, the claims tested and the command), ``curves.png`` (metric against speed-up, one curve per
 policy, the full model and the oracles marked) and ``results.json`` (every run's numbers, the exact
-command, package versions and settings).
+command, package versions and settings; ``paired``, ``mde_auc`` and ``curves`` in the results
+contract of :mod:`benchmarks.paired`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +201,16 @@ class Run:
     reward: str | None = None
     seed: int | None = None
     train_seconds: float = 0.0
+    # per dev input, for the paired statistics (benchmarks.paired); not written to results.json
+    predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
+    exit_layers: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (without the per-input arrays)."""
+        record = dataclasses.asdict(self)
+        record.pop("predictions")
+        record.pop("exit_layers")
+        return record
 
 
 def _score(policy, dev) -> dict[str, Any]:
@@ -209,6 +223,8 @@ def _score(policy, dev) -> dict[str, Any]:
         mean_exit_layer=result.mean_exit_layer,
         saved_layers=result.saved_layers,
         speedup=result.speedup,
+        predictions=np.asarray(result.predictions),
+        exit_layers=np.asarray(result.exit_layers),
     )
 
 
@@ -365,18 +381,70 @@ def summarise(runs: list[Run], num_layers: int, wall: dict[str, dict]) -> tuple[
     return rows, {"full": full, "first_layer": first}
 
 
+def paired_statistics(
+    task: str, runs: list[Run], rows: list[dict], labels: np.ndarray, num_layers: int, settings=None
+) -> dict[str, Any]:
+    """Paired differences of every curve to the best rule and to the full model (:mod:`benchmarks.paired`).
+
+    Every run was scored on the same dev inputs, so one joint draw of the inputs (and of the learners'
+    seeds) serves every comparison. Returns the results contract's ``paired``, ``mde_auc`` (the median
+    half-width of the paired AUC intervals against the best rule, in points) and ``curves`` (each
+    label's run points ``[layer_speedup, metric]``, metric in points; the AUC adds the full-model and
+    layer-1 anchors), plus ``best_rule``, the bootstrap settings and the replicates (not for JSON).
+    """
+    from benchmarks import paired
+
+    settings = settings or paired.BootstrapSettings()
+    outcome = {id(r): paired.Outcome(r.predictions, r.exit_layers, r.seed) for r in runs}
+    full = next(r for r in runs if r.label == "full model")
+    static1 = [r for r in runs if r.policy == "static" and r.params.get("layer") == 1]
+    first = outcome[id(static1[0])] if static1 else None
+    setup = paired.Setup.for_task(task, num_layers, labels, outcome[id(full)], first)
+    curves = [
+        paired.Curve(
+            label, tuple(outcome[id(r)] for r in runs if r.label == label), flat=label == "full model"
+        )
+        for label in dict.fromkeys(r.label for r in runs)
+    ]
+    auc = {row["label"]: row["auc"] for row in rows}
+    rules = [row["label"] for row in rows if row["kind"] == "rule"]
+    best = max(rules, key=auc.__getitem__) if rules else None
+    references = [best, "full model"] if best else ["full model"]
+    records, reps = paired.compare_policies(setup, curves, references, settings)
+    return {
+        "best_rule": best,
+        "mde_auc": paired.minimum_detectable_auc(records, reference=references[0]),
+        "paired": records,
+        "curves": {
+            c.label: sorted([float(r.speedup), 100 * float(r.metric)] for r in runs if r.label == c.label)
+            for c in curves
+        },
+        "bootstrap": dataclasses.asdict(settings),
+        "replicates": reps,
+        "settings": settings,
+    }
+
+
 def _layer_one_metric(runs: list[Run], full: float) -> float:
     static1 = [r for r in runs if r.policy == "static" and r.params.get("layer") == 1]
     return static1[0].metric if static1 else full  # without a layer-1 run the curve's far end is flat
 
 
-def claims(runs: list[Run], rows: list[dict], anchors: dict, num_layers: int) -> list[str]:
-    """The claims the comparison tests, each stated with its numbers."""
+def claims(
+    runs: list[Run], rows: list[dict], anchors: dict, num_layers: int, stats: dict | None = None
+) -> list[str]:
+    """The claims the comparison tests, each stated with its numbers.
+
+    With ``stats`` (:func:`paired_statistics`) the verdicts rest on paired differences: "beats" where
+    the 95 % interval of the difference lies above 0; without, on overlapping intervals over seeds.
+    """
     by_label = {row["label"]: row for row in rows}
     full, first = anchors["full"], anchors["first_layer"]
     lines = []
+    if stats is not None:
+        lines += _paired_claims(rows, stats)
     mine = by_label.get("reinforce")
-    if mine:
+    if mine and stats is None:
         for rule in ("entropy", "patience"):
             if rule not in by_label:
                 continue
@@ -408,6 +476,33 @@ def claims(runs: list[Run], rows: list[dict], anchors: dict, num_layers: int) ->
     return lines
 
 
+def _paired_claims(rows: list[dict], stats: dict) -> list[str]:
+    """Each learner against the best rule, reinforce against entropy and patience and under each reward."""
+    from benchmarks.paired import difference, verdict
+
+    reps, settings, best = stats["replicates"], stats["settings"], stats["best_rule"]
+    labels = {row["label"] for row in rows}
+    pairs = [(row["label"], best) for row in rows if best and row["kind"] == "learner"]
+    pairs += [("reinforce", rule) for rule in ("entropy", "patience") if rule != best and rule in labels]
+    pairs += [("reinforce", f"reinforce ({reward})") for reward in ("plain", "ce")]
+    lines = []
+    for policy, reference in pairs:
+        if policy not in labels or reference not in labels:
+            continue
+        records = difference(reps, policy, reference, settings)
+        auc = records[0]
+        matched = "; ".join(f"at {r['statistic'][7:]} {_signed(r)}" for r in records[1:])
+        lines.append(
+            f"{policy} {verdict(auc)} {reference}{' (the best rule)' if reference == best else ''}: paired AUC "
+            f"difference {_signed(auc)}" + (f"; metric {matched}" if matched else "")
+        )
+    return lines
+
+
+def _signed(record: dict) -> str:
+    return f"{record['delta']:+.1f} (95% {record['low']:+.1f} to {record['high']:+.1f})"
+
+
 def _verdict(mine: float, mine_ci: list[float], theirs: float, theirs_ci: list[float]) -> str:
     """ "beats" / "loses to" when the 95 % intervals do not overlap, else "ties with" (within noise)."""
     if any(math.isnan(v) for v in (*mine_ci, *theirs_ci)):  # one seed: compare the values themselves
@@ -428,11 +523,17 @@ def _interval(ci: list[float]) -> str:
     return "n/a" if any(math.isnan(v) for v in ci) else f"{_pct(ci[0])} to {_pct(ci[1])}"
 
 
-def markdown_table(rows: list[dict], metric: str) -> str:
-    """The table of results.md: one row per policy, best AUC first."""
+def markdown_table(rows: list[dict], metric: str, stats: dict | None = None) -> str:
+    """The table of results.md: one row per policy, best AUC first; with ``stats``, paired AUC differences."""
+    paired = {} if stats is None else {
+        (r["policy"], r["reference"]): r for r in stats["paired"] if r["statistic"] == "auc"
+    }  # fmt: skip
+    best = None if stats is None else stats["best_rule"]
+    extra = "" if stats is None else " AUC - best rule (95%) | AUC - full model (95%) |"
     lines = [
-        f"| policy | setting | {metric} | 95% CI (seeds) | saved layers | speed-up | wall speed-up | train s | AUC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| policy | setting | {metric} | 95% CI (seeds) | saved layers | speed-up | wall speed-up | train s | AUC |"
+        + extra,
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if stats else ""),
     ]
     for row in sorted(rows, key=lambda r: -r["auc"]):
         name = row["label"] + ("" if row["deployable"] else " (reference)")
@@ -446,8 +547,20 @@ def markdown_table(rows: list[dict], metric: str) -> str:
             f"| {name} | {setting} | {_pct(row['metric'])} | {_interval(row['metric_ci'])} | "
             f"{_pct(row['saved_layers'])}% | {row['speedup']:.2f}x | {wall} | {row['train_seconds']:.1f} | "
             f"{_pct(row['auc'])} |"
+            + (
+                ""
+                if stats is None
+                else f" {_cell(paired, row['label'], best)} | {_cell(paired, row['label'], 'full model')} |"
+            )
         )
     return "\n".join(lines)
+
+
+def _cell(paired: dict, label: str, reference: str | None) -> str:
+    if label == reference:
+        return "reference"
+    record = paired.get((label, reference))
+    return "" if record is None else _signed(record)
 
 
 def _params(params: dict) -> str:
@@ -571,7 +684,8 @@ def main(argv=None) -> int:
     full_result = evaluate(operating["full model"], dev)
     metric = full_result.metric
     noise = dev_set_interval(task, full_result.predictions, dev.labels)
-    found = claims(runs, rows, anchors, num_layers)
+    stats = paired_statistics(task, runs, rows, np.asarray(dev.labels), num_layers)
+    found = claims(runs, rows, anchors, num_layers, stats)
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     out = Path(args.output_dir)
@@ -592,7 +706,12 @@ def main(argv=None) -> int:
         "full_model_dev_interval": list(noise),
         "table": rows,
         "claims": found,
-        "runs": [dataclasses.asdict(r) for r in runs],
+        "best_rule": stats["best_rule"],
+        "mde_auc": stats["mde_auc"],
+        "bootstrap": stats["bootstrap"],
+        "paired": stats["paired"],
+        "curves": stats["curves"],
+        "runs": [r.to_dict() for r in runs],
         "wall": wall,
         "command": command,
         "args": dataclasses.asdict(args),
@@ -608,17 +727,23 @@ def main(argv=None) -> int:
         f"1x to {num_layers / 2:g}x of each policy's curve (`benchmarks.compare.curve_auc`). Wall speed-up: "
         f"batched early-exit inference at batch size {args.wall_batch_size} against full depth, same batches.",
         "",
-        markdown_table(rows, metric),
+        markdown_table(rows, metric, stats),
         "",
         f"Dev-set noise: the full model's {metric} has a 95% bootstrap interval of {_interval(list(noise))} "
-        f"over the {dev.num_inputs} dev inputs; differences smaller than that are not evidence.",
+        f"over the {dev.num_inputs} dev inputs. Every policy is scored on the same inputs, so the differences "
+        f"(AUC - best rule, here {stats['best_rule'] or 'none'}; AUC - full model: the full model's {metric} "
+        f"as a flat line) are paired: a bootstrap resampling the dev inputs and the learners' seeds jointly "
+        f"(`benchmarks.paired`, {stats['bootstrap']['resamples']} replicates). Minimum detectable AUC "
+        f"difference of this setup: {stats['mde_auc']:.2f} points (median half-width of the paired 95% "
+        "intervals against the best rule).",
         "",
         "![metric against speed-up](curves.png)",
         "",
         "## Claims tested",
         "",
-        "Verdicts compare 95% intervals over seeds (a rule's curve is one deterministic run); the dev-set",
-        "noise above comes on top of them.",
+        "Verdicts read the paired 95% interval of the difference (dev inputs and learners' seeds resampled",
+        'jointly): "beats" where it lies above 0, "ties with" where it holds 0. Stage-1 training noise is',
+        "not in it (one stage-1 model).",
         "",
         *[f"- {line}" for line in found],
         "",

@@ -49,9 +49,24 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
                                agents="reinforce,ppo,entropy,static,oracle,oracle-consistent")  # fmt: skip
     assert len(record["runs"]) == compare.count_runs(args, 4)
     labels = {row["label"] for row in record["table"]}
+    by_label_auc = {row["label"]: row["auc"] for row in record["table"]}
     assert labels == {"reinforce", "reinforce (plain)", "ppo", "entropy", "static", "oracle",
                       "oracle-consistent", "full model"}  # fmt: skip
     assert record["command"].startswith("python -m benchmarks.compare --task sst2")
+    # the results contract: paired differences of every curve to the best rule and the full model
+    assert isinstance(record["protocol"], str) and isinstance(record["mde_auc"], float)
+    assert set(record["curves"]) == labels
+    assert all(len(point) == 2 for points in record["curves"].values() for point in points)
+    best = record["best_rule"]
+    assert best in {"entropy", "static"}
+    for item in record["paired"]:
+        assert set(item) == {"policy", "reference", "statistic", "delta", "low", "high"}
+        assert item["reference"] in {best, "full model"} and item["policy"] != item["reference"]
+        assert item["statistic"] == "auc" or item["statistic"].startswith("metric@")
+        assert item["low"] <= item["delta"] <= item["high"]
+    aucs = {(p["policy"], p["reference"]): p["delta"] for p in record["paired"] if p["statistic"] == "auc"}
+    assert "Minimum detectable AUC difference" in (out / "results.md").read_text()
+    assert aucs["ppo", best] == pytest.approx(100 * (by_label_auc["ppo"] - by_label_auc[best]))
     assert "torch" in record["versions"]
 
     # every table row of results.md carries the JSON's numbers

@@ -311,7 +311,10 @@ def open_cache(
     for attempt in range(50):
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
-            if _old_sibling(folder).exists() and attempt < 49:  # a rebuild is swapping the folder
+            # a rebuild is swapping the folder: the old one is set aside, or the swap finished
+            # between the two looks (the manifest is back), so look again
+            swapping = _old_sibling(folder).exists() or manifest_file.is_file()
+            if swapping and attempt < 49:
                 time.sleep(0.1)
                 continue
             raise FileNotFoundError(

@@ -28,26 +28,22 @@ is deterministic; ``deterministic=False`` gives the same answer (there is nothin
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from agents.weights import HISTORY_FILE, NetworkWeights  # noqa: F401 (HISTORY_FILE: re-exported)
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
-from ee_gym.files import read_json
 from ee_gym.observations import LAYER_ONE_HOT_MODES
 from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.validation import ConfigError, check_choice, check_float, check_int, check_optional_int
 
 WEIGHTS_FILE = "learned_exit.safetensors"
-HISTORY_FILE = "history.json"
 #: the default training length: at least this many epochs, and at least this many Adam updates
 MIN_EPOCHS, MIN_UPDATES = 10, 500
 #: the thresholds :meth:`LearnedExit.sweep` visits, earliest exits first (a low bar exits early);
@@ -99,7 +95,7 @@ def check_threshold(value: Any) -> float:
         raise ConfigError(f"{error}: it is compared with a predicted probability of being right") from None
 
 
-class LearnedExit(ExitPolicy):
+class LearnedExit(NetworkWeights, ExitPolicy):
     """BERxiT's learning-to-exit predictor (see the module docstring).
 
     Args:
@@ -109,6 +105,9 @@ class LearnedExit(ExitPolicy):
         obs_mode: a mode with the layer one-hot (``"state+layer"``, the default, BERxiT's input; or
             ``"state+confidence"``, which adds exit l's top-2 gap to what the linear layer reads).
     """
+
+    weights_file: ClassVar[str] = WEIGHTS_FILE
+    network_word: ClassVar[str] = "predictor"
 
     name: ClassVar[str] = "learned-exit"
     obs_mode: str = "state+layer"
@@ -276,21 +275,6 @@ class LearnedExit(ExitPolicy):
             "num_layers": None if self.net is None else self.net.num_layers,
             "obs_mode": self.obs_mode,
         }
-
-    def _save_weights(self, folder: Path) -> None:
-        if self.net is None:
-            raise RuntimeError("nothing to save: the policy has no predictor yet (learn or bind it first)")
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        (folder / HISTORY_FILE).write_text(json.dumps(self.history))
-
-    def _load_weights(self, folder: Path) -> None:
-        if self.net is None:
-            raise RuntimeError(f"{folder} records no predictor shape (state_size, num_layers)")
-        self.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        if (folder / HISTORY_FILE).is_file():
-            self.history = read_json(
-                folder / HISTORY_FILE, "delete it (it only records training) or save again"
-            )
 
     def _check_loaded_shapes(self, shapes: dict[str, Any]) -> str | None:
         problem = super()._check_loaded_shapes(shapes)

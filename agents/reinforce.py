@@ -35,29 +35,25 @@ input took the same path, so every advantage was 0). The measurements:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from agents.weights import HISTORY_FILE, NetworkWeights  # noqa: F401 (HISTORY_FILE: re-exported)
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
-from ee_gym.files import read_json
 from ee_gym.observations import LAYER_ONE_HOT_MODES, OBS_MODE_REGISTRY
 from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget
 from ee_gym.runner import NetworkExits, model_env_stand_in
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
 WEIGHTS_FILE = "policy.safetensors"
-HISTORY_FILE = "history.json"
 
 
 def check_rollout(rollout: str) -> str:
@@ -138,7 +134,7 @@ class Rollout:
 
 
 # -- the policy ---------------------------------------------------------------------------------------
-class Reinforce(ExitPolicy):
+class Reinforce(NetworkWeights, ExitPolicy):
     """ConsistentEE's per-layer policies trained by REINFORCE (see the module docstring).
 
     Args:
@@ -153,6 +149,9 @@ class Reinforce(ExitPolicy):
             whatever its network says, in training and in ``act``; a guard for decoders, where a shallow
             exit's propagated keys and values derail later tokens (``benchmarks/results/xsum-finetuned-heads``).
     """
+
+    weights_file: ClassVar[str] = WEIGHTS_FILE
+    network_word: ClassVar[str] = "network"
 
     name: ClassVar[str] = "reinforce"
     obs_mode: str = "state+layer"
@@ -439,21 +438,6 @@ class Reinforce(ExitPolicy):
             "obs_mode": self.obs_mode,
             "min_layer": self.min_layer,
         }
-
-    def _save_weights(self, folder: Path) -> None:
-        if self.net is None:
-            raise RuntimeError("nothing to save: the policy has no network yet (learn or bind it first)")
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        (folder / HISTORY_FILE).write_text(json.dumps(self.history))
-
-    def _load_weights(self, folder: Path) -> None:
-        if self.net is None:
-            raise RuntimeError(f"{folder} records no network shape (state_size, num_layers)")
-        self.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        if (folder / HISTORY_FILE).is_file():
-            self.history = read_json(
-                folder / HISTORY_FILE, "delete it (it only records training) or save again"
-            )
 
     def _check_loaded_shapes(self, shapes: dict[str, Any]) -> str | None:
         problem = super()._check_loaded_shapes(shapes)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.weights import HISTORY_FILE, NetworkWeights  # noqa: F401 (HISTORY_FILE: re-exported)
-from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
+from ee_gym.envs import ExitTable, ObservationEncoder
 from ee_gym.observations import LAYER_ONE_HOT_MODES
 from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.validation import ConfigError, check_choice, check_float, check_int, check_optional_int
@@ -173,28 +173,7 @@ class LearnedExit(NetworkWeights, ExitPolicy):
     def _encoder(self, table: ExitTable) -> ObservationEncoder:
         return ObservationEncoder(self.obs_mode, table.num_layers, table.hidden_size, table.num_labels)
 
-    def _ensure_network(self, table: ExitTable) -> CorrectnessPredictor:
-        size = self._encoder(table).feature_size
-        if self.net is None:
-            self._build(size, table.num_layers)
-        elif (self.net.state_size, self.net.num_layers) != (size, table.num_layers):
-            raise ValueError(
-                f"this predictor was built for {self.net.state_size} inputs, L={self.net.num_layers}; the "
-                f"env gives {size} ({self.obs_mode}, d={table.hidden_size}), L={table.num_layers}"
-            )
-        return self.net
-
     # -- acting -----------------------------------------------------------------------------------
-    def bind(self, env: ConsistentEEVectorEnv) -> None:
-        mode = getattr(getattr(env, "encoder", None), "mode", self.obs_mode)
-        if mode != self.obs_mode:
-            raise ValueError(
-                f"this policy reads {self.obs_mode!r} observations and the env gives {mode!r}: make the "
-                f"env with obs_mode={self.obs_mode!r}"
-            )
-        super().bind(env)  # the shapes it learned on (L, d, K), recorded the first time
-        self._ensure_network(env.table)
-
     def exit_probs(self, obs: Any) -> tuple[np.ndarray, np.ndarray]:
         """(c_l, l): the predicted correctness and the layer (1-based) of a batch of observations.
 

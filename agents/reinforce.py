@@ -211,33 +211,13 @@ class Reinforce(NetworkWeights, ExitPolicy):
             self.net = PerLayerPolicy(int(state_size), int(num_layers), self.hidden_size)
 
     def _ensure_network(self, table: ExitTable) -> PerLayerPolicy:
-        # The network reads every entry before the layer one-hot: s_l, and the confidence if observed.
-        encoder = ObservationEncoder(self.obs_mode, table.num_layers, table.hidden_size, table.num_labels)
-        size = encoder.feature_size
         if self.min_layer > table.num_layers:
             raise ValueError(
                 f"min_layer {self.min_layer} is beyond the env's last layer ({table.num_layers})"
             )
-        if self.net is None:
-            self._build(size, table.num_layers)
-        elif (self.net.state_size, self.net.num_layers) != (size, table.num_layers):
-            raise ValueError(
-                f"this policy was built for {self.net.state_size} inputs, L={self.net.num_layers}; the env "
-                f"gives {size} ({self.obs_mode}, d={table.hidden_size}), L={table.num_layers}"
-            )
-        return self.net
+        return super()._ensure_network(table)
 
     # -- acting -----------------------------------------------------------------------------------
-    def bind(self, env: ConsistentEEVectorEnv) -> None:
-        mode = getattr(getattr(env, "encoder", None), "mode", self.obs_mode)
-        if mode != self.obs_mode:
-            raise ValueError(
-                f"this policy reads {self.obs_mode!r} observations and the env gives {mode!r}: make the "
-                f"env with obs_mode={self.obs_mode!r}"
-            )
-        super().bind(env)  # the shapes it learned on (L, d, K), recorded the first time
-        self._ensure_network(env.table)
-
     def exit_probs(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(p_l, l) for a batch of observations of this policy's ``obs_mode``."""
         if self.net is None:

@@ -16,9 +16,10 @@ import time
 
 import agents
 from agents.evaluate import evaluate
+from ee_gym.cli import protocol_type
 from ee_gym.envs import ConsistentEEVectorEnv
 from ee_gym.envs.prepare import load_model, load_table, policy_tables
-from ee_gym.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
+from ee_gym.protocols import DEFAULT_PROTOCOL, get_protocol
 from ee_gym.rewards import default_alpha
 from ee_gym.tasks import get_task
 
@@ -27,15 +28,18 @@ DEFAULT_AGENTS = (
 )
 
 
-def train_policy(name: str, train_table, alpha: float, reward: str, seed: int, **params):
-    """A policy made by name and, for learners, trained on the training table; (policy, seconds)."""
+def train_policy(
+    name: str, train_table, alpha: float, reward: str, seed: int, budget: dict | None = None, **params
+):
+    """A policy made by name (constructor ``params``) and, for learners, trained on the training
+    table within ``budget`` (TrainingBudget fields, e.g. epochs); (policy, seconds)."""
     policy = agents.make(name, **params)
     began = time.perf_counter()
     if policy.learns:
         env = ConsistentEEVectorEnv(
             num_envs=256, table=train_table, obs_mode=policy.obs_mode, reward=reward, alpha=alpha
         )
-        policy.learn(env, seed=seed, progress=False)
+        policy.learn(env, seed=seed, progress=False, **(budget or {}))
     return policy, time.perf_counter() - began
 
 
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model", default=None, help="a multi-exit checkpoint (default: stage 1 of --backbone)"
     )
-    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, type=protocol_type)
     parser.add_argument("--backbone", default="minilm-l6")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--agents", default=DEFAULT_AGENTS, help="comma-separated registry names")

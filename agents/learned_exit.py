@@ -112,6 +112,12 @@ class LearnedExit(NetworkWeights, ExitPolicy):
     name: ClassVar[str] = "learned-exit"
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
+    priced: ClassVar[bool] = False  # the reward and alpha are not read: the threshold sets the trade-off
+    candidates: ClassVar[tuple[tuple[dict, dict], ...]] = (
+        ({}, {}),
+        ({"obs_mode": "state+confidence"}, {}),
+        ({}, {"epochs": 50}),
+    )
     # the core's threshold sweep (ee_gym.evaluation.evaluate_sweep) reads the predicted correctness
     sweeps_threshold: ClassVar[bool] = True
     score_range: ClassVar[tuple[float, float]] = (0.0, 1.0)

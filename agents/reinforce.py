@@ -154,6 +154,16 @@ class Reinforce(NetworkWeights, ExitPolicy):
     network_word: ClassVar[str] = "network"
 
     name: ClassVar[str] = "reinforce"
+    # the search a comparison runs on its validation slice (benchmarks.tuning): the defaults take 2
+    # epochs, few updates on a small policy split; longer, faster, wider, or with the top-2 gap
+    candidates: ClassVar[tuple[tuple[dict, dict], ...]] = (
+        ({}, {}),
+        ({}, {"epochs": 10}),
+        ({}, {"epochs": 30}),
+        ({}, {"epochs": 10, "learning_rate": 1e-3}),
+        ({"hidden_size": 128}, {"epochs": 10}),
+        ({"obs_mode": "state+confidence"}, {"epochs": 10}),
+    )
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
     trains_jointly: ClassVar[bool] = True

@@ -277,3 +277,7 @@ class PCEE(StatsRule):
     def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
         taus = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
         return [{"patience": p, "threshold": t} for p in (1, 2, 3) for t in taus]
+
+
+# calibrated_rule lives in the core (the CLI calibrates rules too); agents.rules re-exports it
+from ee_gym.evaluation import RULE_TOLERANCE, calibrated_rule  # noqa: E402, F401

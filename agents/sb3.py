@@ -80,6 +80,16 @@ class SB3Policy(ExitPolicy):
     num_envs: ClassVar[int] = 64
     vec_env_class: ClassVar[type[SB3VecEnv]] = SB3VecEnv
     sweeps_threshold: ClassVar[bool] = True
+    #: the search a comparison runs on its validation slice (benchmarks.tuning): observations,
+    #: twice the steps, a larger learning rate, a wider network
+    candidates: ClassVar[tuple[tuple[dict, dict], ...]] = (
+        ({}, {}),
+        ({"obs_mode": "stats"}, {}),
+        ({"obs_mode": "full"}, {}),
+        ({"total_timesteps": 200_000}, {}),
+        ({"learning_rate": 3e-4}, {}),
+        ({"policy_kwargs": {"net_arch": [256, 256]}}, {}),
+    )
     #: an actor-critic's score is its EXIT probability; argmax of two actions = p(EXIT) > 0.5
     default_threshold: ClassVar[float] = 0.5
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
@@ -256,6 +266,10 @@ class QRDQNPolicy(DQNPolicy):
     algorithm = sb3_contrib.QRDQN if sb3_contrib else None
     #: 25 quantiles instead of 200: the loss is quadratic in them (40x faster here, as good)
     default_kwargs = {**DQNPolicy.default_kwargs, "policy_kwargs": {"n_quantiles": 25}}
+    candidates = (
+        *SB3Policy.candidates[:-1],
+        ({"policy_kwargs": {"n_quantiles": 25, "net_arch": [256, 256]}}, {}),  # keeps the 25 quantiles
+    )
 
     def _q_values(self, tensor: Any) -> torch.Tensor:
         return self.model.policy.quantile_net(tensor).mean(dim=1)  # the mean of the quantiles, as predict

@@ -46,9 +46,16 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_AGENTS = "reinforce,ppo,a2c,dqn,entropy,patience,pcee,maxprob,static,oracle,oracle-consistent"
+from ee_gym.validation import ConfigError, check_int
+
+DEFAULT_AGENTS = (
+    "reinforce,ppo,a2c,dqn,learned-exit,entropy,patience,pcee,maxprob,static,oracle,oracle-consistent"
+)
 REFERENCES = ("oracle", "oracle-consistent")
+#: the committed results pages (``--publish`` writes there)
 RESULTS = Path(__file__).resolve().parent / "results"
+#: where a run writes when neither --output-dir nor --publish is given (relative to the working folder)
+USER_RESULTS = Path("ee-gym-results")
 
 
 @dataclass
@@ -58,19 +65,24 @@ class CompareArgs:
     task: str = "rte"
     agents: str = DEFAULT_AGENTS  # comma-separated registry names
     seeds: int = 3  # per learner and price
-    alpha_scales: str = "0.5,1,2,4"  # learners' prices, as multiples of the task's default alpha
-    rewards: str = "hardness,plain,ce"  # reinforce runs under each; the first is every learner's reward
+    alpha_scales: str = "0.25,0.5,1,2,4,8"  # learners' prices, as multiples of the task's default alpha
+    rewards: str = "hardness,plain,ce"  # the first is every learner's reward; reward_variants run under all
+    reward_variants: str = "reinforce"  # learners also run under the other rewards (what the reward buys)
+    sweep_points: int = 12  # thresholds swept per trained learner that has one (0: none)
+    tune: bool = True  # choose learners' settings and rules' operating points on a validation slice
     protocol: str | None = None  # None: ee_gym.protocols.DEFAULT_PROTOCOL
     policy_split: str | None = None  # learners' split instead of the protocol's, e.g. "train[:8000]"
     backbone: str = "minilm-l6"
     model: str | None = None  # a multi-exit model folder instead of stage 1 of (task, backbone)
     data_dir: str | None = None
-    output_dir: str | None = None  # default: benchmarks/results/<task>
+    output_dir: str | None = None  # default: ee-gym-results/<task> (--publish: benchmarks/results/<task>)
+    publish: bool = False  # write the committed page benchmarks/results/<task>
     sb3_timesteps: int | None = None  # SB3 learners' training steps (None: each agent's default)
     wall_batch_size: int = 64
     wall_limit: int | None = None  # dev inputs timed for the wall-clock speed-up (None: all)
     wall_repeat: int = 3  # timed rounds (full depth, then every policy); each keeps its best
-    quick: bool = False  # 1 seed, prices x 0.5, 1, 2; reinforce under the first reward only
+    quick: bool = False  # 1 seed, prices x 0.5, 1, 2, 6 swept thresholds; no reward variants, no tuning
+    threads: int = 1  # torch threads of the policy work: small networks gain nothing from more
     progress: bool = True
 
     def resolved(self) -> CompareArgs:
@@ -82,11 +94,21 @@ class CompareArgs:
             "protocol": get_protocol(self.protocol).name,  # checked: an unknown name lists the choices
         }
         if self.quick:
-            changes.update(seeds=1, alpha_scales="0.5,1,2", rewards=self.rewards.split(",")[0])
+            changes.update(
+                seeds=1,
+                alpha_scales="0.5,1,2",
+                rewards=self.rewards.split(",")[0],
+                sweep_points=6,
+                tune=False,
+            )
+        if self.publish and self.output_dir:
+            raise ConfigError("give --output-dir or --publish, not both")
         args = dataclasses.replace(self, **changes)
-        args.output_dir = args.output_dir or str(RESULTS / args.task)
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be 1 or more, got {args.seeds}")
+        args.output_dir = args.output_dir or str((RESULTS if args.publish else USER_RESULTS) / args.task)
+        check_int("seeds", args.seeds, minimum=1)
+        check_int("sweep_points", args.sweep_points, minimum=0)
+        if args.sweep_points == 1:
+            raise ConfigError("--sweep-points must be 0 (no sweep) or at least 2, got 1")
         return args
 
 
@@ -96,19 +118,26 @@ HELP: dict[str, str] = {
     "agents": "comma-separated policy names (agents.REGISTRY): learners, rules and oracles",
     "seeds": "seeds per learner and layer price",
     "alpha_scales": "comma-separated layer prices of the learners, as multiples of the task's default alpha",
-    "rewards": "comma-separated rewards reinforce runs under; the first is every learner's reward",
-    "protocol": "which inputs learners train on: 'paper' or 'held-out' (ee_gym.protocols; "
-    "None: DEFAULT_PROTOCOL, held-out)",
+    "rewards": "comma-separated rewards; the first is every learner's, --reward-variants run under each",
+    "reward_variants": "comma-separated learners that also run under every other reward of --rewards",
+    "sweep_points": "thresholds swept per trained learner that has one (0: none; placed on the policy split)",
+    "tune": "choose each learner's settings (its class's candidates) and each rule's operating point on a "
+    "validation slice of the policy split (benchmarks.tuning); --no-tune: class defaults",
+    "protocol": "which inputs learners train on: paper, held-out, cross-fit or cross-fit:<k> "
+    "(ee_gym.protocols; None: DEFAULT_PROTOCOL)",
     "policy_split": "the learners' split instead of the protocol's, e.g. 'train[:8000]'",
     "backbone": "the backbone whose stage-1 model is compared (trained on first use)",
     "model": "a multi-exit model folder, used instead of stage 1 of (task, backbone)",
     "data_dir": "the data folder (GLUE layout; None: $EE_GYM_DATA, else the Hugging Face hub)",
-    "output_dir": "where results.md, curves.png and results.json go (None: benchmarks/results/<task>)",
+    "output_dir": "where results.md, curves.png and results.json go (None: ee-gym-results/<task>)",
+    "publish": "write the committed page benchmarks/results/<task> instead of a folder of your own",
     "sb3_timesteps": "training steps of each SB3 learner (None: each agent's default)",
     "wall_batch_size": "batch size of the batched early-exit inference timed for the wall-clock speed-up",
     "wall_limit": "dev inputs timed for the wall-clock speed-up (None: all)",
     "wall_repeat": "timed rounds (full depth, then every policy); each keeps its best",
-    "quick": "1 seed, prices x 0.5, 1, 2, and reinforce under the first reward only",
+    "quick": "1 seed, prices x 0.5, 1, 2, 6 swept thresholds per learner, no reward variants, no tuning",
+    "threads": "torch threads of the policy work, set once for every learner (stage 1 and the caches "
+    "run before, on torch's default)",
     "progress": "show progress bars",
 }
 
@@ -201,6 +230,7 @@ class Run:
     reward: str | None = None
     seed: int | None = None
     train_seconds: float = 0.0
+    exit_histogram: list[int] = field(default_factory=list)  # dev inputs exiting at layers 1..L
     # per dev input, for the paired statistics (benchmarks.paired); not written to results.json
     predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
     exit_layers: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -216,13 +246,18 @@ class Run:
 def _score(policy, dev) -> dict[str, Any]:
     from agents.evaluate import evaluate
 
-    result = evaluate(policy, dev)
+    return _fields(evaluate(policy, dev))
+
+
+def _fields(result) -> dict[str, Any]:
+    """A :class:`Run`'s numbers from an :class:`~ee_gym.evaluation.EvalResult`."""
     return dict(
         metric=result.score,
         metrics=result.metrics,
         mean_exit_layer=result.mean_exit_layer,
         saved_layers=result.saved_layers,
         speedup=result.speedup,
+        exit_histogram=list(result.exit_histogram),
         predictions=np.asarray(result.predictions),
         exit_layers=np.asarray(result.exit_layers),
     )
@@ -240,66 +275,153 @@ class Planned:
     alpha_scale: float | None = None
     reward: str | None = None
     seed: int | None = None
+    budget: dict[str, Any] = field(default_factory=dict)  # a learner's learn budget (epochs, ...)
 
 
-def plan_runs(args: CompareArgs, num_layers: int) -> list[Planned]:
-    """Every run of the comparison, in order; the full model (static exit at L) last."""
+@dataclass
+class Settings:
+    """What the validation slice chose (:mod:`benchmarks.tuning`): each learner's search and each
+    rule's operating point. Empty: every policy at its class defaults."""
+
+    learners: dict[str, Any] = field(default_factory=dict)  # name -> tuning.LearnerChoice
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> the operating point's params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "learners": {name: choice.to_dict() for name, choice in self.learners.items()},
+            "rules": self.rules,
+        }
+
+
+def plan_runs(args: CompareArgs, num_layers: int, settings: Settings | None = None) -> list[Planned]:
+    """Every run of the comparison, in order; the full model (static exit at L) last.
+
+    A learner trains at every price of ``alpha_scales`` (once, at the default price, when what it
+    learns does not depend on one: ``priced`` False) and seed; ``reward_variants`` also under every
+    other reward. Its threshold sweep (``sweep_points``) adds curve points to each training run.
+    ``settings``: the learners' chosen settings and the rules' operating points (else the defaults).
+    """
     import agents
 
     rewards = [r for r in args.rewards.split(",") if r]
+    variants = {v for v in args.reward_variants.split(",") if v}
     scales = list(dict.fromkeys(float(s) for s in args.alpha_scales.split(",") if s))
     if 1.0 not in scales:
         scales.append(1.0)  # the default price is the operating point
     plan = []
+    settings = settings or Settings()
     for name in [a for a in args.agents.split(",") if a]:
         probe = agents.make(name)
         if probe.learns:
-            params = (
-                {"total_timesteps": args.sb3_timesteps} if args.sb3_timesteps and name != "reinforce" else {}
-            )
-            for reward in rewards if name == "reinforce" else rewards[:1]:
+            params, budget = fixed_params(args, name), {}
+            if name in settings.learners:
+                params, budget = settings.learners[name].params, settings.learners[name].budget
+            for reward in rewards if name in variants else rewards[:1]:
+                if not probe.priced and reward != rewards[0]:
+                    continue  # it never reads the reward
                 label = name if reward == rewards[0] else f"{name} ({reward})"
                 plan += [
-                    Planned(label, name, "learner", params, scale == 1.0, scale, reward, seed)
-                    for scale in scales
+                    Planned(label, name, "learner", params, scale == 1.0, scale, reward, seed, budget)
+                    for scale in (scales if probe.priced else [1.0])
                     for seed in range(args.seeds)
                 ]
         elif name in REFERENCES:
             plan.append(Planned(name, name, "reference", {}, True))
         else:
             plan += [Planned(name, name, "rule", p, False) for p in type(probe).sweep(num_layers)]
-            plan.append(Planned(name, name, "rule", probe.get_params(), True))
+            plan.append(Planned(name, name, "rule", settings.rules.get(name, probe.get_params()), True))
     plan.append(Planned("full model", "static", "reference", {"layer": num_layers}, True))
     return plan
 
 
+def fixed_params(args: CompareArgs, name: str) -> dict[str, Any]:
+    """Constructor arguments the command line fixes for learner ``name`` (``--sb3-timesteps``)."""
+    from ee_gym.policy import policy_class
+
+    accepted = policy_class(name).accepted_arguments() or []
+    return (
+        {"total_timesteps": args.sb3_timesteps}
+        if args.sb3_timesteps and "total_timesteps" in accepted
+        else {}
+    )
+
+
 def count_runs(args: CompareArgs, num_layers: int) -> int:
-    """How many runs :func:`run_all` makes."""
+    """How many planned runs :func:`run_all` makes (each trained learner's sweep adds points to them)."""
     return len(plan_runs(args, num_layers))
 
 
-def run_all(args: CompareArgs, train, dev, alpha: float, bar) -> tuple[list[Run], dict[str, Any]]:
-    """Every planned run, and the policy object of each table row (for wall-clock timing)."""
+def choose_settings(args: CompareArgs, train, alpha: float, bar) -> Settings:
+    """Each learner's settings and each rule's operating point, chosen on a validation slice of the
+    policy split (:mod:`benchmarks.tuning`); the defaults when ``args.tune`` is False."""
+    import agents
+    from benchmarks.tuning import choose_learner_settings, validation_split
+    from ee_gym.evaluation import calibrated_rule
+
+    settings = Settings()
+    if not args.tune:
+        return settings
+    fit, validation = validation_split(train)
+    reward = next(r for r in args.rewards.split(",") if r)
+    for name in [a for a in args.agents.split(",") if a]:
+        probe = agents.make(name)
+        if probe.learns:
+            bar.set_postfix_str(f"choosing {name}'s settings on the validation slice")
+            settings.learners[name] = choose_learner_settings(
+                name, fit, validation, alpha, reward, args.sweep_points, fixed=fixed_params(args, name)
+            )
+        elif probe.deployable:
+            settings.rules[name] = calibrated_rule(name, validation)
+    return settings
+
+
+def run_all(
+    args: CompareArgs, train, dev, alpha: float, bar, settings: Settings | None = None
+) -> tuple[list[Run], dict[str, Any]]:
+    """Every planned run, and the policy object of each table row (for wall-clock timing).
+
+    A trained learner that sweeps a threshold is also scored at ``sweep_points`` thresholds placed
+    on its scores over the policy split (``train``), never on dev: extra points of its curve, same
+    seed, not the operating point.
+    """
     import agents
     from agents.__main__ import train_policy
+    from ee_gym.evaluation import evaluate_sweep, table_scores
 
     runs, operating = [], {}
-    for item in plan_runs(args, dev.num_layers):
+    for item in plan_runs(args, dev.num_layers, settings):
         seconds, run_alpha = 0.0, None
         if item.kind == "learner":
             run_alpha = alpha * item.alpha_scale
             bar.set_postfix_str(f"{item.label} alpha x{item.alpha_scale:g} seed {item.seed}")
             policy, seconds = train_policy(
-                item.policy, train, run_alpha, item.reward, item.seed, **item.params
+                item.policy, train, run_alpha, item.reward, item.seed, budget=item.budget, **item.params
             )
         else:
             policy = agents.make(item.policy, **item.params)
-        run = Run(
-            item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev),
+        common = dict(
             default=item.default, alpha=run_alpha, alpha_scale=item.alpha_scale, reward=item.reward,
             seed=item.seed, train_seconds=round(seconds, 3),
         )  # fmt: skip
-        runs.append(run)
+        runs.append(
+            Run(item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev), **common)
+        )
+        if item.kind == "learner" and policy.sweeps_threshold and args.sweep_points:
+            first = getattr(policy, "min_layer", 1) - 1
+            deciding = table_scores(policy, train)[:, first : train.num_layers - 1]
+            taus = policy.threshold_sweep(deciding, num=args.sweep_points)
+            for result in evaluate_sweep(policy, dev, taus=taus):
+                params = {**policy.get_params(), "exit_threshold": result.threshold}
+                runs.append(
+                    Run(
+                        item.label,
+                        item.policy,
+                        item.kind,
+                        params,
+                        **_fields(result),
+                        **{**common, "default": False},
+                    )
+                )
         table_row = item.default and item.seed in (None, 0) and item.kind != "reference"
         if table_row or item.label == "full model":  # the policies wall-clock timing runs
             operating[item.label] = policy
@@ -374,6 +496,7 @@ def summarise(runs: list[Run], num_layers: int, wall: dict[str, dict]) -> tuple[
                 "mean_exit_layer": float(np.mean([r.mean_exit_layer for r in point])),
                 "wall_speedup": wall.get(label, {}).get("wall_speedup"),
                 "train_seconds": float(np.mean([r.train_seconds for r in point])),
+                "exit_histogram": point[0].exit_histogram,  # the first seed's, at the operating point
                 "auc": auc[0],
                 "auc_ci": [auc[1], auc[2]],
             }
@@ -422,6 +545,31 @@ def paired_statistics(
         "bootstrap": dataclasses.asdict(settings),
         "replicates": reps,
         "settings": settings,
+    }
+
+
+def stage1_spread(task: str, train, metric: str, tables: dict) -> dict | None:
+    """Under cross-fit, the full-depth dev metric of every fold model: k stage-1 runs that differ in
+    the data they saw, a measure of how much stage 1 alone moves the numbers (None otherwise)."""
+    if not train.cross_fit:
+        return None
+    from ee_gym.envs.prepare import load_table
+    from ee_gym.evaluation import curve_anchors
+    from ee_gym.multiexit import MultiExitModel
+
+    values = []
+    for fold in train.cross_fit["folds"]:
+        fold_model = MultiExitModel.from_pretrained(Path(fold["run_dir"]) / "model").eval()
+        values.append(100 * curve_anchors(load_table(fold_model, task, "dev", **tables))[0])
+    text = (
+        f"the {len(values)} fold models (stage 1 on {len(values) - 1}/{len(values)} of train each) score "
+        f"{', '.join(f'{v:.1f}' for v in values)} {metric} at full depth on dev (spread {np.ptp(values):.1f} points)"
+    )
+    return {
+        "fold_full_dev": values,
+        "std": float(np.std(values, ddof=1)),
+        "range": float(np.ptp(values)),
+        "text": text,
     }
 
 
@@ -477,14 +625,20 @@ def claims(
 
 
 def _paired_claims(rows: list[dict], stats: dict) -> list[str]:
-    """Each learner against the best rule, reinforce against entropy and patience and under each reward."""
+    """Each learner against the best rule, reinforce (ConsistentEE) against entropy and patience, and
+    every learner run under several rewards against its reward variants."""
     from benchmarks.paired import difference, verdict
 
     reps, settings, best = stats["replicates"], stats["settings"], stats["best_rule"]
     labels = {row["label"] for row in rows}
     pairs = [(row["label"], best) for row in rows if best and row["kind"] == "learner"]
     pairs += [("reinforce", rule) for rule in ("entropy", "patience") if rule != best and rule in labels]
-    pairs += [("reinforce", f"reinforce ({reward})") for reward in ("plain", "ce")]
+    # each reward variant against the learner under the first reward: what the reward buys
+    pairs += [
+        (row["label"].split(" (")[0], row["label"])
+        for row in rows
+        if " (" in row["label"] and row["kind"] == "learner"
+    ]
     lines = []
     for policy, reference in pairs:
         if policy not in labels or reference not in labels:
@@ -567,56 +721,129 @@ def _params(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "default"
 
 
-def plot(runs: list[Run], rows: list[dict], path: Path, title: str, metric: str, num_layers: int) -> None:
-    """Metric against layer speed-up: one curve per policy; the full model and the oracles marked."""
+def mean_curve(runs: list[Run], anchors: dict, num_layers: int, grid: np.ndarray) -> np.ndarray:
+    """A learner's curve on ``grid`` (speed-ups): each seed's frontier as :func:`curve_auc` reads it,
+    averaged over seeds (what its AUC is the mean of)."""
+    seeds = sorted({r.seed for r in runs if r.seed is not None}) or [None]
+    curves = []
+    for seed in seeds:
+        points = [(r.speedup, r.metric) for r in runs if r.seed == seed]
+        ends = frontier([*points, (1.0, anchors["full"]), (float(num_layers), anchors["first_layer"])])
+        curves.append(np.interp(grid, ends[:, 0], ends[:, 1]))
+    return np.mean(curves, axis=0)
+
+
+def plot(
+    runs: list[Run],
+    rows: list[dict],
+    path: Path,
+    title: str,
+    metric: str,
+    num_layers: int,
+    anchors: dict,
+    noise: tuple[float, float] | None = None,
+) -> None:
+    """Metric against layer speed-up: one curve (and colour) per policy over the AUC's range.
+
+    Learners: the seed-averaged frontier of every training price and swept threshold (faint dots: the
+    points), their operating point with its interval over seeds. Rules: their swept points. The
+    full model is a star and its dev-set interval a grey band; a reference far above the curves (an
+    oracle) is marked at the top edge with its value instead of stretching the axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colours = plt.get_cmap("tab20").colors
+    deployable = [row for row in rows if row["kind"] != "reference"]
+    palette = {row["label"]: colours[(2 * i) % 20 + (2 * i) // 20 % 2] for i, row in enumerate(deployable)}
+    high = num_layers / 2
+    grid = np.linspace(1.0, high, 101)
+    seen: list[float] = []
+    for row in deployable:
         mine = [r for r in runs if r.label == row["label"]]
-        if row["label"] == "full model":
-            ax.plot(
-                [row["speedup"]], [100 * row["metric"]], "k*", markersize=14, label="full model", zorder=5
+        colour = palette[row["label"]]
+        if row["kind"] == "learner":
+            curve = 100 * mean_curve(mine, anchors, num_layers, grid)
+            ax.plot(grid, curve, "-", color=colour, lw=1.8, label=row["label"])
+            ax.scatter(
+                [r.speedup for r in mine], [100 * r.metric for r in mine], s=6, color=colour, alpha=0.3
             )
-        elif row["kind"] == "reference":
-            ax.plot(
-                [row["speedup"]],
-                [100 * row["metric"]],
-                "D",
-                markersize=8,
-                label=f"{row['label']} (reference)",
-            )
-        elif row["kind"] == "learner":  # mean over seeds at each price, with the seeds' interval
-            scales = sorted({r.alpha_scale for r in mine})
-            xs, ys, lows, highs = [], [], [], []
-            for scale in scales:
-                at = [r for r in mine if r.alpha_scale == scale]
-                mean, low, high = mean_ci([r.metric for r in at])
-                xs.append(np.mean([r.speedup for r in at]))
-                ys.append(100 * mean)
-                lows.append(100 * (mean - low) if not math.isnan(low) else 0.0)
-                highs.append(100 * (high - mean) if not math.isnan(high) else 0.0)
-            order = np.argsort(xs)
+            low, up = row["metric_ci"]
+            err = None if math.isnan(low) else [[100 * (row["metric"] - low)], [100 * (up - row["metric"])]]
             ax.errorbar(
-                np.asarray(xs)[order], np.asarray(ys)[order],
-                yerr=[np.asarray(lows)[order], np.asarray(highs)[order]],
-                marker="o", capsize=3, label=row["label"],
-            )  # fmt: skip
+                [row["speedup"]], [100 * row["metric"]], yerr=err, fmt="o", color=colour, capsize=3, ms=6
+            )
+            seen += curve.tolist()
         else:
             points = sorted((r.speedup, 100 * r.metric) for r in mine if not r.default)
-            ax.plot(*zip(*points, strict=True), marker=".", alpha=0.8, label=row["label"])
-    ax.axvspan(1.0, num_layers / 2, color="0.95", zorder=0, label=f"AUC range (1x to {num_layers / 2:g}x)")
+            ax.plot(*zip(*points, strict=True), "--", marker=".", color=colour, alpha=0.9, label=row["label"])
+            seen += [m for x, m in points if x <= high]
+    full = 100 * anchors["full"]
+    if noise is not None:
+        ax.axhspan(100 * noise[0], 100 * noise[1], color="0.85", alpha=0.5, zorder=0,
+                   label="full model, 95% dev-set interval")  # fmt: skip
+    ax.plot([1.0], [full], "k*", markersize=14, label="full model", zorder=5)
+    seen.append(full)
+    bottom, top = min(seen), max(seen)
+    pad = max(0.5, 0.08 * (top - bottom))
+    bottom, top = bottom - pad, top + pad
+    for row in rows:
+        if row["kind"] != "reference" or row["label"] == "full model":
+            continue
+        value, x = 100 * row["metric"], min(row["speedup"], high)
+        if value > top:  # off the axis: marked at the edge with its value
+            ax.annotate(f"{row['label']}: {value:.1f} at {row['speedup']:.2f}x (reference, off the axis)",
+                        (x, top), xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7,
+                        arrowprops={"arrowstyle": "->"})  # fmt: skip
+        else:
+            ax.plot([x], [value], "kD", markersize=6, fillstyle="none", label=f"{row['label']} (reference)")
+    ax.set_xlim(1.0, high)
+    ax.set_ylim(bottom, top)
     ax.set_xlabel("layer speed-up (L / mean exit layer)")
     ax.set_ylabel(f"dev {metric} (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def settings_section(settings: Settings, train) -> list[str]:
+    """results.md's account of what the validation slice chose (or that nothing was chosen)."""
+    from benchmarks.tuning import VALIDATION_FRACTION
+
+    if not settings.learners and not settings.rules:
+        return [
+            "## Settings",
+            "",
+            "Every policy at its class defaults (no validation search: `--no-tune` or `--quick`).",
+        ]
+    lines = [
+        "## Settings chosen on the validation slice",
+        "",
+        f"A seeded {VALIDATION_FRACTION:.0%} of the policy split ({train.split}, {train.num_inputs} inputs) "
+        "held out (`benchmarks.tuning`); dev is never read. Learners: each candidate of the class's search "
+        "trained once (default price, seed 0) on the rest and scored by its validation AUC; the best trains "
+        "every price and seed on the whole split. Rules: the operating point is the fastest setting within "
+        "1 point of the full model's validation metric (`agents.rules.calibrated_rule`).",
+        "",
+        "| policy | chosen | validation AUC of each candidate (chosen in bold) |",
+        "|---|---|---|",
+    ]
+    for name, choice in settings.learners.items():
+        cells = []
+        for i, c in enumerate(choice.candidates):
+            text = f"{_params({**c['params'], **c['budget']})}: {_pct(c['validation_auc'])}"
+            cells.append(f"**{text}**" if i == choice.chosen else text)
+        chosen = _params({**choice.params, **choice.budget})
+        lines.append(f"| {name} | {chosen} | {'; '.join(cells)} |")
+    for name, params in settings.rules.items():
+        lines.append(f"| {name} | {_params(params)} | (rule: operating point only) |")
+    return lines
 
 
 def versions() -> dict[str, str]:
@@ -640,6 +867,18 @@ def versions() -> dict[str, str]:
 
 
 # -- the command ------------------------------------------------------------------------------------
+def set_threads(threads: int) -> None:
+    """One thread budget for the whole process: torch's intra- and inter-op pools (the BLAS threads
+    of numpy follow OMP_NUM_THREADS, read at import: set it in the shell for more than one). Two
+    comparisons on a 2-core machine then share it instead of each asking for every core."""
+    import torch
+
+    check_int("threads", threads, minimum=1)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(threads)
+
+
 def parse_args(argv=None) -> CompareArgs:
     from ee_gym.cli import add_dataclass_arguments
 
@@ -655,7 +894,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from agents.evaluate import evaluate
-    from ee_gym.envs.prepare import load_model, load_table
+    from ee_gym.envs.prepare import load_model, load_table, policy_table
     from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
 
@@ -668,14 +907,16 @@ def main(argv=None) -> int:
         protocol=args.protocol,
     )  # fmt: skip
     tables = dict(data_dir=args.data_dir, progress=args.progress)
-    train = load_table(model, task, policy_split, **tables)
+    train = policy_table(model, task, args.protocol, split=policy_split, backbone=args.backbone, **tables)
     dev = load_table(model, task, "dev", **tables)
     num_layers, alpha = dev.num_layers, default_alpha(task, dev.num_layers)
+    set_threads(args.threads)  # stage 1 and the caches (above) ran on torch's default threads
 
     bar = tqdm(
         total=count_runs(args, num_layers), desc=f"compare [{task}]", unit="run", disable=not args.progress
     )
-    runs, operating = run_all(args, train, dev, alpha, bar)
+    settings = choose_settings(args, train, alpha, bar)
+    runs, operating = run_all(args, train, dev, alpha, bar, settings)
     bar.set_postfix_str("wall-clock timing")
     wall = wall_speedups(model, task, args, operating)
     bar.close()
@@ -685,13 +926,14 @@ def main(argv=None) -> int:
     metric = full_result.metric
     noise = dev_set_interval(task, full_result.predictions, dev.labels)
     stats = paired_statistics(task, runs, rows, np.asarray(dev.labels), num_layers)
+    spread = stage1_spread(task, train, metric, tables)
     found = claims(runs, rows, anchors, num_layers, stats)
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{task} dev ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"
-    plot(runs, rows, out / "curves.png", title, metric, num_layers)
+    plot(runs, rows, out / "curves.png", title, metric, num_layers, anchors, noise)
     record = {
         "task": task,
         "metric": metric,
@@ -700,6 +942,9 @@ def main(argv=None) -> int:
         "protocol": args.protocol,
         "policy_split": policy_split,
         "policy_inputs": train.num_inputs,
+        "cross_fit": train.cross_fit,  # the folds and fold models, under a cross-fit protocol
+        "tuning": settings.to_dict(),  # what the validation slice chose (benchmarks.tuning)
+        "stage1_spread": spread,  # cross-fit: the fold models' full-depth dev metrics (stage-1 noise)
         "default_alpha": alpha,
         "model": model.config.backbone,
         "model_fingerprint": model.fingerprint(),
@@ -739,11 +984,13 @@ def main(argv=None) -> int:
         "",
         "![metric against speed-up](curves.png)",
         "",
+        *settings_section(settings, train),
+        "",
         "## Claims tested",
         "",
         "Verdicts read the paired 95% interval of the difference (dev inputs and learners' seeds resampled",
         'jointly): "beats" where it lies above 0, "ties with" where it holds 0. Stage-1 training noise is',
-        "not in it (one stage-1 model).",
+        "not in it (one stage-1 model)" + (f"; {spread['text']}" if spread else "") + ".",
         "",
         *[f"- {line}" for line in found],
         "",

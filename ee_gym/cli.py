@@ -251,6 +251,31 @@ def _policy_from_args(args: argparse.Namespace):
     return make_policy(args.policy, **kwargs)
 
 
+def _calibrated(args: argparse.Namespace, model, policy):
+    """``policy``, or, for a rule named with no settings (and ``--calibrate``), that rule with the
+    setting calibrated on a validation slice of this model's policy-split table (built once, cached)."""
+    from pathlib import Path
+
+    if policy is None or policy.learns or not policy.deployable or args.policy_arg or not args.calibrate:
+        return policy
+    if Path(args.policy).is_dir():
+        return policy
+    from ee_gym.envs.prepare import policy_table
+    from ee_gym.evaluation import calibrated_rule, validation_split
+    from ee_gym.policy import make_policy
+    from ee_gym.protocols import get_protocol
+
+    split = get_protocol(args.protocol).policy_split
+    table = policy_table(model, args.task, args.protocol, backbone=args.backbone, data_dir=args.data_dir)
+    params = calibrated_rule(args.policy, validation_split(table)[1])
+    print(
+        f"ee-gym: {args.policy} calibrated on a validation slice of {split} for this model: {params} "
+        "(--no-calibrate for the class default)",
+        file=sys.stderr,
+    )
+    return make_policy(args.policy, **params)
+
+
 def _read_texts(path: str) -> tuple[list[str], list[str] | None]:
     """One text per line, or two tab-separated columns per line for pairs; blank lines skipped."""
     from pathlib import Path
@@ -277,7 +302,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.texts and args.split:
         raise ValueError("give --texts or --split, not both")
     model = MultiExitModel.from_pretrained(_model_dir(args))
-    policy = _policy_from_args(args)
+    policy = _calibrated(args, model, _policy_from_args(args))
     max_length = args.max_length or task_default(args.task, "max_length")
     options = dict(policy=policy, batch_size=args.batch_size, max_length=max_length)
     if args.texts:
@@ -337,26 +362,36 @@ def _add_protocol_argument(
     parser: argparse.ArgumentParser,
     text: str = "whose stage-1 model is the default --model: the one trained on its stage-1 split",
 ) -> None:
-    from ee_gym.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+    from ee_gym.protocols import DEFAULT_PROTOCOL, protocol_choices
 
     parser.add_argument(
         "--protocol",
         default=DEFAULT_PROTOCOL,
-        choices=list(PROTOCOLS),
-        help=f"{text} (default: {DEFAULT_PROTOCOL})",
+        type=protocol_type,
+        help=f"{text}: {protocol_choices()} (default: {DEFAULT_PROTOCOL})",
     )
+
+
+def protocol_type(value: str) -> str:
+    """argparse ``type=`` of a --protocol option: the canonical name, or a usage error naming the choices."""
+    from ee_gym.protocols import check_protocol
+    from ee_gym.validation import ConfigError
+
+    try:
+        return check_protocol(value)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_stage1_arguments(p: argparse.ArgumentParser) -> None:
     """``ee-gym stage1``'s options: every Stage1Config field, and --protocol."""
-    from ee_gym.protocols import PROTOCOLS
     from ee_gym.training import Stage1Config
 
     add_dataclass_arguments(p, Stage1Config)
     p.add_argument(
         "--protocol",
         default=None,
-        choices=list(PROTOCOLS),
+        type=protocol_type,
         help="train on this protocol's stage-1 split instead of --train-split; held-out: the model "
         "gym.make and the benchmarks use by default",
     )
@@ -442,6 +477,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--policy", default=None, help="a saved policy folder or a policy name (default: full depth)"
     )
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE", help="for a policy name")
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a rule named with no --policy-arg takes the fastest setting of its sweep within 1 point of "
+        "full depth on a validation slice of the protocol's policy split (ee_gym.evaluation.calibrated_rule); "
+        "--no-calibrate: the class default",
+    )
     p.add_argument("--texts", default=None, metavar="FILE", help="one text per line, or text<TAB>text pairs")
     p.add_argument("--split", default=None, help="a split of --task (default: dev, unless --texts)")
     p.add_argument("--data-dir", default=None)

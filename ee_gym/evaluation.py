@@ -13,14 +13,17 @@ curve from one training run: :func:`evaluate_sweep` scores it at every threshold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
-from ee_gym.policy import ExitPolicy
+from ee_gym.policy import ExitPolicy, make_policy
 from ee_gym.tasks import UnknownTaskError, compute_metrics
+from ee_gym.validation import ConfigError, check_float
 
 
 @dataclass
@@ -118,6 +121,17 @@ def full_depth_metrics(table: ExitTable) -> dict[str, float]:
     return score_predictions(table.task, table.predictions[:, -1], table.labels)[1]
 
 
+def curve_anchors(table: ExitTable) -> tuple[float, float]:
+    """(the full model's metric, layer 1's metric) on ``table``: where every exit policy's curve
+    ends (never exiting early, and exiting every input at layer 1)."""
+
+    def metric(column: int) -> float:
+        name, values = score_predictions(table.task, table.predictions[:, column], table.labels)
+        return values[name]
+
+    return metric(-1), metric(0)
+
+
 def table_scores(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> np.ndarray:
     """``policy.exit_scores`` at every (input, layer) of ``table``: float64 [N, L].
 
@@ -174,3 +188,45 @@ def evaluate_sweep(
         result.threshold = float(tau)
         results.append(result)
     return results
+
+
+#: the share of a policy split's rows held out to choose settings on (rules' and learners')
+VALIDATION_FRACTION = 0.2
+
+
+def validation_split(table, fraction: float = VALIDATION_FRACTION, seed: int = 0):
+    """(fitting table, validation table): a seeded random ``fraction`` of the rows (at least one)
+    for validation, the rest for fitting, each in the table's row order."""
+    n = table.num_inputs
+    if n < 2:
+        raise ValueError(f"a validation slice needs a policy split of at least 2 inputs, got {n}")
+    held = np.sort(np.random.default_rng(seed).permutation(n)[: max(1, math.ceil(fraction * n))])
+    rest = np.setdiff1d(np.arange(n), held)
+    return table.select(rest), table.select(held)  # (the split names stay: envs check them)
+
+
+#: a calibrated rule keeps the metric within this of the full model's (1 point of accuracy)
+RULE_TOLERANCE = 0.01
+
+
+def calibrated_rule(name: str, table: ExitTable, tolerance: float = RULE_TOLERANCE) -> dict[str, Any]:
+    """Settings of the rule ``name`` that fit this model: of its sweep (and its default), the one
+    with the largest layer speed-up on ``table`` whose metric there is at least the full model's
+    minus ``tolerance``; the rule's default settings when none is.
+
+    Pass a table the rule will not be judged on (a validation slice of the policy split): a fixed
+    default threshold suits some models and never fires on others (heads near-uniform after a short
+    stage 1), while this one is read off the model itself. ``agents.make(name, **calibrated_rule(name,
+    table))`` makes the rule; ``ee-gym predict --policy <rule>`` calibrates this way.
+    """
+    probe = make_policy(name)
+    if probe.learns or not probe.deployable:
+        raise ConfigError(f"{name!r} is not a rule: calibrated_rule picks a deployable rule's setting")
+    tolerance = check_float("tolerance", tolerance, minimum=0.0)
+    full, _ = curve_anchors(table)
+    best, best_speed = probe.get_params(), -1.0
+    for params in [probe.get_params(), *type(probe).sweep(table.num_layers)]:
+        result = evaluate(make_policy(name, **params), table)
+        if result.score >= full - tolerance and result.speedup > best_speed:
+            best, best_speed = params, result.speedup
+    return best

@@ -130,6 +130,11 @@ class PipelineConfig(RunSetup):
         RunSetup.validate(self)
         check_policy_name("agent", self.agent)
         self.rounds = check_int("rounds", self.rounds, minimum=1)
+        if self.rounds > 1 and get_protocol(self.protocol).cross_fit:
+            raise ConfigError(
+                f"protocol {self.protocol!r} takes rounds=1: its policy table comes from stage-1 fold "
+                "models, which stage 3 does not refresh; use rounds=1, or protocol 'held-out' for more rounds"
+            )
         self.reward = check_choice("reward", self.reward, REWARDS)
         self.alpha = check_optional_float("alpha", self.alpha, minimum=0.0)
         check_output_folder("output_dir", self.output_dir)
@@ -242,7 +247,7 @@ def default_run_dir(task: str, backbone: str, agent: str, protocol: str = DEFAUL
 
 def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processes: PartialState):
     """:func:`train_pipeline` on a resolved config, inside the run folder's lock."""
-    from ee_gym.envs.prepare import load_table
+    from ee_gym.envs.prepare import load_table, policy_table
     from ee_gym.evaluation import evaluate, full_depth_metrics
     from ee_gym.training import train_stage1
 
@@ -306,8 +311,13 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
         memorized, policy_memorized = np.load(memorized_path), np.load(policy_memorized_path)
     else:
         stage3_rows = load_table(current, task.name, protocol.stage1_split, max_inputs=stage3_limit, **tables)
-        policy_rows = load_table(
-            current, task.name, protocol.policy_split, max_inputs=config.train_limit, **tables
+        policy_rows = policy_table(
+            current,
+            task.name,
+            protocol.name,
+            backbone=config.backbone,
+            max_inputs=config.train_limit,
+            **tables,
         )
         memorized = np.asarray(stage3_rows.memorized, dtype=np.int64)
         policy_memorized = np.asarray(policy_rows.memorized, dtype=np.int64)
@@ -342,9 +352,10 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
             policy = load_policy(stage2_dir)
             done[f"stage2-round{r}"] = {}
         else:
-            table = load_table(
-                current, task.name, protocol.policy_split, max_inputs=config.train_limit, **tables
-            )
+            table = policy_table(
+                current, task.name, protocol.name, backbone=config.backbone, max_inputs=config.train_limit,
+                **tables,
+            )  # fmt: skip
             table = dataclasses.replace(table, memorized=policy_memorized, derived={})  # stage-1 m(x)
             if not carries:  # a new learner on the refreshed table (rules: nothing to learn)
                 policy = _new_agent(config, config.seed + r)

@@ -176,6 +176,13 @@ class ExitPolicy(ABC):
     learns: ClassVar[bool] = False
     #: True for policies that train with the model in stage 3 (see the joint_* methods)
     trains_jointly: ClassVar[bool] = False
+    #: for learners: whether what they learn depends on the layer price alpha (the env's reward);
+    #: False for a supervised learner, whose trade-off is set by its threshold alone
+    priced: ClassVar[bool] = True
+    #: for learners: the settings a comparison may choose among on a validation slice of the policy
+    #: split (benchmarks.tuning), each (constructor arguments, learn budget fields); the first is the
+    #: defaults. A learner's own class states its search, within a budget of a few trainings.
+    candidates: ClassVar[tuple[tuple[dict[str, Any], dict[str, Any]], ...]] = (({}, {}),)
     #: a learner's table shapes (:data:`SHAPE_KEYS`), recorded on its first learn/bind; None for rules
     shapes: dict[str, Any] | None = None
     #: True for policies whose deterministic ``act`` is "EXIT where ``exit_scores`` > a threshold"

@@ -13,9 +13,9 @@ This module imports nothing heavy: configs and env keywords are checked against 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ee_gym.validation import check_choice
+from ee_gym.validation import ConfigError, check_choice
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,13 @@ class Protocol:
     stage1_split: str  # the split stage 1 (and stage 3's model loss) trains on
     policy_split: str  # the split stage 2 trains the exit policy on, and gym.make's default split
     summary: str
+    #: cross-fitting: the policy split's table comes from ``folds`` fold models, each trained on the
+    #: rest of the split, so that every row is an input its model never saw (0: one model, no folds)
+    folds: int = 0
+
+    @property
+    def cross_fit(self) -> bool:
+        return self.folds > 0
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -36,6 +43,15 @@ PROTOCOLS: dict[str, Protocol] = {
             "train",
             "train",
             "the policy learns on the training inputs the heads were fitted to (ConsistentEE)",
+        ),
+        Protocol(
+            "cross-fit",
+            "train",
+            "train",
+            "stage 1 fits all of train (the evaluated model); the policy learns on all of train, each "
+            "input's per-layer table coming from one of 3 fold models that never saw it (each fits "
+            "the other folds); 'cross-fit:<k>' takes k folds",
+            folds=3,
         ),
         Protocol(
             "held-out",
@@ -54,9 +70,46 @@ POLICY_PROTOCOLS: dict[str, tuple[str, str]] = {
 }
 
 
+#: the most folds ``cross-fit:<k>`` takes (each fold is one more stage-1 run)
+MAX_FOLDS = 20
+
+
 def get_protocol(name: str | None = None) -> Protocol:
-    """The protocol ``name`` (None: :data:`DEFAULT_PROTOCOL`), or ConfigError listing the choices."""
-    return PROTOCOLS[check_choice("protocol", DEFAULT_PROTOCOL if name is None else name, PROTOCOLS)]
+    """The protocol ``name`` (None: :data:`DEFAULT_PROTOCOL`), or ConfigError listing the choices.
+
+    ``"cross-fit:<k>"`` is ``cross-fit`` with k folds (2 to :data:`MAX_FOLDS`) instead of 3.
+    """
+    name = DEFAULT_PROTOCOL if name is None else name
+    if isinstance(name, str) and name.startswith("cross-fit:"):
+        folds = name.split(":", 1)[1].strip()
+        if not folds.isdigit() or not 2 <= int(folds) <= MAX_FOLDS:
+            raise ConfigError(
+                f"protocol {name!r}: cross-fit:<k> takes a whole number of folds k from 2 to {MAX_FOLDS}, "
+                f"e.g. 'cross-fit:5'"
+            )
+        base = PROTOCOLS["cross-fit"]
+        return replace(
+            base,
+            name=f"cross-fit:{int(folds)}",
+            folds=int(folds),
+            summary=base.summary.replace(f"one of {base.folds} fold", f"one of {int(folds)} fold"),
+        )
+    return PROTOCOLS[check_choice("protocol", name, PROTOCOLS)]
+
+
+def check_protocol(name: str | None) -> str:
+    """The canonical name of protocol ``name`` (None: the default), or ConfigError naming the choices."""
+    try:
+        return get_protocol(name).name
+    except ConfigError as error:
+        if isinstance(name, str) and name.startswith("cross-fit"):
+            raise
+        raise ConfigError(f"{error}; or 'cross-fit:<k>' for k folds") from None
+
+
+def protocol_choices() -> str:
+    """The protocols a command-line option takes, for its help text."""
+    return ", ".join(PROTOCOLS) + ", cross-fit:<k>"
 
 
 def protocol_of_split(stage1_split: str) -> str | None:

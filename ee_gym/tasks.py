@@ -56,6 +56,7 @@ __all__ = [
     "primary_metric",
     "register_task",
     "resolve_task",
+    "split_parts",
     "split_slug",
     "task_from_files",
     "task_from_hub",
@@ -261,6 +262,17 @@ class Examples:
         digest.update(self.labels.astype("<i8").tobytes())
         return digest.hexdigest()
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Examples]) -> Examples:
+        """The examples of ``parts`` one after the other (all pairs, or all single sentences)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({part.text_b is None for part in parts}) > 1:
+            raise ValueError("cannot concatenate single-sentence and sentence-pair examples")
+        text_b = None if parts[0].text_b is None else [t for part in parts for t in part.text_b]
+        labels = np.concatenate([part.labels for part in parts])
+        return cls([t for part in parts for t in part.text_a], text_b, labels)
+
     def head(self, n: int | None) -> Examples:
         """The first ``n`` examples (all of them when ``n`` is None or larger than the split)."""
         if n is None:
@@ -350,6 +362,9 @@ def load_split(
     spec = get_task(task)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    parts = split_parts(split)
+    if len(parts) > 1:  # "train[:830]+train[1660:]": the parts in order (a cross-fit fold's complement)
+        return Examples.concatenate([load_split(spec, part, data_dir) for part in parts]).head(limit)
     split, start, end = parse_split(split)
     source, root = _source(spec, data_dir)
     split = _resolve_split(spec, split, spec.hub_splits if source == "hub" else spec.split_files)
@@ -368,6 +383,19 @@ def load_split(
 
 _SLICE_BOUND = r"\s*(\d+(?:\.\d*)?%|\d+)?\s*"
 _SPLIT_SLICE = re.compile(rf"^(?P<base>[^\[\]]+?)\s*\[{_SLICE_BOUND}:{_SLICE_BOUND}\]\s*$")
+
+
+def split_parts(split: str) -> list[str]:
+    """The parts of a union of splits, as in Hugging Face ``datasets``: ``"train[:830]+train[1660:]"``
+    -> ``["train[:830]", "train[1660:]"]``; a plain split is one part."""
+    if not isinstance(split, str):
+        raise TypeError(f"split must be a string, not {type(split).__name__}")
+    parts = [part.strip() for part in split.split("+")]
+    if len(parts) > 1 and not all(parts):
+        raise ValueError(
+            f"cannot read the split {split!r}: a union is <split>+<split>, e.g. 'train[:10%]+train[20%:]'"
+        )
+    return parts
 
 
 def parse_split(split: str) -> tuple[str, str | None, str | None]:
@@ -397,6 +425,9 @@ def split_slug(split: str) -> str:
     ``"train[:90%]"`` -> ``"train-to90pct"``, ``"train[90%:]"`` -> ``"train-from90pct"``,
     ``"train[2000:4000]"`` -> ``"train-2000to4000"``, ``"train[:]"`` -> ``"train-all"``.
     """
+    parts = split_parts(split)
+    if len(parts) > 1:
+        return "_plus_".join(split_slug(part) for part in parts)
     base, start, end = parse_split(split)
     base = re.sub(r"[^0-9A-Za-z._-]+", "_", base.strip())
     if start is None and end is None:
@@ -487,7 +518,12 @@ def check_data_source(
     spec = get_task(task)
     source, root = _source(spec, data_dir)
     valid = spec.hub_splits if source == "hub" else spec.split_files
-    names = [_resolve_split(spec, parse_split(split)[0], valid) for split in splits if split]
+    names = [
+        _resolve_split(spec, parse_split(part)[0], valid)
+        for split in splits
+        if split
+        for part in split_parts(split)
+    ]
     if source == "hub":
         dataset, config = spec.hub
         return f"Hugging Face hub {dataset} ({config})"
@@ -909,11 +945,11 @@ def check_split(split: Any, spec: TaskSpec | None = None) -> str:
     if not isinstance(split, str) or not split.strip():
         raise ConfigError(f"split must be a split name such as 'train' or 'dev', got {split!r}")
     try:
-        base = parse_split(split)[0]
+        bases = [parse_split(part)[0] for part in split_parts(split)]
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if spec is not None:
-        known = {**spec.split_files, **spec.hub_splits}
+    known = {} if spec is None else {**spec.split_files, **spec.hub_splits}
+    for base in bases:
         name = base.strip().lower()
         if known and name not in known and _SPLIT_ALIASES.get(name) not in known:
             raise ConfigError(

@@ -37,8 +37,8 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     out = tmp_path / "results"
     argv = [
         "--task", "sst2", "--model", str(tmp_path / "model"), "--data-dir", str(tiny_data),
-        "--agents", "reinforce,ppo,entropy,static,oracle,oracle-consistent", "--seeds", "2",
-        "--alpha-scales", "1,2", "--rewards", "hardness,plain", "--sb3-timesteps", "256",
+        "--agents", "reinforce,ppo,learned-exit,entropy,static,oracle,oracle-consistent", "--seeds", "2",
+        "--alpha-scales", "1,2", "--rewards", "hardness,plain", "--sb3-timesteps", "256", "--sweep-points", "4",
         "--wall-limit", "8", "--wall-repeat", "1", "--wall-batch-size", "4",
         "--output-dir", str(out), "--no-progress",
     ]  # fmt: skip
@@ -46,11 +46,27 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
 
     record = json.loads((out / "results.json").read_text())
     args = compare.CompareArgs(seeds=2, alpha_scales="1,2", rewards="hardness,plain",
-                               agents="reinforce,ppo,entropy,static,oracle,oracle-consistent")  # fmt: skip
-    assert len(record["runs"]) == compare.count_runs(args, 4)
+                               agents="reinforce,ppo,learned-exit,entropy,static,oracle,oracle-consistent")  # fmt: skip
+    planned = [r for r in record["runs"] if "exit_threshold" not in r["params"]]
+    assert len(planned) == compare.count_runs(args, 4)
+    # learned-exit ignores the price: one training per seed, at the default price, under one reward
+    assert sorted(r["seed"] for r in planned if r["policy"] == "learned-exit") == [0, 1]
+    # every trained sweeping learner adds its threshold sweep (same seed and price) to its curve
+    for run in planned:
+        if run["policy"] in ("reinforce", "ppo", "learned-exit"):
+            swept = [
+                r for r in record["runs"]
+                if "exit_threshold" in r["params"] and (r["label"], r["seed"], r["alpha_scale"])
+                == (run["label"], run["seed"], run["alpha_scale"])
+            ]  # fmt: skip
+            assert 2 <= len(swept) <= 5 and not any(r["default"] for r in swept)
+            layers = [
+                r["mean_exit_layer"] for r in sorted(swept, key=lambda r: r["params"]["exit_threshold"])
+            ]
+            assert layers == sorted(layers)  # a higher threshold never exits earlier
     labels = {row["label"] for row in record["table"]}
     by_label_auc = {row["label"]: row["auc"] for row in record["table"]}
-    assert labels == {"reinforce", "reinforce (plain)", "ppo", "entropy", "static", "oracle",
+    assert labels == {"reinforce", "reinforce (plain)", "ppo", "learned-exit", "entropy", "static", "oracle",
                       "oracle-consistent", "full model"}  # fmt: skip
     assert record["command"].startswith("python -m benchmarks.compare --task sst2")
     # the results contract: paired differences of every curve to the best rule and the full model
@@ -70,7 +86,19 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert "torch" in record["versions"]
 
     # every table row of results.md carries the JSON's numbers
-    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    lines = (out / "results.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| policy | setting"))
+    table = [line for line in lines[start + 2 :] if line.startswith("| ")]
+    table = table[
+        : next((i for i, line in enumerate(lines[start + 2 :]) if not line.startswith("| ")), len(table))
+    ]
+    # what the validation slice chose is on the page and in the JSON, for every learner and rule
+    assert set(record["tuning"]["learners"]) == {"reinforce", "ppo", "learned-exit"}
+    assert set(record["tuning"]["rules"]) == {"entropy", "static"}
+    for choice in record["tuning"]["learners"].values():
+        assert 0 <= choice["chosen"] < len(choice["candidates"]) >= 1
+        assert all(np.isfinite(c["validation_auc"]) for c in choice["candidates"])
+    assert "## Settings chosen on the validation slice" in "\n".join(lines)
     assert len(table) == len(record["table"])
     by_label = {row["label"]: row for row in record["table"]}
     for line in table:
@@ -89,3 +117,19 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
 
     image = matplotlib.image.imread(out / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+    # the summary page reads the same contract: one row per deployable policy, one column per task
+    from benchmarks import summary
+
+    for task in ("sst2", "rte"):
+        folder = tmp_path / "all" / task
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({**record, "task": task}))
+    assert summary.main(["--results", str(tmp_path / "all")]) == 0
+    page = (tmp_path / "all" / "README.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "mean rank" not in line]
+    deployable = {r["label"] for r in record["table"] if r["deployable"] and r["label"] != "full model"}
+    assert {line.split("|")[1].strip() for line in rows} == deployable | {"full model (metric)"}
+    assert "| policy | rte | sst2 | mean rank |" in page or "| policy | sst2 | rte | mean rank |" in page
+    assert (tmp_path / "all" / "summary.png").stat().st_size > 10_000
+    assert summary.main(["--results", str(tmp_path / "nothing")]) == 2

@@ -148,7 +148,7 @@ def test_one_protocol_definition_read_everywhere():
     from ee_gym.envs import prepare
 
     assert prepare.POLICY_PROTOCOLS is POLICY_PROTOCOLS and prepare.POLICY_PROTOCOL == DEFAULT_PROTOCOL
-    assert set(PROTOCOLS) == {"paper", "held-out"} and DEFAULT_PROTOCOL == "held-out"
+    assert set(PROTOCOLS) == {"paper", "held-out", "cross-fit"} and DEFAULT_PROTOCOL == "held-out"
     assert RunSetup().protocol == PipelineConfig().protocol == DEFAULT_PROTOCOL
     assert pipeline.default_run_dir("rte", "minilm-l6", "ppo").name == "rte-minilm-l6-ppo"
     assert pipeline.default_run_dir("rte", "minilm-l6", "ppo", "paper").name == "rte-minilm-l6-ppo-paper"

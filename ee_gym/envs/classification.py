@@ -48,7 +48,7 @@ from ee_gym.envs.base import (
 )
 from ee_gym.envs.table import ExitTable
 from ee_gym.observations import check_obs_mode
-from ee_gym.protocols import env_split
+from ee_gym.protocols import env_split, get_protocol
 from ee_gym.rewards import check_alpha, default_alpha, get_reward
 from ee_gym.tasks import check_split, resolve_task
 from ee_gym.validation import ConfigError, check_int, check_optional_int
@@ -188,6 +188,11 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         check_render_mode(render_mode)
         if table is not None and mode == "live":
             raise ConfigError("live mode runs a model: pass model=..., not table=...")
+        if mode == "live" and protocol is not None and get_protocol(protocol).cross_fit and split == "train":
+            raise ConfigError(
+                f"live mode runs one model, but under {protocol!r} the policy split's rows come from "
+                "fold models (ee_gym.crossfit): use mode='cached', or another split or protocol"
+            )
         split, alpha, max_inputs, max_length = (
             checked[k] for k in ("split", "alpha", "max_inputs", "max_length")
         )
@@ -197,34 +202,27 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         self.max_length = max_length or 0
 
         source: LayerSource
-        if table is None:
+        if table is None and mode == "live":
             from ee_gym.backbones import DEFAULT_BACKBONE
-            from ee_gym.envs.prepare import default_max_length, load_model, load_table
+            from ee_gym.envs.live import LiveEncoderSource
+            from ee_gym.envs.prepare import default_max_length, load_model
 
             loaded = load_model(
-                self.task,
-                model=model,
-                backbone=backbone or DEFAULT_BACKBONE,
-                data_dir=data_dir,
-                progress=progress,
-                protocol=protocol,
-            )
+                self.task, model=model, backbone=backbone or DEFAULT_BACKBONE, data_dir=data_dir,
+                progress=progress, protocol=protocol,
+            )  # fmt: skip
             self.max_length = max_length or default_max_length(self.task, loaded)
-            if mode == "live":
-                from ee_gym.envs.live import LiveEncoderSource
+            source = LiveEncoderSource(loaded, self.task, split, data_dir, max_inputs, self.max_length)
+        elif (
+            table is None
+        ):  # the table is all a cached env keeps: no model (a pickled env carries the table only)
+            from ee_gym.envs.prepare import default_max_length, env_table
 
-                source = LiveEncoderSource(loaded, self.task, split, data_dir, max_inputs, self.max_length)
-            else:  # the table is all a cached env keeps: no model (a pickled env carries the table only)
-                table = load_table(
-                    loaded,
-                    self.task,
-                    split,
-                    data_dir=data_dir,
-                    cache_dir=cache_dir,
-                    max_inputs=max_inputs,
-                    max_length=self.max_length,
-                    progress=progress,
-                )
+            loaded, table = env_table(
+                self.task, split, protocol=protocol, model=model, backbone=backbone, data_dir=data_dir,
+                cache_dir=cache_dir, max_inputs=max_inputs, max_length=max_length, progress=progress,
+            )  # fmt: skip
+            self.max_length = max_length or default_max_length(self.task, loaded)
         if table is not None:
             source = TableSource(table)
         self.table = table

@@ -111,6 +111,68 @@ def load_table(
     return _TABLES[key]
 
 
+def policy_table(
+    model: MultiExitModel,
+    task: str,
+    protocol: str | None = None,
+    *,
+    split: str | None = None,
+    backbone: str = DEFAULT_BACKBONE,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **table_options,
+) -> ExitTable:
+    """The table the exit policy learns from under ``protocol``: ``model``'s table of the protocol's
+    policy split (or of ``split``), except under ``cross-fit``, where the policy split's rows come from
+    the fold models of (task, ``backbone``) (:mod:`ee_gym.crossfit`, trained on first use).
+    ``table_options`` go to :func:`load_table` (max_length, max_inputs, cache_dir, ...)."""
+    chosen = get_protocol(protocol)
+    split = chosen.policy_split if split is None else split
+    options = dict(data_dir=data_dir, progress=progress, **table_options)
+    if not chosen.cross_fit or split != chosen.policy_split:
+        return load_table(model, task, split, **options)
+    from ee_gym.crossfit import cross_fit_for
+
+    given = tuple(sorted((k, str(v)) for k, v in table_options.items() if v is not None))
+    key = ("cross-fit", chosen.folds, model.fingerprint(), task, str(backbone), str(data_dir), given)
+    if key not in _TABLES:
+        max_inputs = options.pop("max_inputs", None)
+        fitted = cross_fit_for(
+            task, chosen.folds, backbone=backbone, data_dir=data_dir, progress=progress,
+            table_for=lambda fold_model, fold_split: load_table(fold_model, task, fold_split, **options),
+        )  # fmt: skip
+        table = fitted.table if max_inputs is None else fitted.table.head(max_inputs)
+        table.cross_fit = fitted.summary()  # where each row came from, for the records
+        _TABLES[key] = table
+    return _TABLES[key]
+
+
+def env_table(
+    task: str,
+    split: str,
+    *,
+    protocol: str | None,
+    model: MultiExitModel | str | os.PathLike | None,
+    backbone: str | None,
+    data_dir: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+    max_inputs: int | None,
+    max_length: int | None,
+    progress: bool,
+) -> tuple[MultiExitModel, ExitTable]:
+    """What a cached env on ``split`` replays: (its model, the table), by :func:`load_model` and
+    :func:`policy_table` (so that ``protocol="cross-fit"`` plays the cross-fitted table)."""
+    backbone = backbone or DEFAULT_BACKBONE
+    loaded = load_model(
+        task, model=model, backbone=backbone, data_dir=data_dir, progress=progress, protocol=protocol
+    )
+    table = policy_table(
+        loaded, task, protocol, split=split, backbone=backbone, data_dir=data_dir, progress=progress,
+        cache_dir=cache_dir, max_inputs=max_inputs, max_length=max_length or default_max_length(task, loaded),
+    )  # fmt: skip
+    return loaded, table
+
+
 def policy_tables(
     task: str,
     protocol: str = POLICY_PROTOCOL,
@@ -122,9 +184,11 @@ def policy_tables(
 ) -> tuple[ExitTable, ExitTable]:
     """(table the exit policy learns from, dev table) under ``protocol`` (see :data:`POLICY_PROTOCOLS`).
 
-    Both tables come from the stage-1 model of the protocol's stage-1 split, trained on first use.
+    Both come from the stage-1 model of the protocol's stage-1 split, trained on first use, except
+    the cross-fitted policy table of ``cross-fit`` (:func:`policy_table`).
     """
     chosen = get_protocol(protocol)
     model = load_model(task, backbone=backbone, data_dir=data_dir, progress=progress, protocol=chosen.name)
     options = dict(data_dir=data_dir, max_length=max_length, progress=progress)
-    return load_table(model, task, chosen.policy_split, **options), load_table(model, task, "dev", **options)
+    train = policy_table(model, task, chosen.name, backbone=backbone, **options)
+    return train, load_table(model, task, "dev", **options)

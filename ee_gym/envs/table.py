@@ -33,6 +33,8 @@ class ExitTable(ExitShapes):
     split: str = "train"
     #: tables derived for observation modes, built on first use and shared by every env on this table
     derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    #: for a cross-fitted table, its folds and fold models (ee_gym.crossfit.CrossFitTable.summary)
+    cross_fit: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n, num_layers, k = self.logits.shape
@@ -65,3 +67,30 @@ class ExitTable(ExitShapes):
             task=cache.manifest["task"],
             split=cache.manifest["split"],
         )
+
+    @classmethod
+    def concatenate(cls, tables: list[ExitTable], split: str) -> ExitTable:
+        """One table holding the rows of ``tables`` in order (same layers, labels and state size)."""
+        shapes = {(t.num_layers, t.num_labels, t.hidden_size) for t in tables}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot join tables of different shapes (L, K, d): {sorted(shapes)}")
+        return cls(
+            states=np.concatenate([t.states for t in tables]),
+            logits=np.concatenate([t.logits for t in tables]),
+            labels=np.concatenate([t.labels for t in tables]),
+            memorized=np.concatenate([t.memorized for t in tables]),
+            task=tables[0].task,
+            split=split,
+        )
+
+    def head(self, n: int) -> ExitTable:
+        """The first ``n`` rows (a new table; the derived arrays are rebuilt on use)."""
+        return self.select(np.arange(min(n, self.num_inputs)))
+
+    def select(self, rows: np.ndarray, split: str | None = None) -> ExitTable:
+        """The rows ``rows`` (integer positions) as a new table, named ``split`` (default: this one's)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ExitTable(
+            self.states[rows], self.logits[rows], self.labels[rows], self.memorized[rows], self.task,
+            self.split if split is None else split, cross_fit=self.cross_fit,
+        )  # fmt: skip

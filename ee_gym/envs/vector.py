@@ -155,28 +155,13 @@ class ConsistentEEVectorEnv(VectorEnv):
             checked[k] for k in ("split", "alpha", "max_inputs", "max_length")
         )
         if table is None:  # the model and the cache code load only now (torch with them)
-            from ee_gym.backbones import DEFAULT_BACKBONE
-            from ee_gym.envs.prepare import default_max_length, load_model, load_table
+            from ee_gym.envs.prepare import env_table
 
-            task = checked["spec"].name
-            loaded = load_model(
-                task,
-                model=model,
-                backbone=backbone or DEFAULT_BACKBONE,
-                data_dir=data_dir,
+            _, table = env_table(
+                checked["spec"].name, split, protocol=protocol, model=model, backbone=backbone,
+                data_dir=data_dir, cache_dir=cache_dir, max_inputs=max_inputs, max_length=max_length,
                 progress=progress,
-                protocol=protocol,
-            )
-            table = load_table(
-                loaded,
-                task,
-                split,
-                data_dir=data_dir,
-                cache_dir=cache_dir,
-                max_inputs=max_inputs,
-                max_length=max_length or default_max_length(task, loaded),
-                progress=progress,
-            )
+            )  # fmt: skip
         if table.num_inputs < 1:
             raise ConfigError(
                 f"the split {split!r} has no inputs: an episode needs at least one "

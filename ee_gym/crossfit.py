@@ -1,0 +1,136 @@
+"""Cross-fitted policy data: every training input's per-layer table from a model that never saw it.
+
+An exit policy learns from the heads' outputs, and on inputs the heads were fitted to those outputs
+are too confident (``paper`` protocol); holding a slice of ``train`` out of stage 1 keeps them honest
+but leaves the policy few inputs (``held-out``). Cross-fitting keeps both: ``train`` is cut into k
+contiguous folds, fold model i is stage 1 on every fold but i, and the policy table's rows of fold i
+come from fold model i. The policy learns on all of ``train``; the model it then drives (and that is
+evaluated on dev) is stage 1 on all of ``train``, so its heads have seen as much data as the paper's.
+
+Fold models are ordinary stage-1 runs on a union split (``train[:830]+train[1660:]``): each has its
+default folder (:func:`ee_gym.training.default_stage1_dir`), resumes when interrupted and is reused by
+every later call, like any stage-1 run. They take the evaluated model's recorded stage-1 settings, so
+that a fold model differs from it only by the fold it did not see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ee_gym.envs.table import ExitTable
+from ee_gym.multiexit import MultiExitModel
+from ee_gym.tasks import get_task, load_split
+from ee_gym.training import Stage1Config, _saved_config, train_stage1
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold of a split: the rows its model never saw, and the split that model trains on."""
+
+    index: int
+    start: int  # first row of the held-out fold
+    stop: int  # one past its last row
+    held_split: str  # e.g. "train[830:1660]"
+    train_split: str  # the rest, e.g. "train[:830]+train[1660:]"
+
+
+def make_folds(num_rows: int, k: int, split: str = "train") -> list[Fold]:
+    """``k`` contiguous folds of ``num_rows`` rows (sizes differ by at most one), as split strings."""
+    if not 2 <= k <= num_rows:
+        raise ValueError(f"cross-fitting needs 2 <= k <= the {num_rows} rows of {split!r}, got k={k}")
+    bounds = [num_rows * i // k for i in range(k + 1)]
+    folds = []
+    for i, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        rest = [f"{split}[:{start}]"] if start > 0 else []
+        rest += [f"{split}[{stop}:]"] if stop < num_rows else []
+        folds.append(Fold(i, start, stop, f"{split}[{start}:{stop}]", "+".join(rest)))
+    return folds
+
+
+@dataclass
+class CrossFitTable:
+    """The cross-fitted table of a split, with where each row came from."""
+
+    table: ExitTable  # rows in the split's order
+    folds: list[Fold]
+    fold_of: np.ndarray  # [N] the fold (and so the fold model) of each row
+    fingerprints: list[str]  # fold model i's weights fingerprint
+    run_dirs: list[str]  # fold model i's stage-1 run folder
+    stage1_seconds: list[float]  # the epochs' training time its run recorded (the extra stage-1 cost)
+
+    def summary(self) -> dict:
+        """JSON-ready: the folds, their models' fingerprints and sizes."""
+        return {
+            "folds": [
+                {**dataclasses.asdict(f), "fingerprint": fp, "run_dir": run_dir, "stage1_seconds": sec}
+                for f, fp, run_dir, sec in zip(
+                    self.folds, self.fingerprints, self.run_dirs, self.stage1_seconds, strict=True
+                )
+            ],
+            "rows": int(len(self.fold_of)),
+        }
+
+
+def fold_stage1_config(base: Stage1Config) -> Stage1Config:
+    """``base`` with the settings the evaluated model's finished run recorded (when it has a folder),
+    so that fold models are trained as it was; train_split and output_dir are set per fold."""
+    saved = _saved_config(base.resolved().output_dir) or {}
+    fields = {f.name for f in dataclasses.fields(Stage1Config)} - {"train_split", "output_dir", "progress"}
+    return dataclasses.replace(base, **{k: v for k, v in saved.items() if k in fields})
+
+
+def cross_fit_table(
+    base: Stage1Config,
+    k: int,
+    *,
+    split: str = "train",
+    table_for: Callable[[MultiExitModel, str], ExitTable],
+    initial_model: Callable[[], MultiExitModel] | None = None,
+) -> CrossFitTable:
+    """The cross-fitted table of ``split``: train (or reuse) one stage-1 model per fold, and take each
+    fold's rows from its model.
+
+    ``base`` holds the stage-1 settings (its ``train_split`` is ignored); ``table_for(model, split)``
+    builds (or reads the cache of) a model's table on a split; ``initial_model`` makes the model each
+    fold's stage 1 starts from (a tiny random one in tests; None: the backbone's pretrained weights).
+    """
+    task = get_task(base.task)
+    num_rows = len(load_split(task, split, base.data_dir))
+    folds = make_folds(num_rows, k, split)
+    tables, fingerprints, run_dirs, seconds = [], [], [], []
+    for fold in folds:
+        config = dataclasses.replace(base, train_split=fold.train_split, output_dir=None)
+        # a finished fold run is reused as it is (train_stage1 returns it), an unfinished one resumed
+        run = train_stage1(config, model=None if initial_model is None else initial_model())
+        model = run.model.eval()
+        tables.append(table_for(model, fold.held_split))
+        fingerprints.append(model.fingerprint())
+        run_dirs.append(str(Path(run.model_dir).parent))
+        seconds.append(round(sum(r.get("seconds", 0.0) for r in getattr(run, "history", None) or []), 1))
+    fold_of = np.concatenate([np.full(f.stop - f.start, f.index, dtype=np.int64) for f in folds])
+    return CrossFitTable(
+        ExitTable.concatenate(tables, split), folds, fold_of, fingerprints, run_dirs, seconds
+    )
+
+
+def cross_fit_for(
+    task: str,
+    k: int,
+    *,
+    backbone: str,
+    data_dir: str | os.PathLike | None,
+    progress: bool,
+    table_for: Callable[[MultiExitModel, str], ExitTable],
+) -> CrossFitTable:
+    """:func:`cross_fit_table` for stage 1 of (task, backbone) in its default folder (the model
+    ``load_model(..., protocol="cross-fit")`` returns)."""
+    base = Stage1Config(
+        task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir), progress=progress
+    )
+    return cross_fit_table(fold_stage1_config(base), k, table_for=table_for)

@@ -1,0 +1,119 @@
+"""Cross-fitted policy data (ee_gym.crossfit): folds, union splits, and tables from unseen inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import new_tiny_model
+
+from ee_gym.crossfit import CrossFitTable, cross_fit_table, make_folds
+from ee_gym.envs.prepare import load_table
+from ee_gym.protocols import check_protocol, get_protocol
+from ee_gym.tasks import check_split, load_split, split_slug
+from ee_gym.training import Stage1Config
+from ee_gym.validation import ConfigError
+
+
+def test_folds_partition_the_rows_and_each_trains_on_the_rest():
+    folds = make_folds(10, 3)
+    assert [(f.start, f.stop) for f in folds] == [(0, 3), (3, 6), (6, 10)]
+    assert [f.train_split for f in folds] == ["train[3:]", "train[:3]+train[6:]", "train[:6]"]
+    with pytest.raises(ValueError, match="2 <= k"):
+        make_folds(10, 1)
+
+
+def test_a_union_split_loads_its_parts_in_order(tiny_data):
+    whole = load_split("sst2", "train", tiny_data)
+    union = load_split("sst2", "train[:10]+train[20:]", tiny_data)
+    assert union.text_a == whole.text_a[:10] + whole.text_a[20:]
+    assert union.labels.tolist() == whole.labels[:10].tolist() + whole.labels[20:].tolist()
+    assert load_split("sst2", "train[:10]+train[20:]", tiny_data, limit=12).text_a == union.text_a[:12]
+    assert split_slug("train[:10]+train[20:]") == "train-to10_plus_train-from20"
+    assert check_split("train[:10]+train[20:]") == "train[:10]+train[20:]"
+    with pytest.raises(ConfigError, match="union"):
+        check_split("train[:10]+")
+
+
+def test_cross_fit_protocol_names_its_folds():
+    assert get_protocol("cross-fit").folds == 3 and get_protocol("cross-fit").policy_split == "train"
+    assert get_protocol("cross-fit:5").folds == 5 and check_protocol("cross-fit:5") == "cross-fit:5"
+    assert not get_protocol("held-out").cross_fit
+    for bad in ("cross-fit:1", "cross-fit:x", "cross-fit:99"):
+        with pytest.raises(ConfigError, match="whole number of folds"):
+            get_protocol(bad)
+    with pytest.raises(ConfigError, match="cross-fit:<k>"):
+        check_protocol("crossfit")
+
+
+def test_every_row_comes_from_a_fold_model_that_never_trained_on_it(tokenizer, tiny_data):
+    base = Stage1Config(
+        task="sst2", data_dir=str(tiny_data), epochs=1, batch_size=8, learning_rate=5e-3, max_length=32,
+        warmup_ratio=0.0, progress=False, seed=3,
+    )  # fmt: skip
+    models = {}
+
+    def table_for(model, split):
+        models[split] = model
+        return load_table(model, "sst2", split, data_dir=tiny_data, max_length=32, progress=False)
+
+    fitted = cross_fit_table(base, 3, table_for=table_for, initial_model=lambda: new_tiny_model(tokenizer))
+    assert isinstance(fitted, CrossFitTable)
+    whole = load_split("sst2", "train", tiny_data)
+    table = fitted.table
+    assert table.num_inputs == len(whole) == 64 and table.labels.tolist() == whole.labels.tolist()
+    assert len(set(fitted.fingerprints)) == 3  # three different fold models
+    for fold in fitted.folds:
+        rows = np.flatnonzero(fitted.fold_of == fold.index)
+        assert rows.tolist() == list(range(fold.start, fold.stop))
+        # by construction: the fold model's own run records a training split that excludes these rows
+        model = models[fold.held_split]
+        run = json.loads((Path(fitted.run_dirs[fold.index]) / "config.json").read_text())
+        seen = set(load_split("sst2", run["train_split"], tiny_data).text_a)
+        assert run["train_split"] == fold.train_split
+        assert not seen & {whole.text_a[i] for i in rows}
+        assert len(seen) + len(rows) == len(whole)
+        # and the rows are that model's outputs on them
+        own = load_table(model, "sst2", fold.held_split, data_dir=tiny_data, max_length=32, progress=False)
+        np.testing.assert_array_equal(table.logits[rows], own.logits)
+    # a second call reuses the finished fold runs (same fingerprints, nothing trained)
+    again = cross_fit_table(
+        base, 3, table_for=table_for, initial_model=lambda: new_tiny_model(tokenizer, seed=9)
+    )
+    assert again.fingerprints == fitted.fingerprints
+
+
+def test_envs_and_policy_tables_play_the_cross_fitted_table(tokenizer, tiny_data, monkeypatch):
+    from types import SimpleNamespace
+
+    import gymnasium as gym
+
+    from ee_gym import crossfit
+    from ee_gym.envs import prepare
+
+    trained, runs = [], {}
+
+    def fake_stage1(config, model=None):  # stage 1 of the real backbone is too slow here; reused as a run is
+        if config.train_split not in runs:
+            trained.append(config.train_split)
+            tiny = new_tiny_model(tokenizer, seed=len(trained)).eval()
+            runs[config.train_split] = SimpleNamespace(
+                model=tiny, model_dir=Path(f"/nowhere/{len(trained)}/model")
+            )
+        return runs[config.train_split]
+
+    monkeypatch.setattr(prepare, "train_stage1", fake_stage1)
+    monkeypatch.setattr(crossfit, "train_stage1", fake_stage1)
+    train, dev = prepare.policy_tables(
+        "rte", "cross-fit", data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    assert trained == ["train", "train[21:]", "train[:21]+train[42:]", "train[:42]"]
+    assert train.num_inputs == 64 and dev.num_inputs == 32 and len(train.cross_fit["folds"]) == 3
+    env = gym.make(
+        "ConsistentEE-RTE-v0", protocol="cross-fit", data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    assert env.unwrapped.table is train  # the same cross-fitted table, from the process's table store
+    with pytest.raises(ConfigError, match="live mode runs one model"):
+        gym.make("ConsistentEE-RTE-v0", protocol="cross-fit", mode="live", data_dir=str(tiny_data))

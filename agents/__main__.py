@@ -18,8 +18,8 @@ import agents
 from agents.evaluate import evaluate
 from ee_gym.cli import protocol_type
 from ee_gym.envs import ConsistentEEVectorEnv
-from ee_gym.envs.prepare import load_model, load_table, policy_tables
-from ee_gym.protocols import DEFAULT_PROTOCOL, get_protocol
+from ee_gym.envs.prepare import load_model, load_table, policy_table, policy_tables
+from ee_gym.protocols import DEFAULT_PROTOCOL
 from ee_gym.rewards import default_alpha
 from ee_gym.tasks import get_task
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     task = get_task(args.task).name
     if args.model:  # a given model: its policy-split and dev tables
         model = load_model(task, model=args.model, data_dir=args.data_dir)
-        train = load_table(model, task, get_protocol(args.protocol).policy_split, data_dir=args.data_dir)
+        train = policy_table(model, task, args.protocol, backbone=args.backbone, data_dir=args.data_dir)
         dev = load_table(model, task, "dev", data_dir=args.data_dir)
     else:
         train, dev = policy_tables(task, args.protocol, backbone=args.backbone, data_dir=args.data_dir)

@@ -26,6 +26,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from ee_gym.envs import ConsistentEEVectorEnv, ObservationEncoder, SB3VecEnv
@@ -136,6 +137,8 @@ class SB3Policy(ExitPolicy):
         policy = "MultiInputPolicy" if get_obs_mode(self.obs_mode).is_dict else "MlpPolicy"
         kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
+        # a logger that writes nothing: SB3's default makes an empty /tmp/SB3-<date> folder per learn
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
         self._learned_on(env, fresh=True)  # a new model: it fits this table's (L, d, K) only
         self.model.learn(
             budget.get("total_timesteps", self.total_timesteps), progress_bar=budget.get("progress", False)

@@ -72,15 +72,8 @@ def learner_table(records: list[dict], learner: str) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.protocols", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "folders", nargs="+", help="benchmarks.compare output folders, one task, several protocols"
-    )
-    args = parser.parse_args(argv)
-    records = load(args.folders)
+def page(records: list[dict], folders: list[str]) -> str:
+    """The Markdown page: the setups, then one table per learner."""
     learners = list(dict.fromkeys(
         r["label"] for record in records for r in record["table"] if r["kind"] == "learner"
     ))  # fmt: skip
@@ -88,12 +81,39 @@ def main(argv=None) -> int:
         f"{rec['protocol']} {100 * next(r['metric'] for r in rec['table'] if r['label'] == 'full model'):.1f}"
         for rec in records
     )
-    print(f"# {records[0]['task']}: learners under each protocol\n")
-    print(f"Full model dev {records[0]['metric']}: {full}; minimum detectable AUC difference: "
-          + " / ".join(f"{rec['protocol']} {rec['mde_auc']:.2f}" for rec in records) + ".\n")  # fmt: skip
+    lines = [
+        f"# {records[0]['task']}: learners under each protocol",
+        "",
+        f"Full model dev {records[0]['metric']}: {full}; minimum detectable AUC difference: "
+        + " / ".join(f"{rec['protocol']} {rec['mde_auc']:.2f}" for rec in records)
+        + ". Pages: " + ", ".join(f"[{rec['protocol']}]({Path(f).name}/results.md)" for rec, f in zip(records, folders, strict=True))
+        + ".",
+        "",
+    ]  # fmt: skip
+    for record in records:
+        spread = record.get("stage1_spread")
+        if spread:
+            lines += [f"Stage-1 spread ({record['protocol']}): {spread['text']}.", ""]
     for learner in learners:
-        print("\n".join(learner_table(records, learner)))
-        print()
+        lines += [*learner_table(records, learner), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.protocols", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "folders", nargs="+", help="benchmarks.compare output folders, one task, several protocols"
+    )
+    parser.add_argument(
+        "--output", default=None, help="also write the page here (README.md beside the folders)"
+    )
+    args = parser.parse_args(argv)
+    text = page(load(args.folders), args.folders)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
     return 0
 
 

@@ -303,6 +303,9 @@ def _train_stage1(
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "dev": dev_metrics,
             "seconds": round(time.perf_counter() - began, 2),
+            # CPU kernels sum in an order that depends on the thread count: the same settings and seed
+            # give the same weights on the same thread count only (measured: a tiny BERT, 1 vs 2 threads)
+            "torch_threads": torch.get_num_threads(),
         }
         history.append(record)
         if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks

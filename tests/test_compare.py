@@ -133,3 +133,12 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert "| policy | rte | sst2 | mean rank |" in page or "| policy | sst2 | rte | mean rank |" in page
     assert (tmp_path / "all" / "summary.png").stat().st_size > 10_000
     assert summary.main(["--results", str(tmp_path / "nothing")]) == 2
+
+    # the protocol page reads the same records: one table per learner, one row per folder given
+    from benchmarks import protocols
+
+    assert protocols.main([str(out), str(out), "--output", str(tmp_path / "protocols.md")]) == 0
+    text = (tmp_path / "protocols.md").read_text()
+    assert "**reinforce**" in text and "**learned-exit**" in text
+    rows = [line for line in text.splitlines() if line.startswith(f"| {record['protocol']} |")]
+    assert len(rows) == 2 * len({r["label"] for r in record["table"] if r["kind"] == "learner"})

@@ -117,3 +117,11 @@ def test_envs_and_policy_tables_play_the_cross_fitted_table(tokenizer, tiny_data
     assert env.unwrapped.table is train  # the same cross-fitted table, from the process's table store
     with pytest.raises(ConfigError, match="live mode runs one model"):
         gym.make("ConsistentEE-RTE-v0", protocol="cross-fit", mode="live", data_dir=str(tiny_data))
+
+
+def test_a_pipeline_under_cross_fit_takes_one_round():
+    from ee_gym.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match="rounds=1"):
+        PipelineConfig(task="rte", protocol="cross-fit", rounds=2)
+    assert PipelineConfig(task="rte", protocol="cross-fit:4", rounds=1).protocol == "cross-fit:4"

@@ -151,3 +151,16 @@ def test_maskable_ppo_reads_the_confidence_observation():
     policy.learn(ConsistentEEVectorEnv(1, table=train, obs_mode="state+confidence"))
     ok, why = beats_best_static_layer(evaluate(policy, dev), dev)
     assert ok, why
+
+
+def test_learning_leaves_no_logger_folder_behind(table, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(
+        tempfile, "tempdir", str(tmp_path)
+    )  # where SB3's default logger would make SB3-<date>
+    policy = agents.make("a2c", total_timesteps=128)
+    policy.learn(
+        ConsistentEEVectorEnv(64, table=table, split=table.split, obs_mode=policy.obs_mode), progress=False
+    )
+    assert not list(tmp_path.glob("SB3-*"))

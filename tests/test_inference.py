@@ -248,7 +248,9 @@ def test_cli_predict_writes_json_lines(varied_model, tiny_data, tmp_path, capsys
     printed = capsys.readouterr()
     table = load_table(varied_model, "rte", "train[90%:]", data_dir=tiny_data, progress=False)
     expected = calibrated_rule("maxprob", validation_split(table)[1])
-    assert f"maxprob calibrated on a validation slice of train[90%:] for this model: {expected}" in printed.err
+    assert (
+        f"maxprob calibrated on a validation slice of train[90%:] for this model: {expected}" in printed.err
+    )
     assert main([*argv, "--data-dir", str(tiny_data), "--policy", "maxprob", "--no-calibrate"]) == 0
     assert "calibrated" not in capsys.readouterr().err
 

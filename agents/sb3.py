@@ -17,6 +17,7 @@ QR-DQN and Maskable PPO need sb3-contrib (``pip install sb3-contrib`` or ``ee-gy
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import Any, ClassVar
@@ -107,7 +108,7 @@ class SB3Policy(ExitPolicy):
         self.seed = check_optional_int("seed", seed, minimum=0)
         self.num_envs = check_optional_int("num_envs", num_envs, minimum=1) or type(self).num_envs
         self.obs_mode = check_obs_mode(obs_mode or type(self).obs_mode)
-        self.algo_kwargs = algo_kwargs
+        self.algo_kwargs = copy.deepcopy(algo_kwargs)  # the caller's dicts stay the caller's
         self.model: BaseAlgorithm | None = None
 
     @classmethod
@@ -135,7 +136,9 @@ class SB3Policy(ExitPolicy):
         seed = budget.get("seed", self.seed)
         venv = self.vec_env_class(self._training_env(env))
         policy = "MultiInputPolicy" if get_obs_mode(self.obs_mode).is_dict else "MlpPolicy"
-        kwargs = {"device": "cpu", **self.default_kwargs, **self.algo_kwargs}
+        # a deep copy: SB3 writes into the policy_kwargs it is given (A2C adds its optimizer class),
+        # which would change this policy's params and the class's candidates
+        kwargs = copy.deepcopy({"device": "cpu", **self.default_kwargs, **self.algo_kwargs})
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
         # a logger that writes nothing: SB3's default makes an empty /tmp/SB3-<date> folder per learn
         self.model.set_logger(Logger(folder=None, output_formats=[]))

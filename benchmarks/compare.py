@@ -376,19 +376,26 @@ def choose_settings(args: CompareArgs, train, alpha: float, bar) -> Settings:
 
 
 def run_all(
-    args: CompareArgs, train, dev, alpha: float, bar, settings: Settings | None = None
+    args: CompareArgs,
+    train,
+    dev,
+    alpha: float,
+    bar,
+    settings: Settings | None = None,
+    log: Path | None = None,
 ) -> tuple[list[Run], dict[str, Any]]:
     """Every planned run, and the policy object of each table row (for wall-clock timing).
 
     A trained learner that sweeps a threshold is also scored at ``sweep_points`` thresholds placed
     on its scores over the policy split (``train``), never on dev: extra points of its curve, same
-    seed, not the operating point.
+    seed, not the operating point. ``log``: a JSON-lines file that gets every run as it is made (its
+    numbers and per-input predictions and exits), so that a run that dies late keeps what it did.
     """
     import agents
     from agents.__main__ import train_policy
     from ee_gym.evaluation import evaluate_sweep, table_scores
 
-    runs, operating = [], {}
+    runs, operating, done = [], {}, 0
     for item in plan_runs(args, dev.num_layers, settings):
         seconds, run_alpha = 0.0, None
         if item.kind == "learner":
@@ -422,6 +429,12 @@ def run_all(
                         **{**common, "default": False},
                     )
                 )
+        if log is not None:
+            with log.open("a") as handle:
+                for run in runs[done:]:
+                    extra = {"predictions": run.predictions.tolist(), "exit_layers": run.exit_layers.tolist()}
+                    handle.write(json.dumps({**run.to_dict(), **extra}, default=_json_value) + "\n")
+        done = len(runs)
         table_row = item.default and item.seed in (None, 0) and item.kind != "reference"
         if table_row or item.label == "full model":  # the policies wall-clock timing runs
             operating[item.label] = policy
@@ -829,7 +842,7 @@ def settings_section(settings: Settings, train) -> list[str]:
         "held out (`benchmarks.tuning`); dev is never read. Learners: each candidate of the class's search "
         "trained once (default price, seed 0) on the rest and scored by its validation AUC; the best trains "
         "every price and seed on the whole split. Rules: the operating point is the fastest setting within "
-        "1 point of the full model's validation metric (`agents.rules.calibrated_rule`).",
+        "1 point of the full model's validation metric (`ee_gym.evaluation.calibrated_rule`).",
         "",
         "| policy | chosen | validation AUC of each candidate (chosen in bold) |",
         "|---|---|---|",
@@ -844,6 +857,18 @@ def settings_section(settings: Settings, train) -> list[str]:
     for name, params in settings.rules.items():
         lines.append(f"| {name} | {_params(params)} | (rule: operating point only) |")
     return lines
+
+
+def _json_value(value: Any) -> Any:
+    """What JSON cannot hold, as text (a class by its dotted name), so that a record is never lost
+    to one odd setting at the end of a long run."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return repr(value)
 
 
 def versions() -> dict[str, str]:
@@ -867,6 +892,19 @@ def versions() -> dict[str, str]:
 
 
 # -- the command ------------------------------------------------------------------------------------
+def machine_load() -> dict[str, float]:
+    """The 1-minute load average against the cores (recorded; a warning when the machine is already
+    busy, since training seconds and wall-clock speed-ups then measure the other work too)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if load > cores:
+        print(f"ee-gym: warning: the machine is busy (load {load:.1f} on {cores} cores): training times and "
+              "wall-clock speed-ups will include the other work", file=sys.stderr)  # fmt: skip
+    return {"load_1min": round(load, 2), "cores": cores}
+
+
 def set_threads(threads: int) -> None:
     """One thread budget for the whole process: torch's intra- and inter-op pools (the BLAS threads
     of numpy follow OMP_NUM_THREADS, read at import: set it in the shell for more than one). Two
@@ -895,6 +933,7 @@ def main(argv=None) -> int:
 
     from agents.evaluate import evaluate
     from ee_gym.envs.prepare import load_model, load_table, policy_table
+    from ee_gym.files import write_text_atomic
     from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
 
@@ -911,12 +950,17 @@ def main(argv=None) -> int:
     dev = load_table(model, task, "dev", **tables)
     num_layers, alpha = dev.num_layers, default_alpha(task, dev.num_layers)
     set_threads(args.threads)  # stage 1 and the caches (above) ran on torch's default threads
+    load_at_start = machine_load()
 
     bar = tqdm(
         total=count_runs(args, num_layers), desc=f"compare [{task}]", unit="run", disable=not args.progress
     )
     settings = choose_settings(args, train, alpha, bar)
-    runs, operating = run_all(args, train, dev, alpha, bar, settings)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.partial.jsonl"  # every run as it is made; removed once results.json is written
+    log.unlink(missing_ok=True)
+    runs, operating = run_all(args, train, dev, alpha, bar, settings, log)
     bar.set_postfix_str("wall-clock timing")
     wall = wall_speedups(model, task, args, operating)
     bar.close()
@@ -930,8 +974,6 @@ def main(argv=None) -> int:
     found = claims(runs, rows, anchors, num_layers, stats)
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     title = f"{task} dev ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"
     plot(runs, rows, out / "curves.png", title, metric, num_layers, anchors, noise)
     record = {
@@ -961,9 +1003,15 @@ def main(argv=None) -> int:
         "command": command,
         "args": dataclasses.asdict(args),
         "versions": versions(),
+        "machine": {
+            **load_at_start,
+            "threads": args.threads,
+            "load_1min_at_end": machine_load()["load_1min"],
+        },
         "seconds": round(time.perf_counter() - began, 1),
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_json_value))
+    log.unlink(missing_ok=True)
     text = [
         f"# {task}: exit policies compared",
         "",
@@ -980,7 +1028,10 @@ def main(argv=None) -> int:
         f"as a flat line) are paired: a bootstrap resampling the dev inputs and the learners' seeds jointly "
         f"(`benchmarks.paired`, {stats['bootstrap']['resamples']} replicates). Minimum detectable AUC "
         f"difference of this setup: {stats['mde_auc']:.2f} points (median half-width of the paired 95% "
-        "intervals against the best rule).",
+        "intervals against the best rule). Caveat: a curve is the upper frontier of its points on dev, and "
+        "a learner has more of them than a rule (points per curve: "
+        + ", ".join(f"{label} {len(points)}" for label, points in stats["curves"].items())
+        + "), so the frontier's pick of lucky points favours the policies with more.",
         "",
         "![metric against speed-up](curves.png)",
         "",

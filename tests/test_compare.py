@@ -84,6 +84,8 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert "Minimum detectable AUC difference" in (out / "results.md").read_text()
     assert aucs["ppo", best] == pytest.approx(100 * (by_label_auc["ppo"] - by_label_auc[best]))
     assert "torch" in record["versions"]
+    assert not (out / "runs.partial.jsonl").exists()  # the run log goes once results.json is written
+    assert compare._json_value(np.float32(0.5)) == 0.5 and compare._json_value(dict) == "builtins.dict"
 
     # every table row of results.md carries the JSON's numbers
     lines = (out / "results.md").read_text().splitlines()

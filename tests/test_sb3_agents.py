@@ -164,3 +164,13 @@ def test_learning_leaves_no_logger_folder_behind(table, tmp_path, monkeypatch):
         ConsistentEEVectorEnv(64, table=table, split=table.split, obs_mode=policy.obs_mode), progress=False
     )
     assert not list(tmp_path.glob("SB3-*"))
+
+
+def test_settings_given_stay_as_given_after_learning(table):
+    given = {"net_arch": [16, 16]}
+    policy = agents.make("a2c", total_timesteps=128, policy_kwargs=given)
+    policy.learn(
+        ConsistentEEVectorEnv(64, table=table, split=table.split, obs_mode=policy.obs_mode), progress=False
+    )
+    assert given == {"net_arch": [16, 16]}  # SB3's A2C adds its optimizer class to the dict it is given
+    assert json.loads(json.dumps(policy.get_params()))["policy_kwargs"] == {"net_arch": [16, 16]}

@@ -202,14 +202,6 @@ def curve_auc(points: list[tuple[float, float]], full: float, first_layer: float
     return float(np.interp(grid, ends[:, 0], ends[:, 1]).mean())
 
 
-def metric_at(
-    points: list[tuple[float, float]], speedup: float, full: float, first_layer: float, num_layers: int
-) -> float:
-    """A curve's metric at one speed-up (as :func:`curve_auc` reads it)."""
-    ends = frontier([*points, (1.0, full), (float(num_layers), first_layer)])
-    return float(np.interp(speedup, ends[:, 0], ends[:, 1]))
-
-
 # -- running the policies ---------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -393,7 +385,7 @@ def run_all(
     """
     import agents
     from agents.__main__ import train_policy
-    from ee_gym.evaluation import evaluate_sweep, table_scores
+    from ee_gym.evaluation import evaluate_sweep, sweep_thresholds
 
     runs, operating, done = [], {}, 0
     for item in plan_runs(args, dev.num_layers, settings):
@@ -414,9 +406,7 @@ def run_all(
             Run(item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev), **common)
         )
         if item.kind == "learner" and policy.sweeps_threshold and args.sweep_points:
-            first = getattr(policy, "min_layer", 1) - 1
-            deciding = table_scores(policy, train)[:, first : train.num_layers - 1]
-            taus = policy.threshold_sweep(deciding, num=args.sweep_points)
+            taus = sweep_thresholds(policy, train, args.sweep_points)  # placed on the policy split
             for result in evaluate_sweep(policy, dev, taus=taus):
                 params = {**policy.get_params(), "exit_threshold": result.threshold}
                 runs.append(
@@ -591,40 +581,12 @@ def _layer_one_metric(runs: list[Run], full: float) -> float:
     return static1[0].metric if static1 else full  # without a layer-1 run the curve's far end is flat
 
 
-def claims(
-    runs: list[Run], rows: list[dict], anchors: dict, num_layers: int, stats: dict | None = None
-) -> list[str]:
-    """The claims the comparison tests, each stated with its numbers.
-
-    With ``stats`` (:func:`paired_statistics`) the verdicts rest on paired differences: "beats" where
-    the 95 % interval of the difference lies above 0; without, on overlapping intervals over seeds.
-    """
+def claims(rows: list[dict], stats: dict) -> list[str]:
+    """The claims the comparison tests, each stated with its numbers: verdicts on the paired
+    differences of :func:`paired_statistics` ("beats" where the 95 % interval lies above 0), then
+    each learner's AUC gap to oracle-consistent."""
     by_label = {row["label"]: row for row in rows}
-    full, first = anchors["full"], anchors["first_layer"]
-    lines = []
-    if stats is not None:
-        lines += _paired_claims(rows, stats)
-    mine = by_label.get("reinforce")
-    if mine and stats is None:
-        for rule in ("entropy", "patience"):
-            if rule not in by_label:
-                continue
-            points = [(r.speedup, r.metric) for r in runs if r.label == rule]
-            theirs = metric_at(points, mine["speedup"], full, first, num_layers)
-            lines.append(
-                f"reinforce {_verdict(mine['metric'], mine['metric_ci'], theirs, [theirs, theirs])} {rule} at "
-                f"equal speed-up: {_pct(mine['metric'])} (95% CI {_interval(mine['metric_ci'])}) vs "
-                f"{_pct(theirs)} on the {rule} curve at {mine['speedup']:.2f}x"
-            )
-        for reward in ("plain", "ce"):
-            other = by_label.get(f"reinforce ({reward})")
-            if other is None:
-                continue
-            verdict = _verdict(mine["auc"], mine["auc_ci"], other["auc"], other["auc_ci"])
-            lines.append(
-                f"reinforce under the hardness reward {verdict} the {reward} reward: AUC {_pct(mine['auc'])} "
-                f"({_interval(mine['auc_ci'])}) vs {_pct(other['auc'])} ({_interval(other['auc_ci'])})"
-            )
+    lines = _paired_claims(rows, stats)
     oracle = by_label.get("oracle-consistent")
     if oracle:
         for row in rows:
@@ -670,17 +632,6 @@ def _signed(record: dict) -> str:
     return f"{record['delta']:+.1f} (95% {record['low']:+.1f} to {record['high']:+.1f})"
 
 
-def _verdict(mine: float, mine_ci: list[float], theirs: float, theirs_ci: list[float]) -> str:
-    """ "beats" / "loses to" when the 95 % intervals do not overlap, else "ties with" (within noise)."""
-    if any(math.isnan(v) for v in (*mine_ci, *theirs_ci)):  # one seed: compare the values themselves
-        return "beats" if mine > theirs else "ties with" if mine == theirs else "loses to"
-    if mine_ci[0] > theirs_ci[1]:
-        return "beats"
-    if mine_ci[1] < theirs_ci[0]:
-        return "loses to"
-    return "ties with (intervals overlap)"
-
-
 # -- writing ----------------------------------------------------------------------------------------
 def _pct(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{100 * value:.1f}"
@@ -690,17 +641,14 @@ def _interval(ci: list[float]) -> str:
     return "n/a" if any(math.isnan(v) for v in ci) else f"{_pct(ci[0])} to {_pct(ci[1])}"
 
 
-def markdown_table(rows: list[dict], metric: str, stats: dict | None = None) -> str:
-    """The table of results.md: one row per policy, best AUC first; with ``stats``, paired AUC differences."""
-    paired = {} if stats is None else {
-        (r["policy"], r["reference"]): r for r in stats["paired"] if r["statistic"] == "auc"
-    }  # fmt: skip
-    best = None if stats is None else stats["best_rule"]
-    extra = "" if stats is None else " AUC - best rule (95%) | AUC - full model (95%) |"
+def markdown_table(rows: list[dict], metric: str, stats: dict) -> str:
+    """The table of results.md: one row per policy, best AUC first, with the paired AUC differences."""
+    paired = {(r["policy"], r["reference"]): r for r in stats["paired"] if r["statistic"] == "auc"}
+    best = stats["best_rule"]
     lines = [
         f"| policy | setting | {metric} | 95% CI (seeds) | saved layers | speed-up | wall speed-up | train s | AUC |"
-        + extra,
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if stats else ""),
+        " AUC - best rule (95%) | AUC - full model (95%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: -r["auc"]):
         name = row["label"] + ("" if row["deployable"] else " (reference)")
@@ -713,12 +661,7 @@ def markdown_table(rows: list[dict], metric: str, stats: dict | None = None) -> 
         lines.append(
             f"| {name} | {setting} | {_pct(row['metric'])} | {_interval(row['metric_ci'])} | "
             f"{_pct(row['saved_layers'])}% | {row['speedup']:.2f}x | {wall} | {row['train_seconds']:.1f} | "
-            f"{_pct(row['auc'])} |"
-            + (
-                ""
-                if stats is None
-                else f" {_cell(paired, row['label'], best)} | {_cell(paired, row['label'], 'full model')} |"
-            )
+            f"{_pct(row['auc'])} | {_cell(paired, row['label'], best)} | {_cell(paired, row['label'], 'full model')} |"
         )
     return "\n".join(lines)
 
@@ -971,7 +914,7 @@ def main(argv=None) -> int:
     noise = dev_set_interval(task, full_result.predictions, dev.labels)
     stats = paired_statistics(task, runs, rows, np.asarray(dev.labels), num_layers)
     spread = stage1_spread(task, train, metric, tables)
-    found = claims(runs, rows, anchors, num_layers, stats)
+    found = claims(rows, stats)
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     title = f"{task} dev ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"

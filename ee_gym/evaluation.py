@@ -67,18 +67,24 @@ def score_predictions(task: str, predictions: np.ndarray, labels: np.ndarray) ->
     return next(iter(metrics)), metrics
 
 
-def run_policy(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Exit layer and prediction of every input of the table under ``policy``."""
-    n, num_layers = table.num_inputs, table.num_layers
-    exit_layers = np.zeros(n, dtype=np.int64)
-    predictions = np.zeros(n, dtype=np.int64)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
+def _batches(policy: ExitPolicy, table: ExitTable, batch_size: int):
+    """(rows, vector env bound to ``policy``, first observations) for each batch of the table's inputs."""
+    for start in range(0, table.num_inputs, batch_size):
+        rows = np.arange(start, min(start + batch_size, table.num_inputs))
         env = ConsistentEEVectorEnv(
             num_envs=len(rows), table=table, split=table.split, obs_mode=policy.obs_mode, final_obs=False
         )
         policy.bind(env)
         obs, _ = env.reset(options={"index": rows})
+        yield rows, env, obs
+
+
+def run_policy(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Exit layer and prediction of every input of the table under ``policy``."""
+    n, num_layers = table.num_inputs, table.num_layers
+    exit_layers = np.zeros(n, dtype=np.int64)
+    predictions = np.zeros(n, dtype=np.int64)
+    for rows, env, obs in _batches(policy, table, batch_size):
         active = np.ones(len(rows), dtype=bool)
         for _ in range(num_layers):
             obs, _, exited, _, info = env.step(policy.act(obs, deterministic=True))
@@ -141,19 +147,25 @@ def table_scores(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -
     and at the last layer (always an exit) decide nothing but are listed too."""
     if not policy.sweeps_threshold:
         raise NotImplementedError(policy._no_sweep())
-    n, num_layers = table.num_inputs, table.num_layers
-    scores = np.zeros((n, num_layers))
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        env = ConsistentEEVectorEnv(
-            num_envs=len(rows), table=table, split=table.split, obs_mode=policy.obs_mode, final_obs=False
-        )
-        policy.bind(env)
-        obs, _ = env.reset(options={"index": rows})
-        for layer in range(num_layers):
+    scores = np.zeros((table.num_inputs, table.num_layers))
+    for rows, env, obs in _batches(policy, table, batch_size):
+        for layer in range(table.num_layers):
             scores[rows, layer] = policy.exit_scores(obs)
             obs = env.step(np.zeros(len(rows), dtype=np.int64))[0]  # CONTINUE (out at L anyway)
     return scores
+
+
+def sweep_thresholds(
+    policy: ExitPolicy, table: ExitTable, num: int = 21, batch_size: int = 8192
+) -> np.ndarray:
+    """``policy.threshold_sweep`` placed on its scores over ``table`` (pass a table other than the
+    one the sweep is scored on, such as the policy split, to keep dev out of the placement)."""
+    scores = table_scores(policy, table, batch_size)
+    # only the layers that decide: from the first exit allowed (a min_layer, where a policy has
+    # one) to the one before the last (where every input exits)
+    first = getattr(policy, "min_layer", 1) - 1
+    deciding = scores[:, first : table.num_layers - 1]
+    return policy.threshold_sweep(deciding if deciding.size else scores, num=num)
 
 
 def evaluate_sweep(
@@ -176,12 +188,7 @@ def evaluate_sweep(
     if not policy.sweeps_threshold:
         raise NotImplementedError(policy._no_sweep())
     if taus is None:
-        scores = table_scores(policy, table, batch_size)
-        # only the layers that decide: from the first exit allowed (a min_layer, where a policy has
-        # one) to the one before the last (where every input exits)
-        first = getattr(policy, "min_layer", 1) - 1
-        deciding = scores[:, first : table.num_layers - 1]
-        taus = policy.threshold_sweep(deciding if deciding.size else scores, num=num)
+        taus = sweep_thresholds(policy, table, num, batch_size)
     results = []
     for tau in taus:
         result = evaluate(policy.with_threshold(float(tau)), table, batch_size)

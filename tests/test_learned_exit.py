@@ -15,7 +15,7 @@ from agents.learned_exit import LearnedExit
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable
 from ee_gym.policy import policy_class
 from ee_gym.validation import ConfigError
-from tests.test_reinforce import NUM_LAYERS, STATE_SIZE, easy_layer_table
+from tests.test_reinforce import NUM_LAYERS, STATE_SIZE, assert_same_decisions, easy_layer_table
 
 
 def train_env(table: ExitTable, **kwargs) -> ConsistentEEVectorEnv:
@@ -93,12 +93,7 @@ def test_save_load_round_trip_gives_identical_actions(tables, trained, tmp_path)
     loaded = load_policy(tmp_path / "policy")
     assert isinstance(loaded, LearnedExit)
     assert loaded.get_params() == trained.get_params() and loaded.shapes == trained.shapes
-    assert loaded.get_params()["state_size"] == STATE_SIZE and loaded.history == trained.history
-    obs = dev.derived["state+layer"]  # every (input, layer) observation of the dev table
-    np.testing.assert_array_equal(loaded.exit_probs(obs)[0], trained.exit_probs(obs)[0])
-    np.testing.assert_array_equal(loaded.act(obs), trained.act(obs))
-    assert 0 < trained.act(obs).mean() < 1
-    np.testing.assert_array_equal(evaluate(loaded, dev).exit_layers, evaluate(trained, dev).exit_layers)
+    assert_same_decisions(loaded, trained, dev)
 
 
 @pytest.mark.parametrize("num_layers, d", [(4, 8), (4, STATE_SIZE + NUM_LAYERS - 4)])

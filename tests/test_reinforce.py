@@ -247,18 +247,23 @@ def test_input_at_the_last_layer_exits_whatever_the_network_says(tables):
     np.testing.assert_array_equal(policy.act(obs, deterministic=False), [0] * (NUM_LAYERS - 1) + [1])
 
 
-def test_save_load_round_trip_gives_identical_actions(tables, trained, tmp_path):
-    dev = tables[1]
-    trained.save(tmp_path / "policy")
-    loaded = load_policy(tmp_path / "policy")
-    assert isinstance(loaded, Reinforce)
-    assert loaded.get_params() == trained.get_params()
+def assert_same_decisions(loaded, trained, dev: ExitTable) -> None:
+    """A reloaded per-layer network policy decides as the trained one on every (input, layer) of dev."""
     assert loaded.get_params()["state_size"] == STATE_SIZE and loaded.history == trained.history
     obs = dev.derived["state+layer"]  # every (input, layer) observation of the dev table
     np.testing.assert_array_equal(loaded.exit_probs(obs)[0], trained.exit_probs(obs)[0])
     np.testing.assert_array_equal(loaded.act(obs), trained.act(obs))
     assert 0 < trained.act(obs).mean() < 1
     np.testing.assert_array_equal(evaluate(loaded, dev).exit_layers, evaluate(trained, dev).exit_layers)
+
+
+def test_save_load_round_trip_gives_identical_actions(tables, trained, tmp_path):
+    dev = tables[1]
+    trained.save(tmp_path / "policy")
+    loaded = load_policy(tmp_path / "policy")
+    assert isinstance(loaded, Reinforce)
+    assert loaded.get_params() == trained.get_params()
+    assert_same_decisions(loaded, trained, dev)
 
 
 def test_confidence_policy_round_trips_and_refuses_other_modes(tmp_path):

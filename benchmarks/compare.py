@@ -12,7 +12,11 @@ On the same model and the same dev inputs, every named policy is scored:
   rewards (``--rewards``) to test what the hardness-guided reward buys;
 * references: the full model (static exit at L) and the two oracles (not deployable).
 
-Learners train on the policy split of ``--protocol`` (:mod:`ee_gym.protocols`). One
+Learners train on the policy split of ``--protocol`` (:mod:`ee_gym.protocols`) less a seeded
+validation slice (a fifth, :func:`ee_gym.evaluation.validation_split`) that no policy trains on: it
+chooses learners' settings and rules' operating points (:mod:`benchmarks.tuning`) and, for every
+policy, which of its settings form its curve (:func:`choose_curves`), so that dev is read once and
+never picked from. One
 operating point per policy, its default settings (alpha x 1 for learners), fills the table: the task
 metric with a 95 % interval over seeds (scipy's percentile bootstrap of the mean), saved layers, the
 layer speed-up L / mean exit layer, the wall-clock speed-up of batched early-exit inference
@@ -181,25 +185,35 @@ def dev_set_interval(task: str, predictions: np.ndarray, labels: np.ndarray) -> 
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def frontier_indices(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both speed-up and metric, by speed-up (of
+    exact duplicates, the first)."""
+    best: list[int] = []
+    for i in sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1])):
+        if not best or points[i][1] > points[best[-1]][1]:
+            best.append(i)
+    return best[::-1]
+
+
 def frontier(points: list[tuple[float, float]]) -> np.ndarray:
     """The points no other point beats on both speed-up and metric, by speed-up: [P, 2]."""
-    best: list[tuple[float, float]] = []
-    for speedup, metric in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if not best or metric > best[-1][1]:
-            best.append((speedup, metric))
-    return np.asarray(best[::-1], dtype=np.float64)
+    return np.asarray([points[i] for i in frontier_indices(points)], dtype=np.float64).reshape(-1, 2)
 
 
-def curve_auc(points: list[tuple[float, float]], full: float, first_layer: float, num_layers: int) -> float:
-    """Mean metric over speed-ups 1x to L/2 x of a policy's curve (linear between its frontier points).
+def curve_auc(points: list[tuple[float, float]], full: float, first_layer: float, num_layers: int,
+              frontier: bool = True) -> float:  # fmt: skip
+    """Mean metric over speed-ups 1x to L/2 x of a policy's curve (linear between its points).
 
     Every curve is anchored at the two settings any exit rule reaches at its extremes: never exiting
     early (1x, the full model's metric) and exiting everyone at layer 1 (L x, layer 1's metric), so
     that a policy is neither rewarded nor punished for a range its sweep did not visit.
+    ``frontier`` True: through the points no other beats (what the settings can reach on the data
+    they are scored on); False: through every point in speed-up order (points chosen beforehand, as
+    the comparison's dev curves are: :func:`choose_curves`).
     """
-    ends = frontier([*points, (1.0, full), (float(num_layers), first_layer)])
-    grid = np.linspace(1.0, num_layers / 2, 101)
-    return float(np.interp(grid, ends[:, 0], ends[:, 1]).mean())
+    from benchmarks.paired import auc_of
+
+    return auc_of(points, full, first_layer, num_layers, frontier)
 
 
 # -- running the policies ---------------------------------------------------------------------------
@@ -223,16 +237,31 @@ class Run:
     seed: int | None = None
     train_seconds: float = 0.0
     exit_histogram: list[int] = field(default_factory=list)  # dev inputs exiting at layers 1..L
+    # the same setting on the validation slice (never trained on), and whether that slice chose it
+    # as one of the points of the policy's curve (choose_curves)
+    validation_metric: float | None = None
+    validation_speedup: float | None = None
+    on_curve: bool = False
     # per dev input, for the paired statistics (benchmarks.paired); not written to results.json
     predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
     exit_layers: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # the same setting on dev when the protocol evaluates on a split carved from train: the fields
+    # above (metric, metrics, speedup, ..., predictions, exit_layers) read there (see on_second)
+    second: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready numbers (without the per-input arrays)."""
         record = dataclasses.asdict(self)
         record.pop("predictions")
         record.pop("exit_layers")
+        second = record.pop("second")
+        if second is not None:
+            record["dev"] = {k: v for k, v in second.items() if k not in ("predictions", "exit_layers")}
         return record
+
+    def on_second(self) -> Run:
+        """This run as read on the second evaluation table (dev), same setting and curve choice."""
+        return dataclasses.replace(self, **self.second, second=None)
 
 
 def _score(policy, dev) -> dict[str, Any]:
@@ -343,17 +372,17 @@ def count_runs(args: CompareArgs, num_layers: int) -> int:
     return len(plan_runs(args, num_layers))
 
 
-def choose_settings(args: CompareArgs, train, alpha: float, bar) -> Settings:
-    """Each learner's settings and each rule's operating point, chosen on a validation slice of the
-    policy split (:mod:`benchmarks.tuning`); the defaults when ``args.tune`` is False."""
+def choose_settings(args: CompareArgs, fit, validation, alpha: float, bar) -> Settings:
+    """Each learner's settings and each rule's operating point, chosen on the validation slice of the
+    policy split (:mod:`benchmarks.tuning`; learners train on ``fit``); the defaults when
+    ``args.tune`` is False."""
     import agents
-    from benchmarks.tuning import choose_learner_settings, validation_split
+    from benchmarks.tuning import choose_learner_settings
     from ee_gym.evaluation import calibrated_rule
 
     settings = Settings()
     if not args.tune:
         return settings
-    fit, validation = validation_split(train)
     reward = next(r for r in args.rewards.split(",") if r)
     for name in [a for a in args.agents.split(",") if a]:
         probe = agents.make(name)
@@ -369,23 +398,29 @@ def choose_settings(args: CompareArgs, train, alpha: float, bar) -> Settings:
 
 def run_all(
     args: CompareArgs,
-    train,
+    fit,
+    validation,
     dev,
     alpha: float,
     bar,
     settings: Settings | None = None,
     log: Path | None = None,
+    second=None,
 ) -> tuple[list[Run], dict[str, Any]]:
     """Every planned run, and the policy object of each table row (for wall-clock timing).
 
-    A trained learner that sweeps a threshold is also scored at ``sweep_points`` thresholds placed
-    on its scores over the policy split (``train``), never on dev: extra points of its curve, same
-    seed, not the operating point. ``log``: a JSON-lines file that gets every run as it is made (its
-    numbers and per-input predictions and exits), so that a run that dies late keeps what it did.
+    Learners train on ``fit``; every run is scored on dev and on ``validation`` (its
+    ``validation_metric`` and ``validation_speedup``, read by :func:`choose_curves`). A trained
+    learner that sweeps a threshold is also scored at ``sweep_points`` thresholds placed on its
+    scores over ``fit``, never on dev: extra points of its curve, same seed, not the operating point.
+    ``log``: a JSON-lines file that gets every run as it is made (its numbers and per-input
+    predictions and exits), so that a run that dies late keeps what it did. ``second``: another
+    evaluation table (dev, when ``dev`` is an evaluation split carved from train) that every run is
+    also read on (``Run.second``).
     """
     import agents
     from agents.__main__ import train_policy
-    from ee_gym.evaluation import evaluate_sweep, sweep_thresholds
+    from ee_gym.evaluation import evaluate, evaluate_sweep, sweep_thresholds
 
     runs, operating, done = [], {}, 0
     for item in plan_runs(args, dev.num_layers, settings):
@@ -394,7 +429,7 @@ def run_all(
             run_alpha = alpha * item.alpha_scale
             bar.set_postfix_str(f"{item.label} alpha x{item.alpha_scale:g} seed {item.seed}")
             policy, seconds = train_policy(
-                item.policy, train, run_alpha, item.reward, item.seed, budget=item.budget, **item.params
+                item.policy, fit, run_alpha, item.reward, item.seed, budget=item.budget, **item.params
             )
         else:
             policy = agents.make(item.policy, **item.params)
@@ -403,22 +438,24 @@ def run_all(
             seed=item.seed, train_seconds=round(seconds, 3),
         )  # fmt: skip
         runs.append(
-            Run(item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev), **common)
-        )
+            Run(item.label, item.policy, item.kind, policy.get_params(), **_score(policy, dev),
+                **_validation_fields(evaluate(policy, validation)), **common,
+                second=None if second is None else _score(policy, second))
+        )  # fmt: skip
         if item.kind == "learner" and policy.sweeps_threshold and args.sweep_points:
-            taus = sweep_thresholds(policy, train, args.sweep_points)  # placed on the policy split
-            for result in evaluate_sweep(policy, dev, taus=taus):
+            taus = sweep_thresholds(policy, fit, args.sweep_points)  # placed on the fitting part
+            on_dev, on_validation = (
+                evaluate_sweep(policy, dev, taus=taus),
+                evaluate_sweep(policy, validation, taus=taus),
+            )
+            on_second = [None] * len(taus) if second is None else evaluate_sweep(policy, second, taus=taus)
+            for result, held, other in zip(on_dev, on_validation, on_second, strict=True):
                 params = {**policy.get_params(), "exit_threshold": result.threshold}
                 runs.append(
-                    Run(
-                        item.label,
-                        item.policy,
-                        item.kind,
-                        params,
-                        **_fields(result),
-                        **{**common, "default": False},
-                    )
-                )
+                    Run(item.label, item.policy, item.kind, params, **_fields(result),
+                        **_validation_fields(held), **{**common, "default": False},
+                        second=None if other is None else _fields(other))
+                )  # fmt: skip
         if log is not None:
             with log.open("a") as handle:
                 for run in runs[done:]:
@@ -429,7 +466,39 @@ def run_all(
         if table_row or item.label == "full model":  # the policies wall-clock timing runs
             operating[item.label] = policy
         bar.update(1)
+    choose_curves(runs)
     return runs, operating
+
+
+def _validation_fields(result) -> dict[str, float]:
+    return {"validation_metric": result.score, "validation_speedup": result.speedup}
+
+
+def choose_curves(runs: list[Run]) -> None:
+    """Mark the runs that form each policy's curve (``on_curve``), chosen on the validation slice.
+
+    Per curve and seed: the settings on the upper frontier of their validation points (with the
+    full model's and layer 1's validation points as anchors: a setting below layer 1's metric is
+    never worth its speed), plus the default setting (the table's operating point). Dev then reads
+    exactly those settings, through their dev points in speed-up order (:func:`curve_auc` with
+    ``frontier`` False). Taking the frontier on dev instead would pick each curve's luckiest dev
+    points, and the more settings a policy has (a learner's prices x thresholds against a rule's
+    sweep) the more lucky picks it gets: a bias the validation slice, independent of dev, does not
+    have.
+    """
+    full = next(r for r in runs if r.label == "full model")
+    static1 = [r for r in runs if r.policy == "static" and r.params.get("layer") == 1]
+    num_layers = full.params["layer"]
+    first = static1[0].validation_metric if static1 else full.validation_metric
+    anchors = [(1.0, full.validation_metric), (float(num_layers), first)]
+    for label in dict.fromkeys(r.label for r in runs):
+        for seed in dict.fromkeys(r.seed for r in runs if r.label == label):
+            mine = [r for r in runs if r.label == label and r.seed == seed]
+            chosen = set(
+                frontier_indices([(r.validation_speedup, r.validation_metric) for r in mine] + anchors)
+            )
+            for i, run in enumerate(mine):
+                run.on_curve = run.default or i in chosen
 
 
 def wall_speedups(model, task: str, args: CompareArgs, operating: dict[str, Any]) -> dict[str, dict]:
@@ -479,9 +548,10 @@ def summarise(runs: list[Run], num_layers: int, wall: dict[str, dict]) -> tuple[
         point = [r for r in mine if r.default]
         seeds = sorted({r.seed for r in mine if r.seed is not None}) or [None]
         aucs = [
-            curve_auc([(r.speedup, r.metric) for r in mine if r.seed == s], full, first, num_layers)
+            curve_auc([(r.speedup, r.metric) for r in mine if r.seed == s and r.on_curve], full, first,
+                      num_layers, frontier=False)
             for s in seeds
-        ]
+        ]  # fmt: skip
         metric = mean_ci([r.metric for r in point])
         auc = mean_ci(aucs)
         rows.append(
@@ -515,8 +585,8 @@ def paired_statistics(
     Every run was scored on the same dev inputs, so one joint draw of the inputs (and of the learners'
     seeds) serves every comparison. Returns the results contract's ``paired``, ``mde_auc`` (the median
     half-width of the paired AUC intervals against the best rule, in points) and ``curves`` (each
-    label's run points ``[layer_speedup, metric]``, metric in points; the AUC adds the full-model and
-    layer-1 anchors), plus ``best_rule``, the bootstrap settings and the replicates (not for JSON).
+    label's on-curve run points ``[layer_speedup, metric]``, metric in points; the AUC adds the
+    full-model and layer-1 anchors), plus ``best_rule``, the bootstrap settings and the replicates (not for JSON).
     """
     from benchmarks import paired
 
@@ -528,7 +598,10 @@ def paired_statistics(
     setup = paired.Setup.for_task(task, num_layers, labels, outcome[id(full)], first)
     curves = [
         paired.Curve(
-            label, tuple(outcome[id(r)] for r in runs if r.label == label), flat=label == "full model"
+            label,
+            tuple(outcome[id(r)] for r in runs if r.label == label and r.on_curve),
+            flat=label == "full model",
+            frontier=False,  # its runs were chosen on the validation slice (choose_curves)
         )
         for label in dict.fromkeys(r.label for r in runs)
     ]
@@ -542,12 +615,34 @@ def paired_statistics(
         "mde_auc": paired.minimum_detectable_auc(records, reference=references[0]),
         "paired": records,
         "curves": {
-            c.label: sorted([float(r.speedup), 100 * float(r.metric)] for r in runs if r.label == c.label)
+            c.label: sorted(
+                [float(r.speedup), 100 * float(r.metric)] for r in runs if r.label == c.label and r.on_curve
+            )
             for c in curves
         },
         "bootstrap": dataclasses.asdict(settings),
         "replicates": reps,
         "settings": settings,
+    }
+
+
+def second_reading(task: str, runs: list[Run], second, num_layers: int) -> dict[str, Any]:
+    """The same runs, settings and curve choices read on a second evaluation table (dev, when the
+    protocol carves its evaluation split from train): each curve's AUC, the paired differences to
+    the best rule there and to the full model, and the minimum detectable AUC difference."""
+    moved = [r.on_second() for r in runs]
+    rows, _ = summarise(moved, num_layers, {})
+    stats = paired_statistics(task, moved, rows, np.asarray(second.labels), num_layers)
+    return {
+        "split": second.split,
+        "inputs": second.num_inputs,
+        "auc": {row["label"]: row["auc"] for row in rows},
+        "metric": {row["label"]: row["metric"] for row in rows},
+        "speedup": {row["label"]: row["speedup"] for row in rows},
+        "best_rule": stats["best_rule"],
+        "mde_auc": stats["mde_auc"],
+        "paired": stats["paired"],
+        "curves": stats["curves"],
     }
 
 
@@ -678,14 +773,16 @@ def _params(params: dict) -> str:
 
 
 def mean_curve(runs: list[Run], anchors: dict, num_layers: int, grid: np.ndarray) -> np.ndarray:
-    """A learner's curve on ``grid`` (speed-ups): each seed's frontier as :func:`curve_auc` reads it,
-    averaged over seeds (what its AUC is the mean of)."""
+    """A policy's curve on ``grid`` (speed-ups): each seed's on-curve points as :func:`curve_auc`
+    reads them, averaged over seeds (what its AUC is the mean of)."""
+    from benchmarks.paired import read_curve
+
     seeds = sorted({r.seed for r in runs if r.seed is not None}) or [None]
-    curves = []
-    for seed in seeds:
-        points = [(r.speedup, r.metric) for r in runs if r.seed == seed]
-        ends = frontier([*points, (1.0, anchors["full"]), (float(num_layers), anchors["first_layer"])])
-        curves.append(np.interp(grid, ends[:, 0], ends[:, 1]))
+    curves = [
+        read_curve([(r.speedup, r.metric) for r in runs if r.seed == seed and r.on_curve], anchors["full"],
+                   anchors["first_layer"], num_layers, grid, frontier=False)
+        for seed in seeds
+    ]  # fmt: skip
     return np.mean(curves, axis=0)
 
 
@@ -698,12 +795,14 @@ def plot(
     num_layers: int,
     anchors: dict,
     noise: tuple[float, float] | None = None,
+    where: str = "dev",
 ) -> None:
     """Metric against layer speed-up: one curve (and colour) per policy over the AUC's range.
 
-    Learners: the seed-averaged frontier of every training price and swept threshold (faint dots: the
-    points), their operating point with its interval over seeds. Rules: their swept points. The
-    full model is a star and its dev-set interval a grey band; a reference far above the curves (an
+    Each line is what the policy's AUC integrates: its on-curve settings (:func:`choose_curves`)
+    read on dev, averaged over seeds (solid: learners, dashed: rules); faint dots are all its
+    settings' dev points. A learner's operating point carries its interval over seeds. The full
+    model is a star and its dev-set interval a grey band; a reference far above the curves (an
     oracle) is marked at the top edge with its value instead of stretching the axis.
     """
     import matplotlib
@@ -721,26 +820,28 @@ def plot(
     for row in deployable:
         mine = [r for r in runs if r.label == row["label"]]
         colour = palette[row["label"]]
-        if row["kind"] == "learner":
-            curve = 100 * mean_curve(mine, anchors, num_layers, grid)
-            ax.plot(grid, curve, "-", color=colour, lw=1.8, label=row["label"])
-            ax.scatter(
-                [r.speedup for r in mine], [100 * r.metric for r in mine], s=6, color=colour, alpha=0.3
-            )
+        curve = 100 * mean_curve(mine, anchors, num_layers, grid)
+        learner = row["kind"] == "learner"
+        ax.plot(
+            grid,
+            curve,
+            "-" if learner else "--",
+            color=colour,
+            lw=1.8 if learner else 1.3,
+            label=row["label"],
+        )
+        ax.scatter([r.speedup for r in mine], [100 * r.metric for r in mine], s=6, color=colour, alpha=0.3)
+        seen += curve.tolist()
+        if learner:
             low, up = row["metric_ci"]
             err = None if math.isnan(low) else [[100 * (row["metric"] - low)], [100 * (up - row["metric"])]]
             ax.errorbar(
                 [row["speedup"]], [100 * row["metric"]], yerr=err, fmt="o", color=colour, capsize=3, ms=6
             )
-            seen += curve.tolist()
-        else:
-            points = sorted((r.speedup, 100 * r.metric) for r in mine if not r.default)
-            ax.plot(*zip(*points, strict=True), "--", marker=".", color=colour, alpha=0.9, label=row["label"])
-            seen += [m for x, m in points if x <= high]
     full = 100 * anchors["full"]
     if noise is not None:
         ax.axhspan(100 * noise[0], 100 * noise[1], color="0.85", alpha=0.5, zorder=0,
-                   label="full model, 95% dev-set interval")  # fmt: skip
+                   label=f"full model, 95% interval over the {where} inputs")  # fmt: skip
     ax.plot([1.0], [full], "k*", markersize=14, label="full model", zorder=5)
     seen.append(full)
     bottom, top = min(seen), max(seen)
@@ -759,13 +860,35 @@ def plot(
     ax.set_xlim(1.0, high)
     ax.set_ylim(bottom, top)
     ax.set_xlabel("layer speed-up (L / mean exit layer)")
-    ax.set_ylabel(f"dev {metric} (%)")
+    ax.set_ylabel(f"{where} {metric} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def dev_section(on_dev: dict | None) -> list[str]:
+    """results.md's second reading on dev, when the protocol evaluates on a split carved from train."""
+    if on_dev is None:
+        return []
+    paired = {(r["policy"], r["reference"]): r for r in on_dev["paired"] if r["statistic"] == "auc"}
+    lines = [
+        "## The same runs on dev",
+        "",
+        f"Read on dev ({on_dev['inputs']} inputs) with the same settings and curve points; best rule there "
+        f"{on_dev['best_rule']}; minimum detectable AUC difference {on_dev['mde_auc']:.2f} points.",
+        "",
+        "| policy | AUC | AUC - best rule (95%) | AUC - full model (95%) |",
+        "|---|---|---|---|",
+    ]
+    for label, auc in sorted(on_dev["auc"].items(), key=lambda item: -item[1]):
+        lines.append(
+            f"| {label} | {_pct(auc)} | {_cell(paired, label, on_dev['best_rule'])} | "
+            f"{_cell(paired, label, 'full model')} |"
+        )
+    return [*lines, ""]
 
 
 def settings_section(settings: Settings, train) -> list[str]:
@@ -784,7 +907,7 @@ def settings_section(settings: Settings, train) -> list[str]:
         f"A seeded {VALIDATION_FRACTION:.0%} of the policy split ({train.split}, {train.num_inputs} inputs) "
         "held out (`benchmarks.tuning`); dev is never read. Learners: each candidate of the class's search "
         "trained once (default price, seed 0) on the rest and scored by its validation AUC; the best trains "
-        "every price and seed on the whole split. Rules: the operating point is the fastest setting within "
+        "every price and seed on the rest as well. Rules: the operating point is the fastest setting within "
         "1 point of the full model's validation metric (`ee_gym.evaluation.calibrated_rule`).",
         "",
         "| policy | chosen | validation AUC of each candidate (chosen in bold) |",
@@ -876,6 +999,7 @@ def main(argv=None) -> int:
 
     from agents.evaluate import evaluate
     from ee_gym.envs.prepare import load_model, load_table, policy_table
+    from ee_gym.evaluation import validation_split
     from ee_gym.files import write_text_atomic
     from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
@@ -883,14 +1007,19 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     args = parse_args(argv).resolved()
     task = args.task
-    policy_split = args.policy_split or get_protocol(args.protocol).policy_split
+    protocol = get_protocol(args.protocol)
+    policy_split = args.policy_split or protocol.policy_split
+    # where policies are scored: dev, or the protocol's evaluation split carved from train (then dev
+    # is a second reading of the same runs)
+    where = protocol.evaluation or "dev"
     model = load_model(
         task, model=args.model, backbone=args.backbone, data_dir=args.data_dir, progress=args.progress,
         protocol=args.protocol,
     )  # fmt: skip
     tables = dict(data_dir=args.data_dir, progress=args.progress)
     train = policy_table(model, task, args.protocol, split=policy_split, backbone=args.backbone, **tables)
-    dev = load_table(model, task, "dev", **tables)
+    dev = load_table(model, task, where, **tables)
+    second = load_table(model, task, "dev", **tables) if protocol.evaluation else None
     num_layers, alpha = dev.num_layers, default_alpha(task, dev.num_layers)
     set_threads(args.threads)  # stage 1 and the caches (above) ran on torch's default threads
     load_at_start = machine_load()
@@ -898,12 +1027,13 @@ def main(argv=None) -> int:
     bar = tqdm(
         total=count_runs(args, num_layers), desc=f"compare [{task}]", unit="run", disable=not args.progress
     )
-    settings = choose_settings(args, train, alpha, bar)
+    fit, validation = validation_split(train)  # no policy trains on the validation slice
+    settings = choose_settings(args, fit, validation, alpha, bar)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.partial.jsonl"  # every run as it is made; removed once results.json is written
     log.unlink(missing_ok=True)
-    runs, operating = run_all(args, train, dev, alpha, bar, settings, log)
+    runs, operating = run_all(args, fit, validation, dev, alpha, bar, settings, log, second)
     bar.set_postfix_str("wall-clock timing")
     wall = wall_speedups(model, task, args, operating)
     bar.close()
@@ -913,20 +1043,26 @@ def main(argv=None) -> int:
     metric = full_result.metric
     noise = dev_set_interval(task, full_result.predictions, dev.labels)
     stats = paired_statistics(task, runs, rows, np.asarray(dev.labels), num_layers)
+    on_dev = None if second is None else second_reading(task, runs, second, num_layers)
     spread = stage1_spread(task, train, metric, tables)
     found = claims(rows, stats)
     command = "python -m benchmarks.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
 
-    title = f"{task} dev ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"
-    plot(runs, rows, out / "curves.png", title, metric, num_layers, anchors, noise)
+    place = "dev" if second is None else f"{where}, the evaluation split carved from train,"
+    title = f"{task} {place} ({dev.num_inputs} inputs), {model.config.backbone}, {args.protocol} protocol"
+    plot(runs, rows, out / "curves.png", title, metric, num_layers, anchors, noise, where)
     record = {
         "task": task,
         "metric": metric,
         "num_layers": num_layers,
-        "dev_inputs": dev.num_inputs,
+        "evaluation": where,  # the split every number below is read on ("dev", or carved from train)
+        "dev_inputs": dev.num_inputs,  # of that split
+        "dev": on_dev,  # a carved evaluation split: the same runs read on dev (table, paired, mde_auc)
         "protocol": args.protocol,
         "policy_split": policy_split,
         "policy_inputs": train.num_inputs,
+        "fit_inputs": fit.num_inputs,  # what learners train on
+        "validation_inputs": validation.num_inputs,  # what chooses settings and curve points
         "cross_fit": train.cross_fit,  # the folds and fold models, under a cross-fit protocol
         "tuning": settings.to_dict(),  # what the validation slice chose (benchmarks.tuning)
         "stage1_spread": spread,  # cross-fit: the fold models' full-depth dev metrics (stage-1 noise)
@@ -958,26 +1094,33 @@ def main(argv=None) -> int:
     text = [
         f"# {task}: exit policies compared",
         "",
-        f"{title}; policies learn on `{policy_split}` ({train.num_inputs} inputs); default alpha "
+        f"{title}; policies learn on `{policy_split}` ({fit.num_inputs} of its {train.num_inputs} inputs; the "
+        f"other {validation.num_inputs} are the validation slice); default alpha "
         f"{alpha:.3g}; {args.seeds} seed(s) per learner. Sorted by AUC: mean {metric} over layer speed-ups "
         f"1x to {num_layers / 2:g}x of each policy's curve (`benchmarks.compare.curve_auc`). Wall speed-up: "
         f"batched early-exit inference at batch size {args.wall_batch_size} against full depth, same batches.",
         "",
         markdown_table(rows, metric, stats),
         "",
-        f"Dev-set noise: the full model's {metric} has a 95% bootstrap interval of {_interval(list(noise))} "
-        f"over the {dev.num_inputs} dev inputs. Every policy is scored on the same inputs, so the differences "
+        f"Evaluation noise: the full model's {metric} has a 95% bootstrap interval of {_interval(list(noise))} "
+        f"over the {dev.num_inputs} {where} inputs. Every policy is scored on the same inputs, so the differences "
         f"(AUC - best rule, here {stats['best_rule'] or 'none'}; AUC - full model: the full model's {metric} "
-        f"as a flat line) are paired: a bootstrap resampling the dev inputs and the learners' seeds jointly "
+        f"as a flat line) are paired: a bootstrap resampling the {where} inputs and the learners' seeds jointly "
         f"(`benchmarks.paired`, {stats['bootstrap']['resamples']} replicates). Minimum detectable AUC "
         f"difference of this setup: {stats['mde_auc']:.2f} points (median half-width of the paired 95% "
-        "intervals against the best rule). Caveat: a curve is the upper frontier of its points on dev, and "
-        "a learner has more of them than a rule (points per curve: "
-        + ", ".join(f"{label} {len(points)}" for label, points in stats["curves"].items())
-        + "), so the frontier's pick of lucky points favours the policies with more.",
+        "intervals against the best rule). Which settings form a curve is chosen on the validation slice "
+        "(each seed's validation frontier, plus the default setting; `benchmarks.compare.choose_curves`) and "
+        "dev reads those settings as they are, so a policy with more settings gets no more lucky picks on dev "
+        "(settings on the curve / tried: "
+        + ", ".join(
+            f"{label} {len(points)}/{sum(r.label == label for r in runs)}"
+            for label, points in stats["curves"].items()
+        )
+        + ").",
         "",
         "![metric against speed-up](curves.png)",
         "",
+        *dev_section(on_dev),
         *settings_section(settings, train),
         "",
         "## Claims tested",

@@ -11,8 +11,9 @@ policy with the same number of seeds: "the seeds jointly"). On that replicate ev
 from its per-input predictions (the task metric recomputed: accuracy, F1 or Matthews correlation, from
 confusion counts, equal to :func:`ee_gym.tasks.compute_metrics`) and per-input exit layers (its layer
 speed-up L / mean exit layer), each curve is re-formed exactly as :func:`benchmarks.compare.curve_auc`
-forms it (the frontier of its runs plus the full-model and layer-1 anchors, linear between them) and
-read off as
+forms it (its runs plus the full-model and layer-1 anchors, linear between them in speed-up order;
+with ``Curve.frontier`` only the runs on the replicate's upper frontier, for curves whose runs were
+not chosen beforehand) and read off as
 
 * ``auc``: the mean metric over speed-ups 1x to L/2 x;
 * ``metric@<s>x``: the curve's metric at layer speed-up s (1.25x, 1.5x, 2x, 3x by default), only where
@@ -54,9 +55,11 @@ __all__ = [
     "check_same_inputs",
     "compare_policies",
     "difference",
+    "metric_difference",
     "minimum_detectable_auc",
     "paired_difference",
     "paired_replicates",
+    "read_curve",
     "unpaired_difference",
     "verdict",
 ]
@@ -105,6 +108,10 @@ class Curve:
     label: str
     runs: tuple[Outcome, ...]
     flat: bool = False  # a single-run reference (the full model) compared as a flat line at its metric
+    # True: the curve is the upper frontier of its runs on each replicate (a pick on the very inputs
+    # being scored, which favours curves with more runs); False: the runs as they are, in speed-up
+    # order (the comparison chooses them on a validation slice first, so dev makes no second pick)
+    frontier: bool = True
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -251,8 +258,11 @@ def _frontier_mask(speed: np.ndarray, metric: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _interp_frontier(speed: np.ndarray, metric: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """[R, G]: each replicate's frontier read at speed-ups ``at`` [G], linear between frontier points.
+def _interp_frontier(
+    speed: np.ndarray, metric: np.ndarray, at: np.ndarray, frontier: bool = True
+) -> np.ndarray:
+    """[R, G]: each replicate's curve read at speed-ups ``at`` [G], linear between its points in
+    speed-up order: the points on the replicate's frontier, or (``frontier`` False) all of them.
 
     np.interp one row at a time, vectorised: off-frontier points move to +inf and sort last, and a
     speed-up outside a row's points takes the nearest end's metric. Rows go in blocks (dense curves
@@ -262,11 +272,11 @@ def _interp_frontier(speed: np.ndarray, metric: np.ndarray, at: np.ndarray) -> n
     if len(speed) > rows:
         return np.concatenate(
             [
-                _interp_frontier(speed[i : i + rows], metric[i : i + rows], at)
+                _interp_frontier(speed[i : i + rows], metric[i : i + rows], at, frontier)
                 for i in range(0, len(speed), rows)
             ]
         )
-    keep = _frontier_mask(speed, metric)
+    keep = _frontier_mask(speed, metric) if frontier else np.ones(speed.shape, dtype=bool)
     xs = np.where(keep, speed, np.inf)
     order = np.argsort(xs, axis=1, kind="stable")
     xs = np.take_along_axis(xs, order, 1)
@@ -286,10 +296,17 @@ def _grid(num_layers: int) -> np.ndarray:
     return np.linspace(1.0, num_layers / 2, AUC_GRID_POINTS)
 
 
-def auc_of(points: Sequence[tuple[float, float]], full: float, first_layer: float, num_layers: int) -> float:
-    """One curve's AUC as :func:`benchmarks.compare.curve_auc` defines it (this module's own reading)."""
+def read_curve(points: Sequence[tuple[float, float]], full: float, first_layer: float, num_layers: int,
+               at: np.ndarray, frontier: bool = True) -> np.ndarray:  # fmt: skip
+    """One curve (its points plus the full-model and layer-1 anchors) read at speed-ups ``at``."""
     pts = np.asarray([*points, (1.0, full), (float(num_layers), first_layer)], dtype=np.float64)
-    return float(_interp_frontier(pts[None, :, 0], pts[None, :, 1], _grid(num_layers)).mean())
+    return _interp_frontier(pts[None, :, 0], pts[None, :, 1], np.asarray(at, dtype=np.float64), frontier)[0]
+
+
+def auc_of(points: Sequence[tuple[float, float]], full: float, first_layer: float, num_layers: int,
+           frontier: bool = True) -> float:  # fmt: skip
+    """One curve's AUC as :func:`benchmarks.compare.curve_auc` defines it (this module's own reading)."""
+    return float(read_curve(points, full, first_layer, num_layers, _grid(num_layers), frontier).mean())
 
 
 # -- replicates -----------------------------------------------------------------------------------------
@@ -406,8 +423,8 @@ def paired_replicates(
                 full, first = anchor_points(values)
                 xs = np.column_stack([speeds[:, mine], np.ones(len(values)), np.full(len(values), float(L))])
                 ys = np.column_stack([values[:, mine], full, first])
-                store_auc.append(_interp_frontier(xs, ys, grid).mean(1))
-                store_at.append(_interp_frontier(xs, ys, at))
+                store_auc.append(_interp_frontier(xs, ys, grid, curve.frontier).mean(1))
+                store_at.append(_interp_frontier(xs, ys, at, curve.frontier))
             reaches.append(float(point_speed[0, mine].max()))
         aucs, ats = np.stack(per_seed_auc, 1), np.stack(per_seed_at, 1)  # [R, S], [R, S, G]
         count = len(curve.seeds)
@@ -523,6 +540,38 @@ def compare_policies(
             if label != reference:
                 records += _differences(reps, reps, label, reference, settings)
     return records, reps
+
+
+def metric_difference(
+    setup: Setup, policy: Curve, reference: Curve, settings: BootstrapSettings = BootstrapSettings()
+) -> dict[str, Any]:
+    """``policy``'s metric minus ``reference``'s, each at its own exits (no curve: one setting each,
+    one run per seed, averaged over seeds), the inputs and each side's seeds resampled jointly.
+
+    For two models that differ in their weights too (stage 3 against the full-depth stage-1 model):
+    one record with ``statistic`` ``"metric@<s>x"``, s the policy's mean layer speed-up.
+    """
+    _check(setup, [policy, reference])
+    n = setup.size
+    runs = [*policy.runs, *reference.runs]
+    rng = np.random.default_rng(settings.seed)
+    blocks = [_score_runs(setup, runs, _weights(rng, size, n))[0]
+              for size in _blocks(settings.resamples, n, len(runs) * setup.num_labels**2)]  # fmt: skip
+    metric = np.concatenate(blocks)  # [R, runs]
+    point = np.asarray([_point_metric(setup, r) for r in runs])
+
+    def side(columns: list[int], salt: int) -> tuple[np.ndarray, float]:
+        values = metric[:, columns]
+        if len(columns) > 1:  # the seeds, drawn with replacement
+            draw = np.random.default_rng([settings.seed, salt]).integers(0, len(columns), values.shape)
+            values = np.take_along_axis(values, draw, 1)
+        return values.mean(1), float(point[columns].mean())
+
+    ours, our_point = side(list(range(len(policy.runs))), 1)
+    theirs, their_point = side(list(range(len(policy.runs), len(runs))), 2)
+    speedup = float(np.mean([setup.num_layers / np.mean(r.exit_layers) for r in policy.runs]))
+    return _record(policy.label, reference.label, f"metric@{speedup:.2f}x", our_point - their_point,
+                   ours - theirs, settings.confidence)  # fmt: skip
 
 
 def best_by_auc(reps: Replicates, labels: Sequence[str]) -> str:

@@ -7,7 +7,9 @@ validation slice (:func:`validation_split`, a seeded fifth of the rows). Then:
   learn budget, a handful each: the stated budget of the search) on the fitting part, at the
   default price and seed 0, and is scored on the validation slice by the AUC of its curve there
   (its default point and its threshold sweep, :func:`validation_auc`); the best candidate's settings
-  train every price and seed of the comparison, on the whole policy split;
+  train every price and seed of the comparison, on the same fitting part (no policy trains on the
+  validation slice, which also chooses the points of every curve:
+  :func:`benchmarks.compare.choose_curves`);
 * each rule's operating point (the table's row; its swept curve is unchanged) is the fastest setting
   of its sweep whose validation metric is within ``tolerance`` of the full model's on that slice
   (:func:`agents.rules.calibrated_rule`), so that a rule used without a threshold fits the model

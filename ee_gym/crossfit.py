@@ -40,17 +40,36 @@ class Fold:
     train_split: str  # the rest, e.g. "train[:830]+train[1660:]"
 
 
-def make_folds(num_rows: int, k: int, split: str = "train") -> list[Fold]:
-    """``k`` contiguous folds of ``num_rows`` rows (sizes differ by at most one), as split strings."""
+def make_folds(
+    num_rows: int, k: int, split: str = "train", offset: int = 0, to_end: bool = True
+) -> list[Fold]:
+    """``k`` contiguous folds of ``num_rows`` rows (sizes differ by at most one), as split strings.
+
+    The rows are ``offset`` .. ``offset + num_rows`` of ``split``; ``to_end`` False when more rows
+    follow them (an evaluation split carved from the end), so that no fold model trains on those.
+    ``start``/``stop`` count from ``offset`` (rows of the policy table); the split strings name rows
+    of ``split``."""
     if not 2 <= k <= num_rows:
         raise ValueError(f"cross-fitting needs 2 <= k <= the {num_rows} rows of {split!r}, got k={k}")
     bounds = [num_rows * i // k for i in range(k + 1)]
+    end = "" if to_end else str(offset + num_rows)
     folds = []
     for i, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        rest = [f"{split}[:{start}]"] if start > 0 else []
-        rest += [f"{split}[{stop}:]"] if stop < num_rows else []
-        folds.append(Fold(i, start, stop, f"{split}[{start}:{stop}]", "+".join(rest)))
+        rest = [f"{split}[{offset or ''}:{offset + start}]"] if start > 0 else []
+        rest += [f"{split}[{offset + stop}:{end}]"] if stop < num_rows else []
+        folds.append(Fold(i, start, stop, f"{split}[{offset + start}:{offset + stop}]", "+".join(rest)))
     return folds
+
+
+def split_rows(task, split: str, data_dir) -> tuple[str, int, int, bool]:
+    """(base split, first row, one past the last row, whether that is the base split's end) of a
+    split such as ``"train"`` or ``"train[:90%]"``, as :func:`ee_gym.tasks.load_split` slices it."""
+    from ee_gym.tasks import _slice_bound, parse_split
+
+    base, start, end = parse_split(split)
+    n = len(load_split(task, base, data_dir))
+    low, high = _slice_bound(start, n, 0), _slice_bound(end, n, n)
+    return base, low, high, high == n
 
 
 @dataclass
@@ -94,15 +113,16 @@ def cross_fit_table(
     initial_model: Callable[[], MultiExitModel] | None = None,
 ) -> CrossFitTable:
     """The cross-fitted table of ``split``: train (or reuse) one stage-1 model per fold, and take each
-    fold's rows from its model.
+    fold's rows from its model. ``split`` is a split or a slice of one (``"train[:90%]"``, when an
+    evaluation split is carved after it); fold models train on the slice's other folds only.
 
     ``base`` holds the stage-1 settings (its ``train_split`` is ignored); ``table_for(model, split)``
     builds (or reads the cache of) a model's table on a split; ``initial_model`` makes the model each
     fold's stage 1 starts from (a tiny random one in tests; None: the backbone's pretrained weights).
     """
     task = get_task(base.task)
-    num_rows = len(load_split(task, split, base.data_dir))
-    folds = make_folds(num_rows, k, split)
+    name, low, high, to_end = split_rows(task, split, base.data_dir)
+    folds = make_folds(high - low, k, name, offset=low, to_end=to_end)
     tables, fingerprints, run_dirs, seconds = [], [], [], []
     for fold in folds:
         config = dataclasses.replace(base, train_split=fold.train_split, output_dir=None)
@@ -127,10 +147,13 @@ def cross_fit_for(
     data_dir: str | os.PathLike | None,
     progress: bool,
     table_for: Callable[[MultiExitModel, str], ExitTable],
+    split: str = "train",
 ) -> CrossFitTable:
-    """:func:`cross_fit_table` for stage 1 of (task, backbone) in its default folder (the model
-    ``load_model(..., protocol="cross-fit")`` returns)."""
+    """:func:`cross_fit_table` of ``split`` for stage 1 of (task, backbone) on ``split`` in its
+    default folder (the model ``load_model(..., protocol="cross-fit")`` returns; ``split`` is the
+    protocol's stage-1 and policy split, ``"train[:90%]"`` under ``cross-fit,eval=10%``)."""
     base = Stage1Config(
-        task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir), progress=progress
-    )
-    return cross_fit_table(fold_stage1_config(base), k, table_for=table_for)
+        task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir), progress=progress,
+        train_split=split,
+    )  # fmt: skip
+    return cross_fit_table(fold_stage1_config(base), k, split=split, table_for=table_for)

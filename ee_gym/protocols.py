@@ -13,7 +13,9 @@ This module imports nothing heavy: configs and env keywords are checked against 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 from ee_gym.validation import ConfigError, check_choice
 
@@ -29,10 +31,50 @@ class Protocol:
     #: cross-fitting: the policy split's table comes from ``folds`` fold models, each trained on the
     #: rest of the split, so that every row is an input its model never saw (0: one model, no folds)
     folds: int = 0
+    #: a labelled evaluation split carved from the end of train (``"train[90%:]"``), which neither
+    #: stage 1 nor the policy ever sees (both splits above lie before it); None: policies are
+    #: evaluated on dev only. Named ``<protocol>,eval=<p>%`` (:func:`get_protocol`).
+    evaluation: str | None = None
 
     @property
     def cross_fit(self) -> bool:
         return self.folds > 0
+
+    def carved(self, percent: Fraction) -> Protocol:
+        """This protocol played on the first ``100 - percent`` % of train, the rest held out as its
+        evaluation split: every split's percentages scaled into the kept part."""
+        keep = 100 - percent
+        return replace(
+            self,
+            name=f"{self.name},eval={_percent(percent)}%",
+            stage1_split=_scaled(self.stage1_split, keep),
+            policy_split=_scaled(self.policy_split, keep),
+            evaluation=f"train[{_percent(keep)}%:]",
+            summary=f"{self.summary}; the last {_percent(percent)} % of train is a labelled evaluation split "
+            "that neither stage 1 nor the policy sees",
+        )
+
+
+def _percent(value: Fraction) -> str:
+    """A percentage as the shortest exact decimal (``Fraction(81)`` -> ``"81"``, ``81/2`` -> ``"40.5"``)."""
+    text = f"{float(value):.6f}".rstrip("0").rstrip(".")
+    if Fraction(text) != value:
+        raise ConfigError(f"the percentage {float(value)} has more than 6 decimals")
+    return text
+
+
+def _scaled(split: str, keep: Fraction) -> str:
+    """``split`` (train, or a percentage slice of it) moved into the first ``keep`` % of train."""
+    from ee_gym.tasks import parse_split  # light: no torch
+
+    base, start, end = parse_split(split)
+    bounds = []
+    for bound, default in ((start, Fraction(0)), (end, Fraction(100))):
+        if bound is not None and not bound.endswith("%"):
+            raise ConfigError(f"cannot carve an evaluation split from a protocol split in rows ({split!r})")
+        bounds.append(default if bound is None else Fraction(bound[:-1]))
+    low, high = (b * keep / 100 for b in bounds)
+    return f"{base}[{'' if low == 0 else _percent(low) + '%'}:{_percent(high)}%]"
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -73,14 +115,28 @@ POLICY_PROTOCOLS: dict[str, tuple[str, str]] = {
 
 #: the most folds ``cross-fit:<k>`` takes (each fold is one more stage-1 run)
 MAX_FOLDS = 20
+#: the largest evaluation split ``<protocol>,eval=<p>%`` carves from train
+MAX_CARVE = 50
+_CARVE = re.compile(r"^(?P<base>[^,]+),\s*eval\s*=\s*(?P<percent>\d+(?:\.\d+)?)\s*%$")
 
 
 def get_protocol(name: str | None = None) -> Protocol:
     """The protocol ``name`` (None: :data:`DEFAULT_PROTOCOL`), or ConfigError listing the choices.
 
     ``"cross-fit:<k>"`` is ``cross-fit`` with k folds (2 to :data:`MAX_FOLDS`) instead of 3.
+    ``"<protocol>,eval=<p>%"`` (e.g. ``"held-out,eval=10%"``) plays the protocol on the first
+    100 - p % of train and keeps the last p % as a labelled evaluation split
+    (:attr:`Protocol.evaluation`): for tasks whose dev set is too small to tell policies apart.
     """
     name = DEFAULT_PROTOCOL if name is None else name
+    if isinstance(name, str) and "," in name:
+        match = _CARVE.match(name.strip())
+        if not match or not 0 < Fraction(match.group("percent")) <= MAX_CARVE:
+            raise ConfigError(
+                f"protocol {name!r}: an evaluation split is '<protocol>,eval=<p>%' with 0 < p <= {MAX_CARVE}, "
+                "e.g. 'held-out,eval=10%'"
+            )
+        return get_protocol(match.group("base").strip()).carved(Fraction(match.group("percent")))
     if isinstance(name, str) and name.startswith("cross-fit:"):
         folds = name.split(":", 1)[1].strip()
         if not folds.isdigit() or not 2 <= int(folds) <= MAX_FOLDS:
@@ -103,14 +159,15 @@ def check_protocol(name: str | None) -> str:
     try:
         return get_protocol(name).name
     except ConfigError as error:
-        if isinstance(name, str) and name.startswith("cross-fit"):
+        if isinstance(name, str) and (name.startswith("cross-fit") or "," in name):
             raise
-        raise ConfigError(f"{error}; or 'cross-fit:<k>' for k folds") from None
+        raise ConfigError(f"{error}; or 'cross-fit:<k>' for k folds, '<protocol>,eval=<p>%' for an "
+                          "evaluation split carved from train") from None  # fmt: skip
 
 
 def protocol_choices() -> str:
     """The protocols a command-line option takes, for its help text."""
-    return ", ".join(PROTOCOLS) + ", cross-fit:<k>"
+    return ", ".join(PROTOCOLS) + ", cross-fit:<k>, and any of them with ',eval=<p>%'"
 
 
 def protocol_of_split(stage1_split: str) -> str | None:

@@ -23,6 +23,64 @@ def test_auc_reads_the_frontier_between_its_anchors():
     assert compare.frontier([(1, 0.5), (2, 0.7), (3, 0.6), (2.5, 0.4)]).tolist() == [[2, 0.7], [3, 0.6]]
 
 
+def _run(label, metric, speedup, val_metric, val_speedup, default=False, policy="p", params=None):
+    return compare.Run(label, policy, "rule", params or {}, metric, {"accuracy": metric}, 4 / speedup,
+                       1 - 1 / speedup, speedup, default, validation_metric=val_metric,
+                       validation_speedup=val_speedup)  # fmt: skip
+
+
+def _anchors(full=0.6, first=0.5):
+    return [_run("full model", full, 1.0, full, 1.0, True, "static", {"layer": 4}),
+            _run("static", first, 4.0, first, 4.0, True, "static", {"layer": 1})]  # fmt: skip
+
+
+def test_curves_are_chosen_on_the_validation_slice_and_read_on_dev():
+    runs = _anchors() + [
+        _run("p", 0.70, 1.5, 0.62, 1.5),  # on the validation frontier
+        _run("p", 0.40, 2.0, 0.61, 2.0),  # on it too: dev's poor value stays on the curve
+        _run("p", 0.90, 1.8, 0.55, 1.7),  # beaten on validation by (2.0, 0.61): off, however good on dev
+        _run("p", 0.45, 3.0, 0.45, 3.0),  # below layer 1's validation metric: off
+        _run("p", 0.30, 1.2, 0.30, 1.2, default=True),  # the operating point is always on the curve
+    ]
+    compare.choose_curves(runs)
+    assert [r.on_curve for r in runs if r.label == "p"] == [True, True, False, False, True]
+    rows, anchors = compare.summarise(runs, 4, {})
+    auc = next(row["auc"] for row in rows if row["label"] == "p")
+    chosen = [(1.5, 0.70), (2.0, 0.40), (1.2, 0.30)]
+    assert auc == pytest.approx(compare.curve_auc(chosen, 0.6, 0.5, 4, frontier=False))
+    assert auc < compare.curve_auc(
+        [(r.speedup, r.metric) for r in runs[2:]], 0.6, 0.5, 4
+    )  # dev frontier: higher
+
+
+def test_choosing_on_validation_removes_the_many_settings_bias():
+    # K settings of one policy with the same true accuracy; the dev frontier's AUC grows with K (it
+    # keeps the luckiest draws), the validation-chosen curve read on dev does not
+    rng = np.random.default_rng(0)
+    n, truth = 300, 0.6
+
+    def mean_aucs(k: int) -> tuple[float, float]:
+        on_dev, chosen = [], []
+        for _ in range(200):
+            speedups = np.linspace(1.1, 2.0, k)
+            dev, val = rng.binomial(n, truth, (2, k)) / n
+            runs = _anchors(truth, 0.5) + [
+                _run("p", d, s, v, s, default=i == 0)
+                for i, (d, v, s) in enumerate(zip(dev, val, speedups, strict=True))
+            ]
+            compare.choose_curves(runs)
+            rows, _ = compare.summarise(runs, 4, {})
+            chosen.append(next(row["auc"] for row in rows if row["label"] == "p"))
+            on_dev.append(compare.curve_auc(list(zip(speedups, dev, strict=True)), truth, 0.5, 4))
+        return float(np.mean(on_dev)), float(np.mean(chosen))
+
+    few, many = mean_aucs(3), mean_aucs(40)
+    # measured: the dev frontier reads 61.6 with 3 settings and 65.3 with 40 (truth 60); chosen on
+    # validation, 60.0 and 60.1 (standard error of each mean about 0.1)
+    assert few[0] > truth + 0.01 and many[0] - few[0] > 0.02  # optimism, growing with the settings
+    assert abs(few[1] - truth) < 0.005 and abs(many[1] - truth) < 0.005  # the chosen reading: none
+
+
 def test_mean_ci_brackets_the_mean():
     mean, low, high = compare.mean_ci([0.5, 0.6, 0.7])
     assert low <= mean <= high and mean == pytest.approx(0.6)
@@ -73,6 +131,13 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert isinstance(record["protocol"], str) and isinstance(record["mde_auc"], float)
     assert set(record["curves"]) == labels
     assert all(len(point) == 2 for points in record["curves"].values() for point in points)
+    # the curves hold the runs the validation slice chose (and every default), read on dev
+    assert record["fit_inputs"] + record["validation_inputs"] == record["policy_inputs"]
+    for label, points in record["curves"].items():
+        mine = [r for r in record["runs"] if r["label"] == label]
+        assert all(r["validation_metric"] is not None for r in mine)
+        assert all(r["on_curve"] for r in mine if r["default"])
+        assert sorted(points) == sorted([r["speedup"], 100 * r["metric"]] for r in mine if r["on_curve"])
     best = record["best_rule"]
     assert best in {"entropy", "static"}
     for item in record["paired"]:
@@ -144,3 +209,27 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert "**reinforce**" in text and "**learned-exit**" in text
     rows = [line for line in text.splitlines() if line.startswith(f"| {record['protocol']} |")]
     assert len(rows) == 2 * len({r["label"] for r in record["table"] if r["kind"] == "learner"})
+
+
+def test_a_carved_evaluation_split_is_read_first_and_dev_second(tokenizer, tiny_data, tmp_path):
+    model = new_tiny_model(tokenizer, task="sst2")
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "results"
+    argv = [
+        "--task", "sst2", "--model", str(tmp_path / "model"), "--data-dir", str(tiny_data),
+        "--protocol", "paper,eval=25%", "--agents", "reinforce,entropy,static", "--seeds", "1",
+        "--alpha-scales", "1", "--sweep-points", "3", "--no-tune", "--wall-limit", "4", "--wall-repeat", "1",
+        "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["evaluation"] == "train[75%:]" and record["policy_split"] == "train[:75%]"
+    assert record["dev_inputs"] == 16 and record["policy_inputs"] == 48  # 64 train rows, carved 48 / 16
+    second = record["dev"]
+    assert second["inputs"] == 32 and isinstance(second["mde_auc"], float)
+    assert set(second["auc"]) == {row["label"] for row in record["table"]}
+    # each run's own dev numbers, same setting; the curve points were chosen once, on validation
+    run = next(r for r in record["runs"] if r["label"] == "entropy" and r["default"])
+    assert set(run["dev"]) >= {"metric", "speedup"} and run["on_curve"]
+    assert len(second["curves"]["entropy"]) == len(record["curves"]["entropy"])
+    assert "## The same runs on dev" in (out / "results.md").read_text()

@@ -125,3 +125,58 @@ def test_a_pipeline_under_cross_fit_takes_one_round():
     with pytest.raises(ConfigError, match="rounds=1"):
         PipelineConfig(task="rte", protocol="cross-fit", rounds=2)
     assert PipelineConfig(task="rte", protocol="cross-fit:4", rounds=1).protocol == "cross-fit:4"
+
+
+def test_an_evaluation_split_carved_from_train_is_outside_every_training_split():
+    held = get_protocol("held-out,eval=10%")
+    assert (held.stage1_split, held.policy_split, held.evaluation) == (
+        "train[:81%]",
+        "train[81%:90%]",
+        "train[90%:]",
+    )
+    assert held.name == "held-out,eval=10%" and check_protocol("held-out, eval = 10%") == "held-out,eval=10%"
+    paper = get_protocol("paper,eval=12.5%")
+    assert (paper.stage1_split, paper.policy_split, paper.evaluation) == ("train[:87.5%]",) * 2 + (
+        "train[87.5%:]",
+    )
+    crossed = get_protocol("cross-fit:5,eval=20%")
+    assert (
+        crossed.folds == 5
+        and crossed.policy_split == "train[:80%]"
+        and get_protocol("held-out").evaluation is None
+    )
+    for bad in ("held-out,eval=0%", "held-out,eval=60%", "held-out,eval=10", "held-out,test=10%"):
+        with pytest.raises(ConfigError, match="eval=<p>%"):
+            get_protocol(bad)
+    # folds of a slice name rows of the whole split and stop where the evaluation split begins
+    folds = make_folds(9, 3, "train", offset=0, to_end=False)
+    assert [f.train_split for f in folds] == ["train[3:9]", "train[:3]+train[6:9]", "train[:6]"]
+    assert [f.held_split for f in make_folds(4, 2, "train", offset=6)] == ["train[6:8]", "train[8:10]"]
+
+
+def test_cross_fit_with_an_evaluation_split_never_trains_on_it(tokenizer, tiny_data, monkeypatch):
+    from types import SimpleNamespace
+
+    from ee_gym import crossfit
+    from ee_gym.envs import prepare
+
+    trained = []
+
+    def fake_stage1(config, model=None):
+        trained.append(config.train_split)
+        return SimpleNamespace(model=new_tiny_model(tokenizer, seed=len(trained)).eval(),
+                               model_dir=Path(f"/nowhere/{len(trained)}/model"))  # fmt: skip
+
+    monkeypatch.setattr(prepare, "train_stage1", fake_stage1)
+    monkeypatch.setattr(crossfit, "train_stage1", fake_stage1)
+    train, _ = prepare.policy_tables(
+        "rte", "cross-fit,eval=25%", data_dir=str(tiny_data), max_length=32, progress=False
+    )
+    # 64 train rows: the evaluated model and the folds use rows 0..47; rows 48.. are the evaluation split
+    assert trained == ["train[:75%]", "train[16:48]", "train[:16]+train[32:48]", "train[:32]"]
+    assert train.num_inputs == 48
+    whole = load_split("rte", "train", str(tiny_data))
+    carved = set(load_split("rte", "train[75%:]", str(tiny_data)).text_a)
+    assert len(carved) == 16 and not carved & {whole.text_a[i] for i in range(48)}
+    for split in trained:
+        assert not carved & set(load_split("rte", split, str(tiny_data)).text_a)

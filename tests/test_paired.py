@@ -204,3 +204,16 @@ def test_mismatched_inputs_fail_before_any_work(monkeypatch):
         paired.check_same_inputs(["i0", "i1", "i2"], ["i0", "i1"])
     with pytest.raises(ValueError, match="resamples"):
         BootstrapSettings(resamples=0)
+
+
+def test_metric_difference_of_two_settings_at_their_own_exits():
+    setup, a, b, gap = _known_gap_case()
+    fast_a = Curve("a", (a.runs[0],))  # A at 2x against B at 2x: the known 6-point gap
+    record = paired.metric_difference(setup, fast_a, Curve("b", (b.runs[0],)))
+    assert record["statistic"] == "metric@2.00x" and record["delta"] == pytest.approx(100 * gap)
+    assert 0 < record["low"] <= record["delta"] <= record["high"]
+    # against itself, over two seeds: exactly 0 on every replicate
+    twice = Curve("a", (Outcome(a.runs[0].predictions, a.runs[0].exit_layers, 0),
+                        Outcome(a.runs[0].predictions, a.runs[0].exit_layers, 1)))  # fmt: skip
+    same = paired.metric_difference(setup, twice, Curve("b", (a.runs[0],)))
+    assert same["delta"] == same["low"] == same["high"] == 0

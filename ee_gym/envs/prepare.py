@@ -138,7 +138,7 @@ def policy_table(
     if key not in _TABLES:
         max_inputs = options.pop("max_inputs", None)
         fitted = cross_fit_for(
-            task, chosen.folds, backbone=backbone, data_dir=data_dir, progress=progress,
+            task, chosen.folds, backbone=backbone, data_dir=data_dir, progress=progress, split=chosen.policy_split,
             table_for=lambda fold_model, fold_split: load_table(fold_model, task, fold_split, **options),
         )  # fmt: skip
         table = fitted.table if max_inputs is None else fitted.table.head(max_inputs)

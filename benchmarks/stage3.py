@@ -183,10 +183,12 @@ def run_stage3(args: Stage3Args, model, policy, splits: Splits, lr: float, epoch
 def main(argv=None) -> int:
     from agents.__main__ import train_policy
     from benchmarks import paired
+    from benchmarks.compare import _json_value
     from benchmarks.tuning import choose_learner_settings
     from ee_gym.cli import add_dataclass_arguments
     from ee_gym.envs.prepare import load_model, load_table, policy_table
     from ee_gym.files import write_text_atomic
+    from ee_gym.policy import make_policy
     from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
 
@@ -203,8 +205,9 @@ def main(argv=None) -> int:
                        progress=args.progress, protocol=protocol.name).eval()  # fmt: skip
     tables = dict(data_dir=args.data_dir, progress=args.progress)
     policy_rows = policy_table(model, args.task, protocol.name, backbone=args.backbone, **tables)
+    # the policy table's own rows of the tail (under cross-fit: the fold models', as the fitting part's)
     fit = policy_rows.select(np.arange(splits.fit_rows))
-    validation = load_table(model, args.task, splits.validation, **tables)
+    validation = policy_rows.select(np.arange(splits.fit_rows, policy_rows.num_inputs))
     dev = load_table(model, args.task, "dev", **tables)
     alpha = default_alpha(args.task, dev.num_layers)
 
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     best = max(search, key=lambda c: (c["validation"]["metric"], c["validation"]["speedup"]))
 
     # the kept settings on dev, per seed; the references: full-depth stage 1, stage 2 on stage 1
-    full = _score_full(dev)
+    full = _score(make_policy("static", layer=dev.num_layers), dev)  # every input at layer L
     seeds = []
     for seed in range(args.seeds):
         policy = policy0 if seed == 0 else stage2(seed)
@@ -271,36 +274,16 @@ def main(argv=None) -> int:
         "args": dataclasses.asdict(args),
         "seconds": round(time.perf_counter() - began, 1),
     }
-    write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_plain))
+    write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_json_value))
     (out / "results.md").write_text(_page(record))
     print(_page(record))
     return 0
-
-
-def _score_full(table) -> dict[str, Any]:
-    """The full-depth stage-1 model on ``table``: every input at layer L."""
-    from ee_gym.evaluation import score_predictions
-
-    predictions = table.predictions[:, -1]
-    metric, metrics = score_predictions(table.task, predictions, table.labels)
-    layers = np.full(table.num_inputs, table.num_layers)
-    return {"metric": metrics[metric], "speedup": 1.0, "mean_exit_layer": float(table.num_layers),
-            "exit_histogram": [0] * (table.num_layers - 1) + [table.num_inputs],
-            "predictions": np.asarray(predictions), "exit_layers": layers}  # fmt: skip
 
 
 def _outcome(score: dict[str, Any], seed: int | None = None):
     from benchmarks.paired import Outcome
 
     return Outcome(np.asarray(score["predictions"]), np.asarray(score["exit_layers"]), seed)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return repr(value)
 
 
 def _page(record: dict[str, Any]) -> str:

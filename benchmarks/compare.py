@@ -547,7 +547,9 @@ def summarise(runs: list[Run], num_layers: int, wall: dict[str, dict]) -> tuple[
         mine = [r for r in runs if r.label == label]
         point = [r for r in mine if r.default]
         seeds = sorted({r.seed for r in mine if r.seed is not None}) or [None]
-        aucs = [
+        # the full model is one point at 1x, read as a flat line at its metric (as the paired
+        # statistics read it): joined to the layer-1 anchor it would score below itself
+        aucs = [full] if label == "full model" else [
             curve_auc([(r.speedup, r.metric) for r in mine if r.seed == s and r.on_curve], full, first,
                       num_layers, frontier=False)
             for s in seeds
@@ -1110,7 +1112,8 @@ def main(argv=None) -> int:
         f"difference of this setup: {stats['mde_auc']:.2f} points (median half-width of the paired 95% "
         "intervals against the best rule). Which settings form a curve is chosen on the validation slice "
         "(each seed's validation frontier, plus the default setting; `benchmarks.compare.choose_curves`) and "
-        "dev reads those settings as they are, so a policy with more settings gets no more lucky picks on dev "
+        f"{where} reads those settings as they are, so a policy with more settings gets no more lucky picks "
+        f"on {where} "
         "(settings on the curve / tried: "
         + ", ".join(
             f"{label} {len(points)}/{sum(r.label == label for r in runs)}"
@@ -1125,7 +1128,7 @@ def main(argv=None) -> int:
         "",
         "## Claims tested",
         "",
-        "Verdicts read the paired 95% interval of the difference (dev inputs and learners' seeds resampled",
+        f"Verdicts read the paired 95% interval of the difference ({where} inputs and learners' seeds resampled",
         'jointly): "beats" where it lies above 0, "ties with" where it holds 0. Stage-1 training noise is',
         "not in it (one stage-1 model)" + (f"; {spread['text']}" if spread else "") + ".",
         "",

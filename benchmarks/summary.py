@@ -171,15 +171,17 @@ def main(argv=None) -> int:
     table, policies = summary_table(results)
     plot_summary(results, policies, out.parent / "summary.png")
     setup = "; ".join(
-        f"{task}: {rec['protocol']} protocol, {rec['dev_inputs']} dev inputs, {rec['policy_inputs']} policy inputs, "
+        f"{task}: {rec['protocol']} protocol, {rec['dev_inputs']} {rec.get('evaluation', 'dev')} inputs, "
+        f"{rec['policy_inputs']} policy inputs, "
         f"minimum detectable AUC difference {rec['mde_auc']:.2f}"
         for task, rec in results.items()
     )
     text = [
         "# Exit policies across tasks",
         "",
-        "Each cell: the policy's AUC (mean dev metric over layer speed-ups 1x to L/2x) and, in brackets, its "
-        "paired AUC difference to that task's best rule with the 95% interval (dev inputs and learners' seeds "
+        "Each cell: the policy's AUC (mean metric over layer speed-ups 1x to L/2x, on the task's evaluation "
+        "split: dev, or a split carved from train where the setup says so) and, in brackets, its "
+        "paired AUC difference to that task's best rule with the 95% interval (evaluation inputs and learners' seeds "
         "resampled jointly, `benchmarks.paired`). An interval above 0 is a win over the best rule, one holding "
         "0 a tie. Mean rank: by AUC among the deployable policies, averaged over the tasks. Pages per task: "
         + ", ".join(f"[{t}]({t}/results.md)" for t in results)

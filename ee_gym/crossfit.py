@@ -64,11 +64,11 @@ def make_folds(
 def split_rows(task, split: str, data_dir) -> tuple[str, int, int, bool]:
     """(base split, first row, one past the last row, whether that is the base split's end) of a
     split such as ``"train"`` or ``"train[:90%]"``, as :func:`ee_gym.tasks.load_split` slices it."""
-    from ee_gym.tasks import _slice_bound, parse_split
+    from ee_gym.tasks import parse_split, slice_bound
 
     base, start, end = parse_split(split)
     n = len(load_split(task, base, data_dir))
-    low, high = _slice_bound(start, n, 0), _slice_bound(end, n, n)
+    low, high = slice_bound(start, n, 0), slice_bound(end, n, n)
     return base, low, high, high == n
 
 

@@ -377,7 +377,7 @@ def load_split(
         examples = _read_file(spec, path)
     if start is not None or end is not None:
         n = len(examples)
-        examples = examples.select(np.arange(_slice_bound(start, n, 0), _slice_bound(end, n, n)))
+        examples = examples.select(np.arange(slice_bound(start, n, 0), slice_bound(end, n, n)))
     return examples.head(limit)
 
 
@@ -438,7 +438,7 @@ def split_slug(split: str) -> str:
     return f"{base}-from{start}" if end is None else f"{base}-{start}to{end}"
 
 
-def _slice_bound(bound: str | None, n: int, default: int) -> int:
+def slice_bound(bound: str | None, n: int, default: int) -> int:
     """A slice bound as a row index in 0..n; percentages round down."""
     if bound is None:
         return default

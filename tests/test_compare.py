@@ -46,6 +46,8 @@ def test_curves_are_chosen_on_the_validation_slice_and_read_on_dev():
     assert [r.on_curve for r in runs if r.label == "p"] == [True, True, False, False, True]
     rows, anchors = compare.summarise(runs, 4, {})
     auc = next(row["auc"] for row in rows if row["label"] == "p")
+    # the full model reads as a flat line at its metric, as the paired statistics read it
+    assert next(row["auc"] for row in rows if row["label"] == "full model") == pytest.approx(0.6)
     chosen = [(1.5, 0.70), (2.0, 0.40), (1.2, 0.30)]
     assert auc == pytest.approx(compare.curve_auc(chosen, 0.6, 0.5, 4, frontier=False))
     assert auc < compare.curve_auc(

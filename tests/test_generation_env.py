@@ -376,6 +376,40 @@ def test_env_builds_and_caches_its_table_from_a_decoder(tmp_path, data_dir, toke
     assert list(tmp_path.glob("*.npz")) == files
 
 
+def test_a_cached_table_is_found_without_loading_the_decoder(tmp_path, data_dir, monkeypatch):
+    """A named decoder's second env reads the fingerprint its heads folder recorded and loads no
+    decoder; once the heads change, the record is stale and the decoder is loaded again."""
+    from ee_gym.generation import prepare
+
+    decoder = tiny_llama_decoder()
+    decoder.model.save_pretrained(tmp_path / "tiny")
+    decoder.tokenizer.save_pretrained(tmp_path / "tiny")
+    decoder.save_heads(tmp_path / "heads")
+    kwargs = dict(decoder=str(tmp_path / "tiny"), heads=str(tmp_path / "heads"), split="0:4", data_dir=data_dir,
+                  cache_dir=tmp_path / "tables", max_prompts=None, max_new_tokens=4, progress=False)  # fmt: skip
+    loads = []
+    real = MultiExitDecoder.from_pretrained.__func__
+
+    def counted(cls, *args, **kw):
+        loads.append(args)
+        return real(cls, *args, **kw)
+
+    monkeypatch.setattr(MultiExitDecoder, "from_pretrained", classmethod(counted))
+    first = gym.make("ConsistentEE-XSum-v0", **kwargs).unwrapped.table
+    assert len(loads) == 1 and (tmp_path / "heads" / prepare.FINGERPRINT_RECORD).is_file()
+    prepare._TABLES.clear()
+    again = gym.make("ConsistentEE-XSum-v0", **kwargs).unwrapped.table
+    assert len(loads) == 1  # no decoder loaded: the table came from disk by the recorded fingerprint
+    np.testing.assert_array_equal(again.cross_entropy, first.cross_entropy)
+    with torch.no_grad():
+        decoder.heads[0].adapter.up.bias.add_(0.5)  # other heads: another fingerprint, another table
+    decoder.save_heads(tmp_path / "heads")
+    prepare._TABLES.clear()
+    changed = gym.make("ConsistentEE-XSum-v0", **kwargs).unwrapped.table
+    assert len(loads) == 2 and len(list((tmp_path / "tables").glob("*.npz"))) == 2
+    assert not np.array_equal(changed.cross_entropy, first.cross_entropy)
+
+
 @pytest.mark.parametrize("name", ["reinforce", "ppo"])
 def test_agents_train_on_the_token_env(table, name):
     venv = gym.make_vec("ConsistentEE-XSum-v0", num_envs=8, table=table, alpha=0.05)

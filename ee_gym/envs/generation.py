@@ -246,7 +246,7 @@ class LiveDecoderSource(LayerSource):
         ]
         self.max_new_tokens = max_new_tokens
         self.scale = observation_scale(decoder)
-        self.eos = set(decoder._eos_ids(None).tolist())  # as generate and collect_token_states stop
+        self.eos = set(decoder.eos_ids().tolist())  # as generate and collect_token_states stop
         self.empty: set[int] = set()  # prompts whose first generated token ends them
         self.prompt, self.position, self.ended = -1, 0, True
         self.tokens: list[int] = []  # generated so far; the last one is fed next

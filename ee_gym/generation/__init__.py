@@ -19,6 +19,7 @@ Around it, one module per step of the pipeline:
     table.py       the per-token table the token env (ConsistentEE-XSum-v0) replays
     prepare.py     first-use heads and cached tables for the env
     policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity, learned
+    speculative.py the lossless mode: exits draft k tokens, one full-depth pass verifies them
     evaluate.py    ROUGE, exit layers and decoding speed of any set of exit policies
     method.py      the method as entry points: heads, CALM thresholds, a trained policy, their
                    evaluation, and the whole comparison (python -m benchmarks.generation is its CLI)
@@ -62,6 +63,7 @@ from ee_gym.generation.policies import (
     threshold_for_speedup,
 )
 from ee_gym.generation.regression import NormalEquations, fit_exit_heads, xsum_texts
+from ee_gym.generation.speculative import SpeculativeOutput, speculative_generate
 from ee_gym.generation.table import GENERATION_OBS_MODES, TokenTable, observation_scale
 from ee_gym.generation.training import HeadTrainingConfig, train_exit_heads, weighted_exit_loss
 
@@ -94,6 +96,7 @@ __all__ = [
     "PolicyExit",
     "StateSimilarityExit",
     "StaticExit",
+    "SpeculativeOutput",
     "StepOutput",
     "TokenStates",
     "TokenTable",
@@ -105,6 +108,7 @@ __all__ = [
     "resolve_decoder",
     "rouge_scores",
     "set_exit_prior",
+    "speculative_generate",
     "threshold_for_speedup",
     "train_exit_heads",
     "weighted_exit_loss",

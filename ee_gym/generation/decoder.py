@@ -94,6 +94,18 @@ class DecodeState:
         """An independent copy (cache included): decode several ways from one prefill."""
         return copy.deepcopy(self)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position after the first ``length`` (at every layer), as if they were never
+        fed: what speculative decoding does with rejected draft tokens. Positions after a prefill are
+        tokens in every row (padding is on the left), so each row's next position moves back as many."""
+        removed = self.length - int(length)
+        if removed < 0:
+            raise ValueError(f"cannot truncate {self.length} cached positions to {length}")
+        if removed:
+            self.cache.crop(-removed)
+            self.attention_mask = self.attention_mask[:, : int(length)]
+            self.next_positions = self.next_positions - removed
+
 
 @dataclass
 class StepOutput:
@@ -414,6 +426,31 @@ class MultiExitDecoder(nn.Module):
         last = hidden[:, 0]
         return StepOutput(self._row_logits(last, exit_layers), exit_layers, last)
 
+    def extend(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens per row at full depth in one pass (``input_ids`` [B, T]), appending them to
+        every layer's cache: the next-token logits of exit L after each, [B, T, V].
+
+        A prefill that continues a cache: speculative decoding's verify pass, which reads the weights
+        once for T positions where T calls of :meth:`step` would read them T times. ``state`` is
+        updated in place; gradients follow the caller's mode.
+        """
+        B, T = input_ids.shape
+        if state.batch_size != B:
+            raise ValueError(f"input_ids holds {B} rows, the decode state {state.batch_size}")
+        ids = input_ids.to(self.device)
+        attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(B, T)], dim=1)
+        position_ids = state.next_positions.reshape(B, 1) + torch.arange(T, device=self.device)
+        hidden = self.backbone.embed_tokens(ids)
+        masks = self.layer_adapter.masks(hidden, attention_mask, state.cache, position_ids)
+        position_embeddings = self.backbone.rotary_emb(hidden, position_ids)
+        for index in range(self.num_layers):
+            hidden = self.layer_adapter.run(
+                index, hidden, masks[index], position_embeddings, position_ids, state.cache
+            )
+        state.attention_mask = attention_mask
+        state.next_positions = state.next_positions + T
+        return self.exit_logits(self.num_layers, hidden)
+
     def step_with_states(
         self, state: DecodeState, input_ids: torch.Tensor
     ) -> tuple[StepOutput, torch.Tensor]:
@@ -457,20 +494,8 @@ class MultiExitDecoder(nn.Module):
         ``prefilled``: what :meth:`prefill` returned for these ``input_ids``, to decode from without
         running the prompt again (its state is consumed: pass ``state.clone()`` to decode it twice).
         """
-        if (input_ids is None) == (prompts is None):
-            raise ValueError("give exactly one of input_ids and prompts")
-        if prompts is not None:
-            if self.tokenizer is None:
-                raise ValueError("this decoder has no tokenizer: pass input_ids")
-            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-            input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        eos = self._eos_ids(eos_token_id) if stop_at_eos else torch.empty(0, dtype=torch.long)
-        eos = eos.to(self.device)
-        if pad_token_id is None:
-            pad_token_id = self.model.generation_config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if eos.numel() else 0
-
+        input_ids, attention_mask = self.encode_prompts(input_ids, attention_mask, prompts)
+        eos, pad_token_id = self.stop_tokens(stop_at_eos, eos_token_id, pad_token_id)
         out, state = self.prefill(input_ids, attention_mask) if prefilled is None else prefilled
         if state.batch_size != input_ids.shape[0]:
             raise ValueError(f"prefilled holds {state.batch_size} rows, input_ids {input_ids.shape[0]}")
@@ -496,8 +521,37 @@ class MultiExitDecoder(nn.Module):
             num_layers=self.num_layers,
         )
 
-    # -- internals ---------------------------------------------------------------------------
-    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+    def encode_prompts(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        prompts: Sequence[str] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input_ids, attention_mask) as given, or ``prompts`` tokenised and left padded."""
+        if (input_ids is None) == (prompts is None):
+            raise ValueError("give exactly one of input_ids and prompts")
+        if prompts is None:
+            return input_ids, attention_mask
+        if self.tokenizer is None:
+            raise ValueError("this decoder has no tokenizer: pass input_ids")
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+        return batch["input_ids"], batch["attention_mask"]
+
+    def stop_tokens(
+        self, stop_at_eos: bool, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
+    ) -> tuple[torch.Tensor, int]:
+        """(the end-of-sequence ids on the decoder's device, the padding id) as :meth:`generate` uses
+        them; both default to the model's generation config."""
+        eos = self.eos_ids(eos_token_id) if stop_at_eos else torch.empty(0, dtype=torch.long)
+        eos = eos.to(self.device)
+        if pad_token_id is None:
+            pad_token_id = self.model.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos.numel() else 0
+        return eos, int(pad_token_id)
+
+    def eos_ids(self, eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
+        """The end-of-sequence token ids [K] (``None``: the model's generation config's; may be empty)."""
         if eos_token_id is None:
             eos_token_id = self.model.generation_config.eos_token_id
         if eos_token_id is None:
@@ -506,6 +560,7 @@ class MultiExitDecoder(nn.Module):
             eos_token_id = [eos_token_id]
         return torch.tensor(list(eos_token_id), dtype=torch.long)
 
+    # -- internals ---------------------------------------------------------------------------
     def _row_logits(self, hidden: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
         """Each row's logits from its own exit's head (one head call per distinct exit)."""
         if self.heads is None:

@@ -103,7 +103,7 @@ def collect_token_states(
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
     lengths = [len(decoder.tokenizer(p)["input_ids"]) for p in prompts]
     order = np.argsort(lengths, kind="stable")
-    eos = decoder._eos_ids(None).to(decoder.device)
+    eos = decoder.eos_ids().to(decoder.device)
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("states", "similarity", "targets", "prompt", "position")
     }

@@ -404,6 +404,7 @@ class MultiExitDecoder(nn.Module):
 
         exited = torch.zeros(B, dtype=torch.bool, device=self.device)
         exit_layers = torch.full((B,), L, dtype=torch.long, device=self.device)
+        known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, their exit logits) a rule computed
         for index in range(L):
             if bool(exited.all()):
                 self.layer_adapter.propagate(index, hidden, position_embeddings, state.cache)
@@ -415,16 +416,22 @@ class MultiExitDecoder(nn.Module):
             hidden = torch.where(exited[:, None, None], hidden, out)
             layer = index + 1
             if exit_fn is not None and layer < L:
-                decision = exit_fn(LayerView(self, layer, hidden[:, 0], ~exited, previous[:, 0]))
+                view = LayerView(self, layer, hidden[:, 0], ~exited, previous[:, 0])
+                decision = exit_fn(view)
                 decision = torch.as_tensor(decision, dtype=torch.bool, device=self.device).reshape(B)
                 decision &= ~exited
                 exit_layers[decision] = layer
                 exited |= decision
+                # (signals run without gradients: under autograd the head runs again, differentiably)
+                if view.head_logits is not None and bool(decision.any()) and not torch.is_grad_enabled():
+                    rows, logits = view.head_logits
+                    keep = decision[rows.to(self.device)]  # of the rows it computed, those leaving here
+                    known.append((rows.to(self.device).nonzero()[:, 0][keep], logits[keep]))
 
         state.attention_mask = attention_mask
         state.next_positions = state.next_positions + 1
         last = hidden[:, 0]
-        return StepOutput(self._row_logits(last, exit_layers), exit_layers, last)
+        return StepOutput(self._row_logits(last, exit_layers, known), exit_layers, last)
 
     def extend(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed T tokens per row at full depth in one pass (``input_ids`` [B, T]), appending them to
@@ -561,13 +568,24 @@ class MultiExitDecoder(nn.Module):
         return torch.tensor(list(eos_token_id), dtype=torch.long)
 
     # -- internals ---------------------------------------------------------------------------
-    def _row_logits(self, hidden: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
-        """Each row's logits from its own exit's head (one head call per distinct exit)."""
-        if self.heads is None:
+    def _row_logits(
+        self,
+        hidden: torch.Tensor,
+        exit_layers: torch.Tensor,
+        known: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    ) -> torch.Tensor:
+        """Each row's logits from its own exit's head: one head call per distinct exit, on the rows
+        whose logits ``known`` (row indices, their logits: what an exit rule already computed at the
+        exit layer) does not hold."""
+        if self.heads is None and not known:
             return self.exit_logits(self.num_layers, hidden)
         states = self.final_norm(hidden)
-        logits = states.new_empty(hidden.shape[0], self.head(1).out_features)
-        for layer in exit_layers.unique().tolist():
-            rows = exit_layers == layer
+        logits = states.new_empty(hidden.shape[0], self.head(self.num_layers).out_features)
+        missing = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        for rows, row_logits in known:
+            logits[rows] = row_logits.to(logits.dtype)
+            missing[rows] = False
+        for layer in exit_layers[missing].unique().tolist():
+            rows = missing & (exit_layers == layer)
             logits[rows] = self.head(layer)(states[rows])
         return logits

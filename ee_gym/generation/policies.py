@@ -92,9 +92,16 @@ class ThresholdRule:
 
 
 class GenerationExit:
-    """Base of the generation exit policies (see the module docstring)."""
+    """Base of the generation exit policies (see the module docstring).
+
+    ``reads`` declares what a decision at one layer reads (:data:`~ee_gym.generation.costs.READS`):
+    ``nothing``, ``state`` (the hidden state; no LM-head product), ``candidates`` (exit l's logits on a
+    few tokens) or ``softmax`` (exit l's full vocabulary product). The decoder runs the full head once
+    per token at the exit, and at other layers only for rules that read ``softmax``.
+    """
 
     name: ClassVar[str] = "exit"
+    reads: ClassVar[str] = "state"
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         raise NotImplementedError
@@ -120,6 +127,7 @@ class StaticExit(GenerationExit):
     """Every token exits at layer ``layer`` (a layer beyond L exits at L)."""
 
     name = "static"
+    reads = "nothing"
 
     def __init__(self, layer: int):
         if int(layer) < 1:
@@ -140,6 +148,7 @@ class ConfidenceExit(ThresholdRule, GenerationExit):
     """CALM's softmax confidence: exit when p_l(1st) - p_l(2nd) >= ``threshold`` (at l >= ``min_layer``)."""
 
     name = "calm-confidence"
+    reads = "softmax"
 
     def __init__(self, threshold: float = 0.9, min_layer: int = 1):
         super().__init__(threshold, min_layer)
@@ -156,6 +165,7 @@ class StateSimilarityExit(ThresholdRule, GenerationExit):
     ``min_layer``)."""
 
     name = "calm-similarity"
+    reads = "state"
 
     def __init__(self, threshold: float = 0.975, min_layer: int = 1):
         super().__init__(threshold, min_layer)
@@ -203,6 +213,10 @@ class PolicyExit(GenerationExit):
         sizes = dict(num_layers=self.num_layers, num_labels=decoder.vocab_size, hidden_size=self.hidden_size)
         env = types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes), encoder=self.encoder)
         policy.bind(env)
+
+    @property
+    def reads(self) -> str:  # type: ignore[override]
+        return "softmax" if self.encoder.uses_confidence else "state"
 
     def observations(self, view: LayerView) -> np.ndarray:
         """The env's observations of the batch at this layer."""
@@ -288,6 +302,7 @@ class OracleExit(GenerationExit):
 
     name = "oracle"
     deployable = False
+    reads = "softmax"  # and a full-depth look ahead
 
     def __init__(self, min_layer: int = 1):
         self.min_layer = _check_min_layer(min_layer)

@@ -48,6 +48,9 @@ class LayerView:
         self.hidden = hidden  # [B, d] h_l
         self.active = active  # [B] bool, rows that have not exited yet (decisions for others are ignored)
         self.previous = previous  # [B, d] h_{l-1}; h_0 is the token's embedding
+        # exit l's logits where a signal computed them: (rows [B] bool, logits [rows, V]); the decoder
+        # reuses them for the rows that exit here, so the head runs once per token at its exit layer
+        self.head_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -63,7 +66,9 @@ class LayerView:
 
     @cached_property
     def logits(self) -> torch.Tensor:
-        return self.decoder.head(self.layer)(self.states)
+        logits = self.decoder.head(self.layer)(self.states)
+        self.head_logits = (torch.ones_like(self.active, dtype=torch.bool), logits)
+        return logits
 
     @cached_property
     def confidence(self) -> torch.Tensor:
@@ -75,6 +80,8 @@ class LayerView:
             if bool(active.any()):
                 logits = self.decoder.head(self.layer)(self.states[active])
                 out[active.cpu()] = probability_gap(logits).cpu()
+                if self.head_logits is None:
+                    self.head_logits = (active, logits)
         return out
 
     @cached_property

@@ -1,0 +1,71 @@
+"""What exit decisions cost (ee_gym.generation.costs): the LM head runs once per token at its exit for
+rules that read the state, and only where a rule asks for the softmax otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ee_gym.generation import ConfidenceExit, StateSimilarityExit, StaticExit
+from ee_gym.generation.costs import READS, DecisionTimer, reads_of
+from tests.conftest import DECODER_LAYERS, tiny_llama_decoder
+
+
+def _count_head_rows(decoder):
+    """A hook on the model's LM head (every exit head ends in it): rows it was called on."""
+    calls = []
+    handle = decoder.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: calls.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+    )
+    return calls, handle
+
+
+def _prompts(decoder, texts):
+    batch = decoder.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_state_rule_runs_the_head_once_per_token(batch):
+    decoder = tiny_llama_decoder()
+    ids, mask = _prompts(decoder, ["the film was good", "a plot and acting"][:batch])
+    rows, handle = _count_head_rows(decoder)
+    out = decoder.generate(ids, mask, max_new_tokens=8, stop_at_eos=False, exit_fn=StateSimilarityExit(0.0))
+    handle.remove()
+    assert (out.exit_layers < DECODER_LAYERS).any()  # it did exit early
+    assert sum(rows) == out.tokens.numel()  # one head row per generated token, the prompt pass's included
+
+
+def test_a_softmax_rule_reuses_its_logits_at_the_exit():
+    decoder = tiny_llama_decoder()
+    ids, mask = _prompts(decoder, ["the film was good", "a plot and acting"])
+    rule = ConfidenceExit(0.05, min_layer=2)
+    rows, handle = _count_head_rows(decoder)
+    out = decoder.generate(ids, mask, max_new_tokens=8, stop_at_eos=False, exit_fn=rule)
+    handle.remove()
+    layers = out.exit_layers[:, 1:]  # decided tokens; the first comes from the prompt pass
+    assert ((layers > 1) & (layers < DECODER_LAYERS)).any() and (layers == DECODER_LAYERS).any()
+    # probes at layers 2..exit (2..L-1 for tokens reaching L, which then need the head of L)
+    probes = torch.where(layers < DECODER_LAYERS, layers - 1, DECODER_LAYERS - 2 + 1)
+    assert sum(rows) == out.tokens.shape[0] + int(probes.sum())
+
+
+def test_rules_declare_what_they_read():
+    assert reads_of(None) == "nothing" and reads_of(StaticExit(2)) == "nothing"
+    assert reads_of(StateSimilarityExit(0.9)) == "state" and reads_of(ConfidenceExit(0.9)) == "softmax"
+    assert reads_of(lambda view: None) == "unknown"
+    assert READS.index("state") < READS.index("softmax")
+
+
+def test_the_timer_counts_decisions_and_the_layers_between_them():
+    decoder = tiny_llama_decoder()
+    ids, mask = _prompts(decoder, ["the film was good"])
+    timer = DecisionTimer(ConfidenceExit(2.0, min_layer=2))  # never confident: every layer asked
+    out = timer_out = decoder.generate(ids, mask, max_new_tokens=5, stop_at_eos=False, exit_fn=timer)
+    steps = out.tokens.shape[1] - 1
+    assert timer.cost.decisions == steps * (DECODER_LAYERS - 2)  # layers 2..L-1 of every step
+    assert timer.cost.layers == steps * (DECODER_LAYERS - 2)  # the gaps 1->2, ..., (L-2)->(L-1)
+    assert timer.cost.decision_us > 0 and timer.cost.layer_us > 0 and timer.reads == "softmax"
+    assert torch.equal(
+        timer_out.tokens, decoder.generate(ids, mask, max_new_tokens=5, stop_at_eos=False).tokens
+    )

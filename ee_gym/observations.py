@@ -3,6 +3,7 @@
     state             s_l, the pooled state (what the paper's per-layer policy sees)   Box [-1, 1]^d
     state+layer       s_l followed by a one-hot of l (one network for all layers)      Box [-1, 1]^(d+L)
     state+confidence  s_l, what exit l says, one-hot of l                           Box [-1, 1]^(d+C+L)
+    state+probe       s_l, a learned probe's confidence, one-hot of l (generation)  Box [-1, 1]^(d+C+L)
     stats             the head's view, enough for every classic rule (below)          Box [0, 1]^S
     full              {"state": s_l, "stats": the stats vector}                        Dict
 
@@ -158,12 +159,17 @@ class ObsMode:
     uses_state: ClassVar[bool] = True
     #: reads the logits of layers 1..l (so tables without logits, such as token tables, cannot serve it)
     uses_stats: ClassVar[bool] = False
-    #: reads exit l's top-2 gap
+    #: reads a confidence feature of exit l (``confidence_signal`` says which)
     uses_confidence: ClassVar[bool] = False
+    #: where that feature comes from: "top2_gap" (exit l's softmax, a vocabulary-sized product) or
+    #: "probe" (a learned probe on the state, ee_gym.generation.confidence: d multiply-adds)
+    confidence_signal: ClassVar[str | None] = None
     #: a flat vector ending with the one-hot of l (what per-layer networks and action masks read)
     has_layer_one_hot: ClassVar[bool] = False
     #: a gymnasium Dict observation (SB3's MultiInputPolicy)
     is_dict: ClassVar[bool] = False
+    #: served by the token env only (the classification envs refuse it)
+    generation_only: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<observation mode {self.name!r}>"
@@ -233,8 +239,19 @@ class StateLayerMode(ObsMode):
         gather(flat_states(table), rows, out[:, :d])
         out[:, d:] = 0.0
         if self.uses_confidence:
-            out[:, d:f] = 2.0 * table_confidence(table).reshape(-1)[rows, None] - 1.0
+            out[:, d:f] = 2.0 * self.table_signal(table).reshape(-1)[rows, None] - 1.0
         out[np.arange(len(rows)), f + layer - 1] = 1.0
+
+    def table_signal(self, table: LayerTable) -> np.ndarray:
+        """[N, L] the confidence feature of every exit of ``table``, in [0, 1]."""
+        if self.confidence_signal != "probe":
+            return table_confidence(table)
+        if PROBE_SCORES not in table.derived:
+            raise ConfigError(
+                f"observation mode {self.name!r} reads a confidence probe's scores, and this table has "
+                "none: only the token env serves it, given probe=... (ee_gym.generation.confidence)"
+            )
+        return table.derived[PROBE_SCORES]
 
     def _joined(self, table: LayerTable) -> np.ndarray | None:
         """[N * L, F + L]: every observation of this mode, precomputed so that a step is one gather.
@@ -250,7 +267,7 @@ class StateLayerMode(ObsMode):
             joined = np.zeros((n, big_l, f + big_l), dtype=np.float32)
             joined[..., :d] = table.states
             if self.uses_confidence:
-                joined[..., d:f] = 2.0 * table_confidence(table)[..., None] - 1.0
+                joined[..., d:f] = 2.0 * self.table_signal(table)[..., None] - 1.0
             joined[..., f:] = np.eye(big_l, dtype=np.float32)
             table.derived[self.name] = joined.reshape(n * big_l, f + big_l)
         return table.derived[self.name]
@@ -259,6 +276,17 @@ class StateLayerMode(ObsMode):
 class StateConfidenceMode(StateLayerMode):
     name = "state+confidence"
     uses_confidence = True
+    confidence_signal = "top2_gap"
+
+
+class StateProbeMode(StateLayerMode):
+    """``state+confidence`` with the confidence of a learned probe on the state instead of exit l's
+    softmax: cheap to compute at deployment (generation only: the probe is fitted on a token table)."""
+
+    name = "state+probe"
+    uses_confidence = True
+    confidence_signal = "probe"
+    generation_only = True
 
 
 class StatsMode(ObsMode):
@@ -295,14 +323,23 @@ class FullMode(ObsMode):
 #: every observation mode, by name: the one place modes are registered
 OBS_MODE_REGISTRY: dict[str, ObsMode] = {
     mode.name: mode
-    for mode in (StateMode(), StateLayerMode(), StateConfidenceMode(), StatsMode(), FullMode())
+    for mode in (
+        StateMode(),
+        StateLayerMode(),
+        StateConfidenceMode(),
+        StateProbeMode(),
+        StatsMode(),
+        FullMode(),
+    )
 }
-#: the mode names, in the order the docs list them
-OBS_MODES: tuple[str, ...] = tuple(OBS_MODE_REGISTRY)
+#: the modes of the classification envs, in the order the docs list them
+OBS_MODES: tuple[str, ...] = tuple(n for n, m in OBS_MODE_REGISTRY.items() if not m.generation_only)
 #: the flat modes that end with the layer one-hot (what per-layer networks and action masks read)
 LAYER_ONE_HOT_MODES: tuple[str, ...] = tuple(n for n, m in OBS_MODE_REGISTRY.items() if m.has_layer_one_hot)
 #: the modes a table without logits serves (generation's token tables, live decoders)
 STATE_OBS_MODES: tuple[str, ...] = tuple(n for n, m in OBS_MODE_REGISTRY.items() if not m.uses_stats)
+#: where a table keeps a confidence probe's [N, L] scores (``table.derived``), for ``state+probe``
+PROBE_SCORES = "probe_scores"
 
 
 def get_obs_mode(mode: str | ObsMode) -> ObsMode:
@@ -310,7 +347,7 @@ def get_obs_mode(mode: str | ObsMode) -> ObsMode:
     if isinstance(mode, ObsMode):
         return mode
     if not isinstance(mode, str) or mode not in OBS_MODE_REGISTRY:
-        raise ConfigError(f"unknown observation mode {mode!r}; choose one of {', '.join(OBS_MODES)}")
+        raise ConfigError(f"unknown observation mode {mode!r}; choose one of {', '.join(OBS_MODE_REGISTRY)}")
     return OBS_MODE_REGISTRY[mode]
 
 

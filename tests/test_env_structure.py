@@ -132,9 +132,10 @@ def test_modes_are_objects_registered_once():
     assert OBS_MODES == ("state", "state+layer", "state+confidence", "stats", "full")
     assert all(isinstance(m, ObsMode) and m.name == n for n, m in OBS_MODE_REGISTRY.items())
     # the groups code used to spell out as strings, now read off the modes' properties
-    assert LAYER_ONE_HOT_MODES == ("state+layer", "state+confidence")
-    assert STATE_OBS_MODES == ("state", "state+layer", "state+confidence")
-    assert observations.modes_where(uses_confidence=True) == ("state+confidence",)
+    assert LAYER_ONE_HOT_MODES == ("state+layer", "state+confidence", "state+probe")
+    assert STATE_OBS_MODES == ("state", "state+layer", "state+confidence", "state+probe")
+    assert observations.modes_where(uses_confidence=True) == ("state+confidence", "state+probe")
+    assert observations.modes_where(generation_only=True) == ("state+probe",)  # not in OBS_MODES
     assert observations.modes_where(is_dict=True) == ("full",)
     assert observations.modes_where(uses_state=False) == ("stats",)
     assert get_obs_mode("full") is OBS_MODE_REGISTRY["full"]

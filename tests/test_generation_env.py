@@ -485,23 +485,26 @@ def _same(a, b):
 @pytest.mark.parametrize("obs_mode", GENERATION_OBS_MODES)
 def test_live_env_checkers_pass(data_dir, table, obs_mode):
     """gym.make(..., mode="live") passes both checkers, in the observation space of cached mode."""
+    cached = gym.make("ConsistentEE-XSum-v0", table=table, obs_mode=obs_mode)
+    probe = {"probe": cached.unwrapped.probe} if obs_mode == "state+probe" else {}  # fitted on the table
     env = gym.make("ConsistentEE-XSum-v0", mode="live", decoder=tiny_llama_decoder(), split="train",
                    data_dir=data_dir, max_prompts=None, max_new_tokens=4, obs_mode=obs_mode,
-                   progress=False)  # fmt: skip
-    cached = gym.make("ConsistentEE-XSum-v0", table=table, obs_mode=obs_mode)
+                   progress=False, **probe)  # fmt: skip
     assert env.observation_space == cached.observation_space  # one policy acts in both modes
     assert env.unwrapped.num_inputs == 6  # the train split's prompts (rows 200-205)
     checked(gym_check_env, env.unwrapped)
     checked(sb3_check_env, env.unwrapped)
 
 
-@pytest.mark.parametrize("obs_mode", ["state+layer", "state+confidence"])
+@pytest.mark.parametrize("obs_mode", ["state+layer", "state+confidence", "state+probe"])
 def test_live_decoding_at_full_depth_is_the_table(data_dir, table, obs_mode):
     """An agent that never exits early decodes at full depth, which is what the table recorded: on the
     same prompts (walked in order, each for max_new_tokens - 1 tokens), every token shows the table
-    row's observation at every layer (the exit's confidence too), and pays its reward with its info."""
-    env = live_env(data_dir, alpha=0.1, reward="hardness", obs_mode=obs_mode)
+    row's observation at every layer (the exit's confidence, or the probe's, too), and pays its reward
+    with its info."""
     cached = ConsistentEETokenEnv(table=table, alpha=0.1, reward="hardness", obs_mode=obs_mode)
+    probe = {"probe": cached.probe} if obs_mode == "state+probe" else {}
+    env = live_env(data_dir, alpha=0.1, reward="hardness", obs_mode=obs_mode, **probe)
     for row in range(table.num_inputs):  # the table's rows: prompt by prompt, position by position
         obs, info = env.reset()
         assert (info["index"], info["position"]) == (table.prompt[row], table.position[row])

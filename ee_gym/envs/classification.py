@@ -47,7 +47,7 @@ from ee_gym.envs.base import (
     draws_at_random,
 )
 from ee_gym.envs.table import ExitTable
-from ee_gym.observations import check_obs_mode
+from ee_gym.observations import OBS_MODES, PROBE_SCORES, check_obs_mode, get_obs_mode
 from ee_gym.protocols import env_split, get_protocol
 from ee_gym.rewards import check_alpha, default_alpha, get_reward
 from ee_gym.tasks import check_split, resolve_task
@@ -95,7 +95,13 @@ def check_env_settings(
     check_mode(mode)
     reward_fn = get_reward(reward)
     alpha = check_alpha(alpha)
-    check_obs_mode(obs_mode)
+    # a generation-only mode: served over a token table that carries what it reads (the token env's)
+    served = table is not None and PROBE_SCORES in getattr(table, "derived", {})
+    if get_obs_mode(check_obs_mode(obs_mode)).generation_only and not served:
+        raise ConfigError(
+            f"observation mode {obs_mode!r} is for generation (ConsistentEE-XSum-v0) only; the "
+            f"classification envs serve {', '.join(OBS_MODES)}"
+        )
     max_inputs = check_optional_int("max_inputs", max_inputs, minimum=1)
     spec = None if table is not None else resolve_task(task, task_spec)
     split = check_split(split, spec)

@@ -55,6 +55,7 @@ from ee_gym.envs.base import (
     exit_record,
 )
 from ee_gym.envs.vector import ConsistentEEVectorEnv
+from ee_gym.generation.confidence import ConfidenceProbe, with_probe
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer, probability_gap
 from ee_gym.generation.prepare import (
@@ -171,6 +172,7 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         render_mode: str | None = None,
         progress: bool = True,
         table: TokenTable | None = None,
+        probe: ConfidenceProbe | str | os.PathLike | None = None,
     ):
         # Every keyword first: nothing below (the decoder, its heads, the table) starts for a bad one.
         check_mode(mode)
@@ -182,14 +184,25 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, minimum=1)
         self.split, self.mode, self.render_mode = split, mode, render_mode
         self.table: TokenTable | None = None
+        self.probe: ConfidenceProbe | None = None  # the state+probe mode's (module docstring)
+        reads_probe = get_obs_mode(obs_mode).confidence_signal == "probe"
+        if probe is not None and not reads_probe:
+            raise ConfigError(f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}")
         self._live: LiveDecoderSource | None = None
         source: LayerSource
         if mode == "live":
             if table is not None:
                 raise ValueError("live mode runs a decoder: pass decoder=..., not table=...")
+            if reads_probe and probe is None:
+                raise ConfigError("live mode with obs_mode 'state+probe' needs probe=... (a ConfidenceProbe "
+                                  "or its folder: fit one on a token table with fit_probe)")  # fmt: skip
             loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
             new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-            source = self._live = LiveDecoderSource(loaded, split, data_dir, max_prompts, new_tokens)
+            if reads_probe:
+                self.probe = probe if isinstance(probe, ConfidenceProbe) else ConfidenceProbe.load(probe)
+            source = self._live = LiveDecoderSource(
+                loaded, split, data_dir, max_prompts, new_tokens, self.probe
+            )
             self.task = str(task).lower()
         else:
             self.table = resolve_table(
@@ -205,6 +218,8 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
                 obs_mode=obs_mode,
                 progress=progress,
             )
+            if reads_probe:
+                self.table, self.probe = with_probe(self.table, probe)
             source, self.task = TokenTableSource(self.table), self.table.task
         self.alpha = default_alpha(self.task, source.num_layers) if alpha is None else alpha
         self._init_episodes(source, obs_mode)
@@ -235,6 +250,7 @@ class LiveDecoderSource(LayerSource):
         data_dir: str | os.PathLike | None,
         max_prompts: int | None,
         max_new_tokens: int,
+        probe: ConfidenceProbe | None = None,
     ):
         if decoder.tokenizer is None:
             raise ValueError("live mode tokenises the prompts: the decoder needs a tokenizer")
@@ -245,6 +261,7 @@ class LiveDecoderSource(LayerSource):
             format_prompt(decoder.tokenizer, a.article) for a in load_xsum(split, data_dir, max_prompts)
         ]
         self.max_new_tokens = max_new_tokens
+        self.probe = probe  # the state+probe mode's confidence
         self.scale = observation_scale(decoder)
         self.eos = set(decoder.eos_ids().tolist())  # as generate and collect_token_states stop
         self.empty: set[int] = set()  # prompts whose first generated token ends them
@@ -296,8 +313,15 @@ class LiveDecoderSource(LayerSource):
         self.exit(layer)
 
     def observation(self, index: int, layer: int) -> np.ndarray:
-        gap = self.top2_gap(layer) if self.encoder.uses_confidence else None  # an LM-head product
-        return self.encoder.from_state(self.observations[layer - 1], layer, gap)
+        state = self.observations[layer - 1]
+        signal = self.encoder.kind.confidence_signal
+        if signal == "top2_gap":
+            confidence = self.top2_gap(layer)  # an LM-head product
+        elif signal == "probe" and layer < self.num_layers:
+            confidence = self.probe.score(state, layer)  # d multiply-adds
+        else:
+            confidence = 1.0 if signal == "probe" else None  # layer L always exits (as on the table)
+        return self.encoder.from_state(state, layer, confidence)
 
     def exit_info(self, index: int, layer: int) -> dict[str, Any]:
         """The fields of the vector env's ``final_info``, plus ``position``, the token's generated
@@ -398,7 +422,13 @@ def make_token_vector_env(
             "the vector env replays a token table: use mode='cached' (live mode is single-env: "
             "gym.make('ConsistentEE-XSum-v0', mode='live'))"
         )
+    probe = source.pop("probe", None)
+    reads_probe = get_obs_mode(obs_mode).confidence_signal == "probe"
+    if probe is not None and not reads_probe:
+        raise ConfigError(f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}")
     table = resolve_table(task, split, obs_mode=obs_mode, **source)
+    if reads_probe:
+        table, _ = with_probe(table, probe)
     return ConsistentEEVectorEnv(
         num_envs,
         split=split,

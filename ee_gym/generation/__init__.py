@@ -18,13 +18,16 @@ Around it, one module per step of the pipeline:
     training.py    stage 1 for decoders by gradient: the depth-weighted cross-entropy
     table.py       the per-token table the token env (ConsistentEE-XSum-v0) replays
     prepare.py     first-use heads and cached tables for the env
-    policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity, learned
+    confidence.py  a learned confidence probe on the state (CALM's cheap measure), for a rule and an obs mode
+    costs.py       what each exit decision reads, and its time against a layer's, measured
+    policies.py    exit rules for generate(exit_fn=...): static, CALM confidence / similarity / probe, learned
     speculative.py the lossless mode: exits draft k tokens, one full-depth pass verifies them
     evaluate.py    ROUGE, exit layers and decoding speed of any set of exit policies
     method.py      the method as entry points: heads, CALM thresholds, a trained policy, their
                    evaluation, and the whole comparison (python -m benchmarks.generation is its CLI)
 """
 
+from ee_gym.generation.confidence import ConfidenceProbe, ProbeTraining, fit_probe, with_probe
 from ee_gym.generation.decoder import (
     EMBEDDED_DECODERS,
     HEAD_KINDS,
@@ -57,6 +60,7 @@ from ee_gym.generation.policies import (
     GenerationExit,
     OracleExit,
     PolicyExit,
+    ProbeExit,
     StateSimilarityExit,
     StaticExit,
     set_exit_prior,
@@ -82,6 +86,7 @@ __all__ = [
     "SUPPORTED_DECODER_TYPES",
     "AdapterHead",
     "ConfidenceExit",
+    "ConfidenceProbe",
     "DecodeState",
     "ExitAdapter",
     "ExitFn",
@@ -94,6 +99,8 @@ __all__ = [
     "OracleExit",
     "NormalEquations",
     "PolicyExit",
+    "ProbeExit",
+    "ProbeTraining",
     "StateSimilarityExit",
     "StaticExit",
     "SpeculativeOutput",
@@ -104,6 +111,7 @@ __all__ = [
     "evaluate_generation",
     "exit_at_layer",
     "fit_exit_heads",
+    "fit_probe",
     "observation_scale",
     "resolve_decoder",
     "rouge_scores",
@@ -112,5 +120,6 @@ __all__ = [
     "threshold_for_speedup",
     "train_exit_heads",
     "weighted_exit_loss",
+    "with_probe",
     "xsum_texts",
 ]

@@ -7,7 +7,8 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     StaticExit(k)                 l >= k                                          ("layer-k" rows)
     ConfidenceExit(lambda)        p_l(1st) - p_l(2nd) >= lambda, p_l = softmax of exit l's logits   (CALM)
     StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
-                                  (both rules take ``min_layer``: no exit before that layer)
+    ProbeExit(probe, lambda)      a learned probe's P(exit l is right | s_l) >= lambda              (CALM)
+                                  (the three rules take ``min_layer``: no exit before that layer)
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
                                   env) acting on the state of layer l (and, in the state+confidence
                                   observation mode, exit l's top-2 gap), as the env showed it
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ee_gym.generation.confidence import ConfidenceProbe
 from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
 from ee_gym.generation.table import TokenTable, observation_scale, squash
 from ee_gym.observations import OBS_MODE_REGISTRY, STATE_OBS_MODES, ObservationEncoder
@@ -177,6 +179,31 @@ class StateSimilarityExit(ThresholdRule, GenerationExit):
         return table.similarity
 
 
+class ProbeExit(ThresholdRule, GenerationExit):
+    """CALM's learned confidence measure: exit when a :class:`~ee_gym.generation.confidence.ConfidenceProbe`
+    on tanh(s_l / c) predicts that exit l is right with probability >= ``threshold`` (at l >=
+    ``min_layer``). It reads the state: d multiply-adds per decision, no LM-head product."""
+
+    name = "probe"
+    reads = "state"
+
+    def __init__(self, probe: ConfidenceProbe, decoder: MultiExitDecoder, threshold: float = 0.9,
+                 min_layer: int = 1):  # fmt: skip
+        if (probe.num_layers, probe.hidden_size) != (decoder.num_layers, decoder.hidden_size):
+            raise ValueError(
+                f"the probe reads {probe.num_layers} layers x {probe.hidden_size}, the decoder has "
+                f"{decoder.num_layers} x {decoder.hidden_size}: fit one on this decoder's token table"
+            )
+        super().__init__(threshold, min_layer)
+        self.probe, self.scale = probe, observation_scale(decoder)
+
+    def signal(self, view: LayerView) -> torch.Tensor:
+        return self.probe.scores(squash(view.states.detach(), self.scale).cpu(), view.layer)
+
+    def table_signal(self, table: TokenTable) -> np.ndarray:
+        return self.probe.table_scores(table)
+
+
 class PolicyExit(GenerationExit):
     """A learned exit policy (any ``agents`` policy of obs mode ``state``, ``state+layer`` or
     ``state+confidence``, e.g. the ``Reinforce`` of ConsistentEE trained on ``ConsistentEE-XSum-v0``)
@@ -193,7 +220,12 @@ class PolicyExit(GenerationExit):
     name = "consistentee"
 
     def __init__(
-        self, policy: Any, decoder: MultiExitDecoder, deterministic: bool = True, label: str | None = None
+        self,
+        policy: Any,
+        decoder: MultiExitDecoder,
+        deterministic: bool = True,
+        label: str | None = None,
+        probe: ConfidenceProbe | None = None,
     ):
         obs_mode = getattr(policy, "obs_mode", None)
         kind = OBS_MODE_REGISTRY.get(obs_mode) if isinstance(obs_mode, str) else None
@@ -204,7 +236,13 @@ class PolicyExit(GenerationExit):
             )
         if not getattr(policy, "deployable", True):
             raise ValueError("this policy is not deployable (it reads labels or later layers)")
-        self.policy, self.obs_mode, self.deterministic = policy, obs_mode, deterministic
+        if (kind.confidence_signal == "probe") != (probe is not None):
+            raise ValueError(
+                "obs_mode 'state+probe' needs the probe the policy was trained with (probe=env.unwrapped.probe)"
+                if probe is None
+                else f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}"
+            )
+        self.policy, self.obs_mode, self.deterministic, self.probe = policy, obs_mode, deterministic, probe
         self.min_layer = int(getattr(policy, "min_layer", 1))  # the policy's own guard, if it has one
         self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
         self.encoder = ObservationEncoder(obs_mode, self.num_layers, self.hidden_size, decoder.vocab_size)
@@ -216,13 +254,19 @@ class PolicyExit(GenerationExit):
 
     @property
     def reads(self) -> str:  # type: ignore[override]
-        return "softmax" if self.encoder.uses_confidence else "state"
+        return "softmax" if self.encoder.kind.confidence_signal == "top2_gap" else "state"
 
     def observations(self, view: LayerView) -> np.ndarray:
         """The env's observations of the batch at this layer."""
-        states = squash(view.states.detach(), self.scale).cpu().numpy()
-        gap = view.confidence.numpy() if self.encoder.uses_confidence else None
-        return self.encoder.join(states, view.layer, gap)
+        squashed = squash(view.states.detach(), self.scale)
+        signal = self.encoder.kind.confidence_signal
+        if signal == "top2_gap":
+            confidence = view.confidence.numpy()
+        elif signal == "probe":
+            confidence = self.probe.scores(squashed.cpu(), view.layer).numpy()
+        else:
+            confidence = None
+        return self.encoder.join(squashed.cpu().numpy(), view.layer, confidence)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)

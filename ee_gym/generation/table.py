@@ -33,7 +33,7 @@ from ee_gym.generation.distill import TokenStates
 from ee_gym.hardness import memorized_layer
 
 #: observation modes a token table can serve (no logits: no ``stats`` or ``full``)
-GENERATION_OBS_MODES = ("state", "state+layer", "state+confidence")
+GENERATION_OBS_MODES = ("state", "state+layer", "state+confidence", "state+probe")
 #: c = STATE_SCALE_FACTOR x RMS(final norm weight), see the module docstring
 STATE_SCALE_FACTOR = 4.0
 

@@ -49,6 +49,7 @@ from ee_gym.generation import (
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import exit_at_layer
 from ee_gym.generation.table import GENERATION_OBS_MODES
+from ee_gym.generation.timing import TimingSettings
 from ee_gym.generation.training import HeadTrainingConfig, exit_cross_entropy, weighted_exit_loss
 from tests.conftest import DECODER_LAYERS, tiny_llama_decoder, tiny_word_tokenizer, write_tiny_xsum
 
@@ -870,13 +871,25 @@ def test_rouge_on_a_hand_example():
 def test_evaluate_generation_shares_the_prefill(data_dir):
     decoder = tiny_llama_decoder()
     articles = load_xsum("0:5", data_dir)
-    policies = {"full": None, "static-2": StaticExit(2), "calm": ConfidenceExit(0.05)}
+    policies = {"full depth": None, "static-2": StaticExit(2), "calm": ConfidenceExit(0.05)}
+    timing = TimingSettings(articles=2, rounds=2, threads=(1,), batch_sizes=(1, 2))
+    timed: dict = {}
     runs = {r.name: r for r in evaluate_generation(decoder, articles, policies, max_new_tokens=6, batch_size=2,
-                                                   timing_articles=2, progress=False)}  # fmt: skip
+                                                   timing=timing, progress=False, timed=timed)}  # fmt: skip
+    runs["full"] = runs["full depth"]
     assert runs["full"].mean_exit_layer == NUM_LAYERS and runs["full"].speedup == 1.0
     assert runs["static-2"].mean_exit_layer == 2 and runs["static-2"].speedup == 2.0
     assert runs["static-2"].exit_histogram[1] == runs["static-2"].decided_tokens > 0
     assert all(r.tokens_per_second > 0 and r.timing_tokens > 0 for r in runs.values())
+    # every policy timed at each batch size, against full depth in the same rounds
+    assert all(len(r.timing) == 2 and len(r.timing[0]["round_tokens_per_second"]) == 2 for r in runs.values())
+    assert runs["full"].wall_speedup == 1.0 and runs["full"].decision_us is None
+    assert (
+        runs["calm"].reads == "softmax"
+        and runs["calm"].decision_us > 0
+        and runs["calm"].decision_fraction > 0
+    )
+    assert set(timed["prompt_seconds"]) == {"1x1", "1x2"} and timed["articles"] == 2
     # The shared prefill decodes exactly what a plain generate does, article by article.
     for i, article in enumerate(articles):
         alone = decoder.generate(prompts=[format_prompt(decoder.tokenizer, article.article)], max_new_tokens=6,
@@ -903,7 +916,7 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
         "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--output-dir", str(out),
         "--eval-rows", "0:4", "--head-rows", "4:8", "--policy-rows", "8:12", "--max-new-tokens", "6",
         "--head-epochs", "1", *heads, "--static-layers", "2", "3", "--speedups", "1.5", "--calm-min-layers", "1", "2", "--alphas", "0.05",
-        "--confidence-alphas", "0.05", "--policy-epochs", "1", "--timing-articles", "1", "--batch-size", "2", "--no-progress",
+        "--confidence-alphas", "0.05", "--probe-alphas", "0.05", "--policy-epochs", "1", "--timing-articles", "1", "--timing-rounds", "1", "--timing-threads", "1", "--timing-batch-sizes", "1", "2", "--batch-size", "2", "--no-progress",
     ])  # fmt: skip
     record = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in record["runs"]]
@@ -913,9 +926,10 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     min_layer = int(heads[heads.index("--policy-min-layer") + 1])
     guard = f", min layer {min_layer}" if min_layer > 1 else ""
     assert f"consistentee+confidence (alpha=0.05{guard})" in names
+    assert f"consistentee+probe (alpha=0.05{guard})" in names and any(n.startswith("probe (") for n in names)
     if guard:  # eager policies (exit prior 0.9) leave at layer 2, the first allowed, never at 1
         policies = [r for r in record["runs"] if r["name"].startswith("consistentee")]
-        assert len(policies) == 2
+        assert len(policies) == 3  # the state, state+confidence and state+probe policies
         assert all(r["exit_histogram"][0] == 0 and r["exit_histogram"][1] > 0 for r in policies)
         assert record["settings"]["policy_min_layer"] == 2
     assert any(n.startswith("calm-confidence") for n in names) and any(
@@ -940,7 +954,7 @@ def test_benchmark_reports_how_loaded_heads_were_made(tmp_path, data_dir):
     common = [
         "--decoder", str(tmp_path / "tiny"), "--data-dir", str(data_dir), "--eval-rows", "0:2",
         "--policy-rows", "8:10", "--max-new-tokens", "4", "--static-layers", "2", "--speedups",
-        "--alphas", "--confidence-alphas", "--no-oracle", "--timing-articles", "1", "--no-progress",
+        "--alphas", "--confidence-alphas", "--probe-alphas", "--no-probe-rules", "--no-oracle", "--timing-articles", "1", "--timing-rounds", "1", "--timing-threads", "1", "--timing-batch-sizes", "1", "2", "--no-progress",
     ]  # fmt: skip
     trained = bench.main([*common, "--head-rows", "4:8", "--head-method", "regression+gradient", "--head-epochs", "1",
                           "--save-heads", str(tmp_path / "heads"), "--output-dir", str(tmp_path / "a")])  # fmt: skip
@@ -975,24 +989,31 @@ def test_smollm2_adapter_heads_start_as_its_lm_head_and_rules_run():
 
 
 def test_benchmark_target_check_says_apart_whether_consistentee_meets_it():
+    """The wall-clock target (1.3x tokens/s, a decision at most 5% of a layer, ROUGE-L within 1 point),
+    for any policy and for ConsistentEE's apart, and the layer-count target beside them."""
     from benchmarks.generation import ORACLE, target_check
 
-    def run(name, rouge_l, speedup):
-        return {"name": name, "rouge": {"rougeL": rouge_l}, "speedup": speedup}
+    def run(name, rouge_l, speedup, wall=None, fraction=None):
+        return {"name": name, "rouge": {"rougeL": rouge_l}, "speedup": speedup, "wall_speedup": wall,
+                "decision_fraction": fraction}  # fmt: skip
 
-    full = run("full depth", 15.5, 1.0)
+    full = run("full depth", 15.5, 1.0, 1.0)
     runs = [
         full,
         run(ORACLE, 16.0, 2.0),
-        run("calm-confidence (x)", 15.0, 1.6),
-        run("consistentee (a)", 14.0, 1.7),
+        run("calm-confidence (x)", 15.0, 1.6, 0.5, 0.9),  # fast in layers, slow in time: its softmax
+        run("calm-similarity (y)", 14.8, 1.5, 1.35, 0.01),
+        run("consistentee (a)", 14.0, 1.7, 1.4, 0.02),
     ]
     check = target_check(runs)
-    assert check["met"] and check["best"] == "calm-confidence (x)"  # the oracle never counts
+    assert check["met"] and check["best"] == "calm-similarity (y)"  # the oracle never counts
     assert not check["consistentee_met"] and check["consistentee_best"] == "consistentee (a)"
-    runs.append(run("consistentee+confidence (b)", 14.6, 1.52))
+    assert check["layers_met"] and check["layers_best"] == "calm-confidence (x)"
+    runs.append(run("consistentee+probe (b)", 14.6, 1.52, 1.31, 0.04))
     assert target_check(runs)["consistentee_met"]
-    slow = target_check([full, run("consistentee (a)", 15.4, 1.2)])
+    runs.append(run("consistentee+confidence (c)", 15.2, 1.52, 1.31, 0.2))  # too costly a decision
+    assert target_check(runs)["consistentee_best"] == "consistentee+probe (b)"
+    slow = target_check([full, run("consistentee (a)", 15.4, 1.2, 1.1, 0.01)])
     assert (
         not slow["met"]
         and not slow["consistentee_met"]

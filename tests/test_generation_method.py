@@ -32,6 +32,7 @@ from ee_gym.generation.method import (
     train_heads_for,
     train_token_policy,
 )
+from ee_gym.generation.timing import TimingSettings
 from tests.conftest import DECODER_LAYERS, tiny_llama_decoder, write_tiny_xsum
 
 
@@ -100,7 +101,7 @@ def test_a_trained_policy_decodes_and_never_exits_below_its_min_layer(trained, d
     policies = {"full depth": None, "static (layer 2)": StaticExit(2), policy.name: policy.exit}
     runs = evaluate_policies(
         decoder, articles, policies, {policy.name: policy.table_speedup}, max_new_tokens=5,
-        batch_size=2, timing_articles=1, progress=False,
+        batch_size=2, timing=TimingSettings(articles=1, rounds=1, threads=(1,), batch_sizes=(1,)), progress=False,
     )  # fmt: skip
     by_name = {run["name"]: run for run in runs}
     assert list(by_name) == list(policies)
@@ -144,15 +145,15 @@ def test_a_policy_from_the_caller_runs_through_the_library(trained, data_dir):
     assert policy.policy is learner and learner.epochs == 3 and learner.bound >= 2  # env, then decoder
     assert policy.table["mean_exit_layer"] == pytest.approx(3.0) and policy.history == []
     runs = evaluate_policies(decoder, load_xsum("0:2", data_dir), {"mine": policy.exit}, max_new_tokens=4,
-                             batch_size=2, timing_articles=0, progress=False)  # fmt: skip
+                             batch_size=2, timing=None, progress=False)  # fmt: skip
     assert runs[0]["mean_exit_layer"] == pytest.approx(3.0)
 
 
 def test_compare_exit_policies_without_the_script(tmp_path, data_dir, monkeypatch):
     config = ComparisonConfig(
         decoder="unused", data_dir=str(data_dir), eval_rows="0:2", policy_rows="8:10", max_new_tokens=4,
-        batch_size=2, static_layers=(2,), speedups=(), alphas=(0.05,), confidence_alphas=(),
-        policy=PolicySetup(min_layer=2, epochs=1, num_envs=4), timing_articles=0,
+        batch_size=2, static_layers=(2,), speedups=(), alphas=(0.05,), confidence_alphas=(), probe_alphas=(),
+        policy=PolicySetup(min_layer=2, epochs=1, num_envs=4), timing=None,
         head=HeadSetup(method="regression", rows="4:6"), save_heads=str(tmp_path / "heads"),
     )  # fmt: skip
     decoder = tiny_llama_decoder()  # the tiny model, not a hub name

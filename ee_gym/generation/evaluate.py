@@ -6,11 +6,9 @@ For each exit policy (``None`` = full depth) over the same articles:
   reports) of the greedy summaries, cut at the data's ``###`` stop marker;
 * the mean exit layer over the tokens an exit decided (every generated token but the first, which
   the prompt's full-depth pass produces), the layer speed-up L / mean and the saved layers 1 - mean/L;
-* wall-clock decoding speed: generated tokens per second at batch size 1 on the first
-  ``timing_articles`` articles, prompt pass excluded (it is the same full-depth pass for every
-  policy), so that it shows what exits save where they can save it. At batch size > 1 a row that
-  exited still rides along through the later layers (one cache write serves the batch), so batched
-  decoding is used for the scores only.
+* wall-clock decoding speed (:mod:`ee_gym.generation.timing`): tokens per second against full depth
+  in alternating rounds, at the thread counts and batch sizes of a :class:`TimingSettings`, prompt
+  pass timed apart, with each rule's decision cost against a layer's measured in the same run.
 
 Every policy decodes from one shared prefill per batch of articles (``DecodeState.clone``): the
 prompt runs once, whatever the number of policies.
@@ -18,7 +16,6 @@ prompt runs once, whatever the number of policies.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ee_gym.generation.data import Article, clean_summary, format_prompt
 from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
+from ee_gym.generation.timing import TimingSettings, time_policies
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -62,8 +60,14 @@ class GenerationRun:
     num_layers: int
     decided_tokens: int  # tokens whose exit a policy decided
     exit_histogram: list[int]  # decided tokens exiting at layer 1..L
-    tokens_per_second: float | None = None  # batch 1, prompt pass excluded
+    # wall clock (ee_gym.generation.timing), at batch 1 on the first thread count timed; None when untimed
+    tokens_per_second: float | None = None  # median over rounds, prompt pass excluded
+    wall_speedup: float | None = None  # against full depth in the same rounds
+    decision_us: float | None = None  # one decision at the rule's layers
+    decision_fraction: float | None = None  # over one decoder layer's time, same run
+    reads: str | None = None  # what a decision reads (ee_gym.generation.costs.READS)
     timing_tokens: int = 0
+    timing: list[dict] = field(default_factory=list)  # every thread count and batch size timed
     summaries: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_summaries: bool = False) -> dict:
@@ -125,64 +129,40 @@ def generate_with_policies(
     return {name: (texts[name], layers[name]) for name in exit_fns}
 
 
-@torch.no_grad()
-def time_decoding(
-    decoder: MultiExitDecoder,
-    articles: Sequence[Article],
-    exit_fns: Mapping[str, ExitFn | None],
-    max_new_tokens: int = 32,
-    progress: bool = True,
-) -> dict[str, tuple[float, int]]:
-    """Per policy: (tokens per second, tokens timed) decoding each article alone (batch size 1), the
-    prompt pass excluded; the tokens timed are those after the first."""
-    seconds = dict.fromkeys(exit_fns, 0.0)
-    tokens = dict.fromkeys(exit_fns, 0)
-    prompts = _encode(decoder, articles)
-    bar = tqdm(total=len(prompts) * len(exit_fns), desc="timing (batch 1)", unit="run", disable=not progress)
-    for prompt in prompts:
-        ids = decoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        first, state = decoder.prefill(ids)
-        for name, exit_fn in exit_fns.items():
-            copy = state.clone()
-            started = time.perf_counter()
-            out = decoder.generate(
-                ids, max_new_tokens=max_new_tokens, exit_fn=exit_fn, prefilled=(first, copy)
-            )
-            seconds[name] += time.perf_counter() - started
-            tokens[name] += max(int((out.exit_layers[0] > 0).sum()) - 1, 0)
-            bar.update(1)
-    bar.close()
-    return {
-        name: (tokens[name] / seconds[name] if seconds[name] else float("nan"), tokens[name])
-        for name in exit_fns
-    }
-
-
 def evaluate_generation(
     decoder: MultiExitDecoder,
     articles: Sequence[Article],
     exit_fns: Mapping[str, ExitFn | None],
     max_new_tokens: int = 32,
     batch_size: int = 8,
-    timing_articles: int = 5,
+    timing: TimingSettings | None = None,
     progress: bool = True,
+    timed: dict | None = None,
 ) -> list[GenerationRun]:
-    """Score every policy of ``exit_fns`` (name -> exit_fn, ``None`` = full depth) on ``articles``."""
+    """Score every policy of ``exit_fns`` (name -> exit_fn, ``None`` = full depth, named ``full
+    depth`` to be timed against) on ``articles``, and time them unless ``timing`` is None
+    (:func:`time_policies`; pass a dict as ``timed`` to receive its whole record, prompt passes
+    included)."""
     generated = generate_with_policies(decoder, articles, exit_fns, max_new_tokens, batch_size, progress)
-    # References that look ahead (the oracle) decode every token twice: their speed means nothing.
-    deployable = {name: fn for name, fn in exit_fns.items() if getattr(fn, "deployable", True)}
-    timed = (
-        time_decoding(decoder, articles[:timing_articles], deployable, max_new_tokens, progress)
-        if timing_articles
-        else {}
-    )
+    cells: list[dict] = []
+    if timing is not None:
+        # references that look ahead (the oracle) decode every token twice: their speed means nothing
+        deployable = {name: fn for name, fn in exit_fns.items() if getattr(fn, "deployable", True)}
+        record = time_policies(
+            decoder, _encode(decoder, articles), deployable, timing, max_new_tokens, progress
+        )
+        cells = record["cells"]
+        if timed is not None:
+            timed.update(record)
+    first = (cells[0]["threads"], cells[0]["batch_size"]) if cells else None
     references = [a.reference for a in articles]
     num_layers = decoder.num_layers
     runs = []
     for name, (texts, layers) in generated.items():
         decided = np.concatenate([row[1:] for row in layers]) if layers else np.zeros(0, dtype=np.int64)
         mean = float(decided.mean()) if decided.size else float(num_layers)
-        speed, count = timed.get(name, (None, 0))
+        mine = [c for c in cells if c["policy"] == name]
+        main = next((c for c in mine if (c["threads"], c["batch_size"]) == first), {})
         runs.append(
             GenerationRun(
                 name=name,
@@ -193,8 +173,13 @@ def evaluate_generation(
                 num_layers=num_layers,
                 decided_tokens=int(decided.size),
                 exit_histogram=np.bincount(decided, minlength=num_layers + 1)[1:].tolist(),
-                tokens_per_second=speed,
-                timing_tokens=count,
+                tokens_per_second=main.get("tokens_per_second"),
+                wall_speedup=main.get("wall_speedup"),
+                decision_us=main.get("decision_us"),
+                decision_fraction=main.get("decision_fraction"),
+                reads=main.get("reads"),
+                timing_tokens=main.get("tokens", 0),
+                timing=mine,
                 summaries=texts,
             )
         )

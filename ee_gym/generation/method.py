@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ee_gym.generation.confidence import ConfidenceProbe, ProbeTraining, fit_probe, with_probe
 from ee_gym.generation.data import Article, load_xsum
 from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
 from ee_gym.generation.evaluate import evaluate_generation
@@ -40,6 +41,7 @@ from ee_gym.generation.policies import (
     GenerationExit,
     OracleExit,
     PolicyExit,
+    ProbeExit,
     StateSimilarityExit,
     StaticExit,
     set_exit_prior,
@@ -53,6 +55,7 @@ from ee_gym.generation.prepare import (
     train_heads,
 )
 from ee_gym.generation.table import TokenTable
+from ee_gym.generation.timing import TimingSettings
 from ee_gym.generation.training import HeadTrainingConfig
 from ee_gym.policy import TrainingBudget
 
@@ -62,7 +65,8 @@ ORACLE = "oracle (reference, not deployable)"
 HEAD_FOLDERS = {"regression": "xsum-benchmark", "gradient": "xsum-benchmark-gradient",
                 "regression+gradient": "xsum-benchmark-finetuned"}  # fmt: skip
 #: the observation mode of each kind of ConsistentEE row: the paper's state, and state + exit l's top-2 gap
-POLICY_KINDS = {"consistentee": "state+layer", "consistentee+confidence": "state+confidence"}
+POLICY_KINDS = {"consistentee": "state+layer", "consistentee+confidence": "state+confidence",
+                "consistentee+probe": "state+probe"}  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -145,9 +149,12 @@ class ComparisonConfig:
     calm_min_layers: tuple[int, ...] = (11,)
     alphas: tuple[float, ...] = (0.12, 0.18)  # ConsistentEE policies reading the state
     confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
+    probe_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and a learned probe's
+    probe_rules: bool = True  # the probe as a rule too, at each of speedups x calm_min_layers
+    probe_training: ProbeTraining = field(default_factory=ProbeTraining)  # fitted on the policy table
     policy: PolicySetup = field(default_factory=PolicySetup)
     oracle: bool = True  # the oracle reference (about 5x the cost of full depth)
-    timing_articles: int = 3
+    timing: TimingSettings | None = field(default_factory=TimingSettings)  # None: no wall clock
     seed: int = 0
 
 
@@ -262,6 +269,27 @@ def calm_rules(
     return rules
 
 
+def probe_rules(
+    probe: ConfidenceProbe,
+    decoder: MultiExitDecoder,
+    table: TokenTable,
+    speedups: Sequence[float],
+    min_layers: Sequence[int] = (1,),
+) -> dict[str, GenerationExit]:
+    """The learned probe as a rule (CALM's cheap measure), one per (min layer, speed-up), each
+    threshold the most cautious that reaches the speed-up on ``table``."""
+    scores = probe.table_scores(table)
+    rules: dict[str, GenerationExit] = {}
+    for min_layer in min_layers:
+        for target in speedups:
+            rule = ProbeExit(
+                probe, decoder, threshold_for_speedup(scores, target, min_layer=min_layer), min_layer
+            )
+            guard = f", min layer {min_layer}" if min_layer > 1 else ""
+            rules[f"probe (lambda={rule.threshold:.4g}{guard})"] = rule
+    return rules
+
+
 def _learner_api() -> tuple[Callable[..., Any], Callable[[Any, TokenTable], Any]]:
     """(make a policy by name, score a policy on a table), through the core's policy registry (which
     ``agents`` fills on first use), imported at call time so that importing this module stays light."""
@@ -303,17 +331,21 @@ def train_token_policy(
     policy: Any = None,
     seed: int = 0,
     progress: bool = True,
+    probe: ConfidenceProbe | None = None,
 ) -> TrainedPolicy:
     """Train an exit policy on ``ConsistentEE-XSum-v0`` over ``table`` at reward weight ``alpha``.
 
     ``policy`` (default: ``reinforce`` with ``obs_mode``, ``setup.min_layer`` and ``seed``) is bound
     to the env, started at exit probability ``setup.exit_prior`` (1/L) at every layer when it has
-    per-layer networks, and trained for ``setup.epochs``; then scored on the same table.
+    per-layer networks, and trained for ``setup.epochs``; then scored on the same table. ``probe``:
+    the confidence probe of the ``state+probe`` mode (fitted on ``table`` when None).
     """
     from ee_gym.envs import ConsistentEEVectorEnv  # the env package imports this one: at call time
 
     setup = setup or PolicySetup()
     make, evaluate = _learner_api()
+    if POLICY_KINDS.get("consistentee+probe") == obs_mode:
+        table, probe = with_probe(table, probe)  # the table's view whose observations read the probe
     env = ConsistentEEVectorEnv(
         setup.num_envs, table=table, split="train", reward=setup.reward, alpha=alpha, obs_mode=obs_mode,
         final_obs=False,
@@ -327,7 +359,7 @@ def train_token_policy(
         env, TrainingBudget(epochs=setup.epochs, learning_rate=setup.learning_rate, progress=progress)
     )
     name = name or policy_name("consistentee", alpha, setup.min_layer)
-    exit_rule = PolicyExit(policy, decoder, label=name)
+    exit_rule = PolicyExit(policy, decoder, label=name, probe=probe if obs_mode == "state+probe" else None)
     return TrainedPolicy(
         name=name,
         policy=policy,
@@ -348,15 +380,17 @@ def evaluate_policies(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
-    timing_articles: int = 3,
+    timing: TimingSettings | None = None,
     progress: bool = True,
+    timed: dict | None = None,
 ) -> list[dict]:
     """Decode ``articles`` with every policy (name -> exit rule, None = full depth) and score it: one
     record per policy (``GenerationRun.to_dict`` with the summaries, and ``table_speedup``: its
-    layer speed-up on the policy table, None where it has none)."""
+    layer speed-up on the policy table, None where it has none); timed as ``timing`` says (``timed``
+    receives the timing record)."""
     runs = evaluate_generation(
         decoder, articles, policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        timing_articles=timing_articles, progress=progress,
+        timing=timing, progress=progress, timed=timed,
     )  # fmt: skip
     records = []
     for run in runs:
@@ -421,14 +455,21 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         rules[ORACLE] = OracleExit(min_layer=config.policy.min_layer)
     rules.update({f"static (layer {layer})": StaticExit(layer) for layer in config.static_layers})
     rules.update(calm_rules(table, config.speedups, config.calm_min_layers))
+    probe = None
+    if config.probe_rules or config.probe_alphas:
+        probe, probe_history = fit_probe(table, config.probe_training)
+        log(f"confidence probe: loss {probe_history[0]['loss']:.3f} -> {probe_history[-1]['loss']:.3f}")
+    if config.probe_rules:
+        rules.update(probe_rules(probe, decoder, table, config.speedups, config.calm_min_layers))
     policies: dict[str, ExitFn | None] = {"full depth": None, **rules}
     speedups = {name: table_speedup(rule, table) for name, rule in rules.items()}
     policy_history = {}
-    for kind, alphas in zip(POLICY_KINDS, (config.alphas, config.confidence_alphas), strict=True):
+    alphas_of = (config.alphas, config.confidence_alphas, config.probe_alphas)
+    for kind, alphas in zip(POLICY_KINDS, alphas_of, strict=True):
         for alpha in alphas:
             trained = train_token_policy(
                 decoder, table, alpha, POLICY_KINDS[kind], config.policy, seed=config.seed,
-                name=policy_name(kind, alpha, config.policy.min_layer), progress=progress,
+                name=policy_name(kind, alpha, config.policy.min_layer), progress=progress, probe=probe,
             )  # fmt: skip
             policies[trained.name] = trained.exit
             speedups[trained.name] = trained.table_speedup
@@ -440,9 +481,10 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
     lap("policies")
 
     articles = load_xsum(config.eval_rows, config.data_dir, config.articles)
+    timed: dict = {}
     runs = evaluate_policies(
         decoder, articles, policies, speedups, max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size, timing_articles=config.timing_articles, progress=progress,
+        batch_size=config.batch_size, timing=config.timing, progress=progress, timed=timed,
     )  # fmt: skip
     lap("evaluation")
     seconds["total"] = time.perf_counter() - started
@@ -463,8 +505,9 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         "policy_epochs": config.policy.epochs,
         "policy_lr": config.policy.learning_rate,
         "exit_prior": config.policy.exit_prior or f"1/{decoder.num_layers}",
-        "timing_articles": config.timing_articles,
-        "threads": torch.get_num_threads(),  # what the timings ran on (the script sets it by --threads)
+        "timing": None if config.timing is None else asdict(config.timing),
+        "prompt_seconds": timed.get("prompt_seconds"),  # per thread count x batch size, one round
+        "threads": torch.get_num_threads(),  # everything but the timing (the script sets it by --threads)
         "seed": config.seed,
     }
     return Comparison(settings, seconds, summary, heads.history, policy_history, runs)

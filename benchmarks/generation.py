@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layer speed-ups at which the CALM thresholds are placed on the policy table")  # fmt: skip
     p.add_argument("--calm-min-layers", type=int, nargs="*", default=[11],
                    help="CALM rows for each: no exit before this layer (1: none forbidden)")  # fmt: skip
+    p.add_argument("--calm-every", type=int, nargs="+", default=[1],
+                   help="CALM rows for each: the signal read at every k-th layer from the min layer (1: each)")  # fmt: skip
     p.add_argument("--alphas", type=float, nargs="*", default=[0.12, 0.18],
                    help="ConsistentEE policies reading the state (the paper's observation)")  # fmt: skip
     p.add_argument("--confidence-alphas", type=float, nargs="*", default=[0.14, 0.18, 0.22],
@@ -277,6 +279,7 @@ def config_from_args(args: argparse.Namespace):
         static_layers=tuple(args.static_layers),
         speedups=tuple(args.speedups),
         calm_min_layers=tuple(args.calm_min_layers),
+        calm_every=tuple(args.calm_every),
         alphas=tuple(args.alphas),
         confidence_alphas=tuple(args.confidence_alphas),
         probe_alphas=tuple(args.probe_alphas),

@@ -69,3 +69,34 @@ def test_the_timer_counts_decisions_and_the_layers_between_them():
     assert torch.equal(
         timer_out.tokens, decoder.generate(ids, mask, max_new_tokens=5, stop_at_eos=False).tokens
     )
+
+
+def test_a_rule_probing_every_other_layer_reads_its_signal_there_only():
+    decoder = tiny_llama_decoder()
+    ids, mask = _prompts(decoder, ["the film was good"])
+    rows, handle = _count_head_rows(decoder)
+    out = decoder.generate(
+        ids, mask, max_new_tokens=6, stop_at_eos=False, exit_fn=ConfidenceExit(2.0, every=2)
+    )
+    handle.remove()
+    steps = out.tokens.shape[1] - 1
+    assert sum(rows) == 1 + steps * (2 + 1)  # prompt; per step layers 1 and 3 probed, then the head of L
+    rule = ConfidenceExit(0.0, min_layer=2, every=2)  # always confident: exits at its first probe, 2
+    assert rule.get_params() == {"threshold": 0.0, "min_layer": 2, "every": 2}
+    out = decoder.generate(ids, mask, max_new_tokens=4, stop_at_eos=False, exit_fn=rule)
+    assert (out.exit_layers[0, 1:] == 2).all()
+    with pytest.raises(ValueError, match="every"):
+        ConfidenceExit(0.5, every=0)
+
+
+def test_thresholds_placed_for_a_probing_interval_exit_at_probed_layers():
+    import numpy as np
+
+    from ee_gym.generation.policies import threshold_for_speedup
+
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 1, (200, 8)).astype(np.float32)
+    threshold = threshold_for_speedup(values, 1.5, min_layer=2, every=3)
+    table = type("T", (), {"top2_gap": values})()
+    exits = ConfidenceExit(threshold, min_layer=2, every=3).table_exit_layers(table)
+    assert set(exits.tolist()) <= {2, 5, 8} and 8 / exits.mean() >= 1.5

@@ -147,6 +147,7 @@ class ComparisonConfig:
     static_layers: tuple[int, ...] = (20, 24)
     speedups: tuple[float, ...] = (1.3, 1.6)  # layer speed-ups at which CALM thresholds are placed
     calm_min_layers: tuple[int, ...] = (11,)
+    calm_every: tuple[int, ...] = (1,)  # CALM rules reading their signal at every k-th layer, for each k
     alphas: tuple[float, ...] = (0.12, 0.18)  # ConsistentEE policies reading the state
     confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
     probe_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and a learned probe's
@@ -251,22 +252,39 @@ def table_speedup(rule: GenerationExit, table: TokenTable) -> float:
     return table.num_layers / rule.table_exit_layers(table).mean()
 
 
-def calm_rules(
-    table: TokenTable, speedups: Sequence[float], min_layers: Sequence[int] = (1,)
-) -> dict[str, GenerationExit]:
-    """CALM's confidence and similarity rules, one per (min layer, speed-up), each threshold the most
-    cautious that reaches the speed-up on ``table`` (never on the scored articles)."""
+def _threshold_rules(
+    kind: str, values, make: Callable[..., GenerationExit], speedups: Sequence[float],
+    min_layers: Sequence[int], every: Sequence[int],
+) -> dict[str, GenerationExit]:  # fmt: skip
+    """One rule per (min layer, probing interval, speed-up), each threshold the most cautious that
+    reaches the speed-up on the table's ``values`` [N, L] (never on the scored articles)."""
     rules: dict[str, GenerationExit] = {}
-    for kind, values, make in (
-        ("calm-confidence", table.top2_gap, ConfidenceExit),
-        ("calm-similarity", table.similarity, StateSimilarityExit),
-    ):
-        for min_layer in min_layers:
+    for min_layer in min_layers:
+        for step in every:
             for target in speedups:
-                rule = make(threshold_for_speedup(values, target, min_layer=min_layer), min_layer=min_layer)
-                guard = f", min layer {min_layer}" if min_layer > 1 else ""
-                rules[f"{kind} (lambda={rule.threshold:.4g}{guard})"] = rule
+                threshold = threshold_for_speedup(values, target, min_layer=min_layer, every=step)
+                rule = make(threshold, min_layer=min_layer, every=step)
+                extra = (f", min layer {min_layer}" if min_layer > 1 else "") + (
+                    f", every {step}" if step > 1 else ""
+                )
+                rules[f"{kind} (lambda={rule.threshold:.4g}{extra})"] = rule
     return rules
+
+
+def calm_rules(
+    table: TokenTable,
+    speedups: Sequence[float],
+    min_layers: Sequence[int] = (1,),
+    every: Sequence[int] = (1,),
+) -> dict[str, GenerationExit]:
+    """CALM's confidence and similarity rules, one per (min layer, probing interval ``every``,
+    speed-up), each threshold the most cautious that reaches the speed-up on ``table``."""
+    return {
+        **_threshold_rules("calm-confidence", table.top2_gap, ConfidenceExit, speedups, min_layers, every),
+        **_threshold_rules(
+            "calm-similarity", table.similarity, StateSimilarityExit, speedups, min_layers, every
+        ),
+    }
 
 
 def probe_rules(
@@ -278,16 +296,11 @@ def probe_rules(
 ) -> dict[str, GenerationExit]:
     """The learned probe as a rule (CALM's cheap measure), one per (min layer, speed-up), each
     threshold the most cautious that reaches the speed-up on ``table``."""
-    scores = probe.table_scores(table)
-    rules: dict[str, GenerationExit] = {}
-    for min_layer in min_layers:
-        for target in speedups:
-            rule = ProbeExit(
-                probe, decoder, threshold_for_speedup(scores, target, min_layer=min_layer), min_layer
-            )
-            guard = f", min layer {min_layer}" if min_layer > 1 else ""
-            rules[f"probe (lambda={rule.threshold:.4g}{guard})"] = rule
-    return rules
+
+    def make(threshold: float, min_layer: int, every: int) -> ProbeExit:
+        return ProbeExit(probe, decoder, threshold, min_layer, every)
+
+    return _threshold_rules("probe", probe.table_scores(table), make, speedups, min_layers, (1,))
 
 
 def _learner_api() -> tuple[Callable[..., Any], Callable[[Any, TokenTable], Any]]:
@@ -454,7 +467,7 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
     if config.oracle:
         rules[ORACLE] = OracleExit(min_layer=config.policy.min_layer)
     rules.update({f"static (layer {layer})": StaticExit(layer) for layer in config.static_layers})
-    rules.update(calm_rules(table, config.speedups, config.calm_min_layers))
+    rules.update(calm_rules(table, config.speedups, config.calm_min_layers, config.calm_every))
     probe = None
     if config.probe_rules or config.probe_alphas:
         probe, probe_history = fit_probe(table, config.probe_training)
@@ -496,6 +509,7 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         **heads.settings,
         "calm_speedups": list(config.speedups),
         "calm_min_layers": list(config.calm_min_layers),
+        "calm_every": list(config.calm_every),
         "policy_rows": config.policy_rows,
         "policy_tokens": table.num_inputs,
         "max_new_tokens": config.max_new_tokens,

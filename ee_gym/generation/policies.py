@@ -59,16 +59,25 @@ def _check_min_layer(min_layer: int) -> int:
 
 
 class ThresholdRule:
-    """What CALM's two rules share: exit at the first layer >= ``min_layer`` whose signal (``signal`` live,
-    ``table_signal`` on a table) reaches ``threshold``.
+    """What the threshold rules share: exit at the first probed layer >= ``min_layer`` whose signal
+    (``signal`` live, ``table_signal`` on a table) reaches ``threshold``.
 
     ``min_layer`` guards against shallow exits, whose propagated keys and values fill every deeper
     layer's cache from a state far from what those layers would compute (see
     ``benchmarks/results/xsum-finetuned-heads``). Below it the signal is not computed at all.
+    ``every`` probes only layers min_layer, min_layer + every, ...: a costly signal read at a few
+    layers instead of all (``every=1``: each layer).
     """
 
-    def __init__(self, threshold: float, min_layer: int = 1):
+    def __init__(self, threshold: float, min_layer: int = 1, every: int = 1):
         self.threshold, self.min_layer = float(threshold), _check_min_layer(min_layer)
+        if int(every) < 1:
+            raise ValueError(f"every must be 1 or more (1: probe each layer), got {every}")
+        self.every = int(every)
+
+    def probes(self, layer: int) -> bool:
+        """Whether the rule reads its signal at ``layer``."""
+        return layer >= self.min_layer and (layer - self.min_layer) % self.every == 0
 
     def signal(self, view: LayerView) -> torch.Tensor:
         """[B] the rule's signal at this layer."""
@@ -79,17 +88,21 @@ class ThresholdRule:
         raise NotImplementedError
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        if view.layer < self.min_layer:  # no signal where no exit is allowed
+        if not self.probes(view.layer):  # no signal where no exit is allowed or none is read
             return torch.zeros(view.batch_size, dtype=torch.bool)
         return (self.signal(view) >= self.threshold).cpu() & view.active.cpu()
 
     def table_exit_layers(self, table: TokenTable) -> np.ndarray:
-        return _first_exit(self.table_signal(table) >= np.float32(self.threshold), self.min_layer)
+        flags = self.table_signal(table) >= np.float32(self.threshold)
+        probed = np.array([self.probes(layer) for layer in range(1, flags.shape[1] + 1)])
+        return _first_exit(flags & probed, self.min_layer)
 
     def get_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"threshold": self.threshold}
         if self.min_layer > 1:
             params["min_layer"] = self.min_layer
+        if self.every > 1:
+            params["every"] = self.every
         return params
 
 
@@ -152,8 +165,8 @@ class ConfidenceExit(ThresholdRule, GenerationExit):
     name = "calm-confidence"
     reads = "softmax"
 
-    def __init__(self, threshold: float = 0.9, min_layer: int = 1):
-        super().__init__(threshold, min_layer)
+    def __init__(self, threshold: float = 0.9, min_layer: int = 1, every: int = 1):
+        super().__init__(threshold, min_layer, every)
 
     def signal(self, view: LayerView) -> torch.Tensor:
         return view.confidence
@@ -169,8 +182,8 @@ class StateSimilarityExit(ThresholdRule, GenerationExit):
     name = "calm-similarity"
     reads = "state"
 
-    def __init__(self, threshold: float = 0.975, min_layer: int = 1):
-        super().__init__(threshold, min_layer)
+    def __init__(self, threshold: float = 0.975, min_layer: int = 1, every: int = 1):
+        super().__init__(threshold, min_layer, every)
 
     def signal(self, view: LayerView) -> torch.Tensor:
         return view.similarity
@@ -188,13 +201,13 @@ class ProbeExit(ThresholdRule, GenerationExit):
     reads = "state"
 
     def __init__(self, probe: ConfidenceProbe, decoder: MultiExitDecoder, threshold: float = 0.9,
-                 min_layer: int = 1):  # fmt: skip
+                 min_layer: int = 1, every: int = 1):  # fmt: skip
         if (probe.num_layers, probe.hidden_size) != (decoder.num_layers, decoder.hidden_size):
             raise ValueError(
                 f"the probe reads {probe.num_layers} layers x {probe.hidden_size}, the decoder has "
                 f"{decoder.num_layers} x {decoder.hidden_size}: fit one on this decoder's token table"
             )
-        super().__init__(threshold, min_layer)
+        super().__init__(threshold, min_layer, every)
         self.probe, self.scale = probe, observation_scale(decoder)
 
     def signal(self, view: LayerView) -> torch.Tensor:
@@ -304,7 +317,7 @@ def set_exit_prior(policy: Any, probability: float) -> None:
 
 
 def threshold_for_speedup(
-    values: np.ndarray, speedup: float, num_layers: int | None = None, min_layer: int = 1
+    values: np.ndarray, speedup: float, num_layers: int | None = None, min_layer: int = 1, every: int = 1
 ) -> float:
     """The largest threshold lambda (the most cautious) whose rule "exit at the first layer >=
     ``min_layer`` with value >= lambda" still gives at least ``speedup`` = L / mean exit layer on
@@ -319,12 +332,13 @@ def threshold_for_speedup(
         raise ValueError(
             f"min_layer must be in 1..{num_layers - 1} (layer {num_layers} always exits), got {min_layer}"
         )
+    probed = (np.arange(1, values.shape[1] + 1) - int(min_layer)) % int(every) == 0  # the layers read
     candidates = np.unique(values[:, int(min_layer) - 1 : -1])
     lo, hi = 0, len(candidates) - 1
     best = float(candidates[0])
     while lo <= hi:  # the largest candidate that still reaches the speed-up
         mid = (lo + hi) // 2
-        mean = _first_exit(values >= candidates[mid], min_layer).mean()
+        mean = _first_exit((values >= candidates[mid]) & probed, min_layer).mean()
         if num_layers / mean >= speedup:
             best, lo = float(candidates[mid]), mid + 1
         else:

@@ -117,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-threads", type=int, nargs="+", default=[1, 2], help="torch thread counts timed")
     p.add_argument("--timing-batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes timed")
     p.add_argument("--threads", type=int, default=1, help="torch threads of everything but the timing")
+    p.add_argument("--verify-draft-tokens", type=int, nargs="*", default=[4],
+                   help="the lossless verify mode at each k (drafts per verify pass; none: not run)")  # fmt: skip
+    p.add_argument("--verify-drafters", nargs="*", default=["static", "probe", "consistentee"],
+                   help="rows whose name starts with one of these draft for the verify mode")  # fmt: skip
     p.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results" / "xsum"))
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -190,6 +194,7 @@ def markdown(record: dict) -> str:
         "twice, so it has no speed to time): what perfect exit decisions reach under state propagation; "
         "it does not count for the target.",
         "",
+        *speculative_section(record),
         "Held-out cross-entropy of each exit against the full model's greedy token (policy table), layers 1..L:",
         "",
         "    " + " ".join(f"{x:.2f}" for x in record["table_summary"]["cross_entropy"]),
@@ -202,6 +207,32 @@ def markdown(record: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def speculative_section(record: dict) -> list[str]:
+    """The verify mode's table: drafter, k, acceptance, tokens per verify pass, wall clock, lossless."""
+    rows = record.get("speculative") or []
+    if not rows:
+        return []
+    lines = [
+        "## Lossless verify mode (self-speculative decoding)",
+        "",
+        "A drafter decodes k tokens with its exits, one full-depth pass over them keeps the agreeing prefix "
+        "and the full model's next token (`ee_gym.generation.speculative`): the output is full-depth greedy "
+        "decoding's, token for token (checked: last column). Batch 1, the prompt pass included on both sides, "
+        f"medians over {(record['settings'].get('timing') or {}).get('rounds', '-')} rounds against plain "
+        "full-depth decoding in the same rounds.",
+        "",
+        "| drafter | k | acceptance | tokens per verify pass | tokens/s | full depth tokens/s | wall-clock speed-up | identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['drafter']} | {row['draft_tokens']} | {row['acceptance']:.2f} | {row['tokens_per_round']:.2f} | "
+            f"{row['tokens_per_second']:.1f} | {row['full_depth_tokens_per_second']:.1f} | "
+            f"{row['wall_speedup']:.2f}x | {'yes' if row['identical_to_full_depth'] else 'NO'} |"
+        )
+    return [*lines, ""]
 
 
 def _fast_enough(run: dict, wall: bool) -> bool:
@@ -294,6 +325,8 @@ def config_from_args(args: argparse.Namespace):
         )
         if args.timing_articles
         else None,  # fmt: skip
+        verify_draft_tokens=tuple(args.verify_draft_tokens),
+        verify_drafters=tuple(args.verify_drafters),
         seed=args.seed,
     )
 
@@ -323,6 +356,7 @@ def main(argv=None) -> dict:
         },
         "threads": threads,
         "runs": found.runs,
+        "speculative": found.speculative,
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -942,6 +942,13 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
     assert oracle["tokens_per_second"] is None and record["target"].get("best") != oracle["name"]
     markdown = (out / "results.md").read_text()
     assert "| policy |" in markdown and "ROUGE-L" in markdown
+    # the lossless verify mode, drafted by the static, probe and ConsistentEE rows: full depth's tokens
+    drafters = {row["drafter"] for row in record["speculative"]}
+    assert "static (layer 2)" in drafters and any(d.startswith("consistentee") for d in drafters)
+    assert all(
+        row["identical_to_full_depth"] and 0 <= row["acceptance"] <= 1 for row in record["speculative"]
+    )
+    assert "## Lossless verify mode" in markdown
 
 
 def test_benchmark_reports_how_loaded_heads_were_made(tmp_path, data_dir):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ee_gym.generation.confidence import ConfidenceProbe, ProbeTraining, fit_probe, with_probe
-from ee_gym.generation.data import Article, load_xsum
+from ee_gym.generation.data import Article, format_prompt, load_xsum
 from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
 from ee_gym.generation.evaluate import evaluate_generation
 from ee_gym.generation.policies import (
@@ -55,7 +55,7 @@ from ee_gym.generation.prepare import (
     train_heads,
 )
 from ee_gym.generation.table import TokenTable
-from ee_gym.generation.timing import TimingSettings
+from ee_gym.generation.timing import TimingSettings, time_speculative
 from ee_gym.generation.training import HeadTrainingConfig
 from ee_gym.policy import TrainingBudget
 
@@ -156,6 +156,10 @@ class ComparisonConfig:
     policy: PolicySetup = field(default_factory=PolicySetup)
     oracle: bool = True  # the oracle reference (about 5x the cost of full depth)
     timing: TimingSettings | None = field(default_factory=TimingSettings)  # None: no wall clock
+    # the lossless verify mode, timed with each deployable row whose name starts with one of
+    # verify_drafters as the drafter, at each k of verify_draft_tokens (none: not run)
+    verify_draft_tokens: tuple[int, ...] = (4,)
+    verify_drafters: tuple[str, ...] = ("static", "probe", "consistentee")
     seed: int = 0
 
 
@@ -423,6 +427,7 @@ class Comparison:
     head_history: list[dict]
     policy_history: dict[str, dict]
     runs: list[dict]  # full depth first
+    speculative: list[dict] = field(default_factory=list)  # the verify mode's rows (time_speculative)
 
 
 def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, log: Log = print) -> Comparison:
@@ -500,6 +505,14 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         batch_size=config.batch_size, timing=config.timing, progress=progress, timed=timed,
     )  # fmt: skip
     lap("evaluation")
+    speculative = []
+    if config.timing is not None and config.verify_draft_tokens:
+        drafters = {name: fn for name, fn in policies.items() if fn is not None and name.startswith(config.verify_drafters)
+                    and getattr(fn, "deployable", True)}  # fmt: skip
+        prompts = [format_prompt(decoder.tokenizer, a.article) for a in articles]
+        speculative = time_speculative(decoder, prompts, drafters, config.verify_draft_tokens, config.timing,
+                                       config.max_new_tokens, progress)  # fmt: skip
+        lap("verify mode")
     seconds["total"] = time.perf_counter() - started
 
     settings = {
@@ -520,8 +533,9 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         "policy_lr": config.policy.learning_rate,
         "exit_prior": config.policy.exit_prior or f"1/{decoder.num_layers}",
         "timing": None if config.timing is None else asdict(config.timing),
+        "verify_draft_tokens": list(config.verify_draft_tokens),
         "prompt_seconds": timed.get("prompt_seconds"),  # per thread count x batch size, one round
         "threads": torch.get_num_threads(),  # everything but the timing (the script sets it by --threads)
         "seed": config.seed,
     }
-    return Comparison(settings, seconds, summary, heads.history, policy_history, runs)
+    return Comparison(settings, seconds, summary, heads.history, policy_history, runs, speculative)

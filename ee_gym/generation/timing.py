@@ -147,3 +147,83 @@ def time_policies(
         bar.close()
     return {"cells": cells, "prompt_seconds": prompt_seconds, "settings": asdict(settings),
             "articles": len(prompts)}  # fmt: skip
+
+
+@torch.no_grad()
+def time_speculative(
+    decoder: MultiExitDecoder,
+    prompts: Sequence[str],
+    drafters: Mapping[str, ExitFn],
+    draft_tokens: Sequence[int] = (4,),
+    settings: TimingSettings | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[dict]:
+    """The lossless mode (:func:`~ee_gym.generation.speculative.speculative_generate`) at batch 1 on
+    the first ``settings.articles`` prompts, with each drafter and each ``k`` of ``draft_tokens``,
+    against plain full-depth decoding in the same rounds (at the first of ``settings.threads``):
+    per (drafter, k), the acceptance (kept drafts / drafted), tokens per verify pass, tokens per
+    second and wall-clock speed-up (medians over rounds; the prompt pass included on both sides, as
+    the mode runs its own), and whether every token equalled full depth's (checked in the first
+    round)."""
+    from ee_gym.generation.speculative import speculative_generate
+
+    settings = settings or TimingSettings()
+    prompts = list(prompts)[: settings.articles]
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads[0])
+    jobs = [(None, 0)] + [(name, k) for name in drafters for k in draft_tokens]  # (None, 0): full depth
+    seconds = np.zeros((settings.rounds, len(jobs)))
+    tokens = np.zeros((settings.rounds, len(jobs)))
+    drafted, accepted, rounds_ = np.zeros(len(jobs)), np.zeros(len(jobs)), np.zeros(len(jobs))
+    same = np.ones(len(jobs), dtype=bool)
+    bar = tqdm(
+        total=settings.rounds * len(jobs), desc="timing (verify mode)", unit="run", disable=not progress
+    )
+    try:
+        for r in range(settings.rounds):
+            order = list(range(len(jobs)))
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for prompt in prompts:
+                ids = decoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
+                reference = None
+                for j in sorted(order, key=lambda j: j != 0) if r == 0 else order:  # full depth first once
+                    name, k = jobs[j]
+                    started = time.perf_counter()
+                    if name is None:
+                        out = decoder.generate(ids, max_new_tokens=max_new_tokens)
+                    else:
+                        out = speculative_generate(decoder, drafters[name], ids, draft_tokens=k,
+                                                   max_new_tokens=max_new_tokens)  # fmt: skip
+                    seconds[r, j] += time.perf_counter() - started
+                    tokens[r, j] += int((out.exit_layers > 0).sum())
+                    if name is None:
+                        reference = out.tokens
+                    else:
+                        if r == 0:
+                            drafted[j], accepted[j], rounds_[j] = (
+                                drafted[j] + out.drafted,
+                                accepted[j] + out.accepted,
+                                rounds_[j] + out.rounds,
+                            )
+                        if reference is not None:
+                            same[j] &= bool(torch.equal(out.tokens, reference))
+            bar.update(len(jobs))
+    finally:
+        torch.set_num_threads(before)
+        bar.close()
+    speed = tokens / np.maximum(seconds, 1e-12)
+    out_rows = []
+    for j, (name, k) in enumerate(jobs):
+        if name is None:
+            continue
+        out_rows.append({
+            "drafter": name, "draft_tokens": k, "threads": settings.threads[0],
+            "acceptance": float(accepted[j] / drafted[j]) if drafted[j] else float("nan"),
+            "tokens_per_round": float((accepted[j] + rounds_[j]) / rounds_[j]) if rounds_[j] else float("nan"),
+            "tokens_per_second": float(np.median(speed[:, j])),
+            "full_depth_tokens_per_second": float(np.median(speed[:, 0])),
+            "wall_speedup": float(np.median(speed[:, j] / speed[:, 0])),
+            "tokens": int(tokens[0, j]), "identical_to_full_depth": bool(same[j]),
+        })  # fmt: skip
+    return out_rows

@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ConsistentEE policies reading the state and a learned confidence probe's score")  # fmt: skip
     p.add_argument("--no-probe-rules", action="store_true",
                    help="skip the probe as a rule (one per --speedups x --calm-min-layers)")  # fmt: skip
+    p.add_argument("--no-candidate-rules", action="store_true",
+                   help="skip CALM's confidence over k candidate tokens (one per --speedups x --calm-min-layers)")  # fmt: skip
     p.add_argument("--policy-min-layer", type=int, default=11,
                    help="ConsistentEE policies and the oracle: no exit before this layer (1: none forbidden)")  # fmt: skip
     p.add_argument("--reward", default="plain")
@@ -315,6 +317,7 @@ def config_from_args(args: argparse.Namespace):
         confidence_alphas=tuple(args.confidence_alphas),
         probe_alphas=tuple(args.probe_alphas),
         probe_rules=not args.no_probe_rules,
+        candidate_rules=not args.no_candidate_rules,
         policy=policy,
         oracle=not args.no_oracle,
         timing=TimingSettings(

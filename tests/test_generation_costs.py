@@ -100,3 +100,31 @@ def test_thresholds_placed_for_a_probing_interval_exit_at_probed_layers():
     table = type("T", (), {"top2_gap": values})()
     exits = ConfidenceExit(threshold, min_layer=2, every=3).table_exit_layers(table)
     assert set(exits.tolist()) <= {2, 5, 8} and 8 / exits.mean() >= 1.5
+
+
+def test_candidate_confidence_equals_the_full_softmax_when_the_candidates_hold_the_mass():
+    from ee_gym.generation.policies import CandidateConfidenceExit
+    from ee_gym.generation.view import probability_gap
+
+    decoder = tiny_llama_decoder()
+    rule = CandidateConfidenceExit(decoder, threshold=0.5, k=2, rank=4)
+    assert rule.reads == "candidates"
+    # hand case: 6 tokens, the state picks logits [10, 9, -40, -40, -40, -40]
+    rule.weight = torch.tensor([[10.0, 0], [9, 0], [-40, 0], [-40, 0], [-40, 0], [-40, 0]])
+    states = torch.tensor([[1.0, 0.0]])
+    full = probability_gap(states @ rule.weight.T)
+    assert rule.gap(states, torch.tensor([[0, 1]])) == pytest.approx(float(full), abs=1e-6)
+    assert rule.gap(states, torch.tensor([[1, 2]])) > full  # without the top token: no longer the same
+
+
+def test_candidates_at_full_rank_are_the_heads_top_tokens():
+    from ee_gym.generation.policies import CandidateConfidenceExit
+
+    decoder = tiny_llama_decoder()
+    rule = CandidateConfidenceExit(decoder, threshold=0.3, min_layer=2, k=4, rank=32)  # rank d: exact
+    states = decoder.final_norm(torch.randn(3, 32)).detach()
+    top = (states @ rule.weight.T).topk(4, dim=-1).indices
+    assert torch.equal(rule.candidates(states).sort(-1).values, top.sort(-1).values)
+    ids, mask = _prompts(decoder, ["the film was good", "a plot and acting"])
+    out = decoder.generate(ids, mask, max_new_tokens=6, stop_at_eos=False, exit_fn=rule)
+    assert (out.exit_layers[:, 1:] >= 2).all()

@@ -23,6 +23,7 @@ reaches for it.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,7 @@ from ee_gym.generation.data import Article, format_prompt, load_xsum
 from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
 from ee_gym.generation.evaluate import evaluate_generation
 from ee_gym.generation.policies import (
+    CandidateConfidenceExit,
     ConfidenceExit,
     GenerationExit,
     OracleExit,
@@ -152,6 +154,7 @@ class ComparisonConfig:
     confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
     probe_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and a learned probe's
     probe_rules: bool = True  # the probe as a rule too, at each of speedups x calm_min_layers
+    candidate_rules: bool = True  # CALM's confidence over k candidates, at each of speedups x calm_min_layers
     probe_training: ProbeTraining = field(default_factory=ProbeTraining)  # fitted on the policy table
     policy: PolicySetup = field(default_factory=PolicySetup)
     oracle: bool = True  # the oracle reference (about 5x the cost of full depth)
@@ -305,6 +308,25 @@ def probe_rules(
         return ProbeExit(probe, decoder, threshold, min_layer, every)
 
     return _threshold_rules("probe", probe.table_scores(table), make, speedups, min_layers, (1,))
+
+
+def candidate_rules(
+    decoder: MultiExitDecoder, table: TokenTable, speedups: Sequence[float], min_layers: Sequence[int] = (1,)
+) -> dict[str, GenerationExit]:
+    """CALM's confidence over k candidate tokens (:class:`CandidateConfidenceExit`, defaults k and
+    rank), one per (min layer, speed-up), thresholds placed on ``table``."""
+    rules: dict[str, GenerationExit] = {}
+    for min_layer in min_layers if speedups else ():  # (the SVD and the table's signal cost seconds)
+        base = CandidateConfidenceExit(decoder, min_layer=min_layer)
+        values = base.table_signal(table)
+
+        def make(threshold: float, min_layer: int, every: int, base=base) -> CandidateConfidenceExit:
+            rule = copy.copy(base)  # shares the SVD factors
+            rule.threshold = float(threshold)
+            return rule
+
+        rules.update(_threshold_rules("candidate-confidence", values, make, speedups, (min_layer,), (1,)))
+    return rules
 
 
 def _learner_api() -> tuple[Callable[..., Any], Callable[[Any, TokenTable], Any]]:
@@ -479,6 +501,8 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
         log(f"confidence probe: loss {probe_history[0]['loss']:.3f} -> {probe_history[-1]['loss']:.3f}")
     if config.probe_rules:
         rules.update(probe_rules(probe, decoder, table, config.speedups, config.calm_min_layers))
+    if config.candidate_rules:
+        rules.update(candidate_rules(decoder, table, config.speedups, config.calm_min_layers))
     policies: dict[str, ExitFn | None] = {"full depth": None, **rules}
     speedups = {name: table_speedup(rule, table) for name, rule in rules.items()}
     policy_history = {}

@@ -8,6 +8,7 @@ the row's token exits at l; decisions for rows that already exited are ignored b
     ConfidenceExit(lambda)        p_l(1st) - p_l(2nd) >= lambda, p_l = softmax of exit l's logits   (CALM)
     StateSimilarityExit(lambda)   cos(h_l, h_{l-1}) >= lambda, h_0 the token's embedding            (CALM)
     ProbeExit(probe, lambda)      a learned probe's P(exit l is right | s_l) >= lambda              (CALM)
+    CandidateConfidenceExit       the confidence rule over k candidate tokens (chosen once per token)
                                   (the three rules take ``min_layer``: no exit before that layer)
     PolicyExit(policy)            a learned exit policy (ConsistentEE: REINFORCE trained on the token
                                   env) acting on the state of layer l (and, in the state+confidence
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from ee_gym.generation.confidence import ConfidenceProbe
-from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder
+from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder, probability_gap
 from ee_gym.generation.table import TokenTable, observation_scale, squash
 from ee_gym.observations import OBS_MODE_REGISTRY, STATE_OBS_MODES, ObservationEncoder
 
@@ -215,6 +216,72 @@ class ProbeExit(ThresholdRule, GenerationExit):
 
     def table_signal(self, table: TokenTable) -> np.ndarray:
         return self.probe.table_scores(table)
+
+
+class CandidateConfidenceExit(ThresholdRule, GenerationExit):
+    """CALM's softmax confidence over a few candidate tokens instead of the whole vocabulary: exit
+    when p_l(1st) - p_l(2nd) >= ``threshold``, p_l the softmax of the LM head's rows of ``k``
+    candidates applied to s_l (at l >= ``min_layer``, every ``every`` layers).
+
+    The candidates are chosen once per token, at its first probe: the top ``k`` of a rank-``rank``
+    approximation of the LM head (its truncated SVD, W ~ Q P^T) on that layer's state, V x rank
+    multiply-adds. Each probe then costs k x d (for SmolLM2, k = 32: 18 thousand against the 28
+    million of the full softmax). On a table, the states are read back from the squashed
+    observations (atanh), which is exact but for float16 rounding near saturation: thresholds placed
+    there are close to, not exactly, what live decoding reaches.
+    """
+
+    name = "candidate-confidence"
+    reads = "candidates"
+
+    def __init__(self, decoder: MultiExitDecoder, threshold: float = 0.9, min_layer: int = 1, every: int = 1,
+                 k: int = 32, rank: int = 64):  # fmt: skip
+        super().__init__(threshold, min_layer, every)
+        if int(k) < 2 or int(rank) < 1:
+            raise ValueError(
+                f"candidate confidence needs k >= 2 candidates and rank >= 1, got k={k}, rank={rank}"
+            )
+        weight = decoder.model.get_output_embeddings().weight.detach().float()  # [V, d]
+        self.k, self.rank = min(int(k), weight.shape[0]), min(int(rank), min(weight.shape))
+        u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+        self.weight = weight
+        self.left = u[:, : self.rank].contiguous()  # Q [V, r]
+        self.right = (vh[: self.rank].T * sigma[: self.rank]).contiguous()  # P [d, r]
+        self.scale = observation_scale(decoder)
+        self._candidates: torch.Tensor | None = None  # [B, k] of the token being decoded
+
+    def candidates(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, k] the top-k tokens of the low-rank head on states [B, d]."""
+        return ((states.float() @ self.right) @ self.left.T).topk(self.k, dim=-1).indices
+
+    def gap(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B] top-1 minus top-2 probability of the softmax over the candidates' logits."""
+        logits = torch.einsum("bd,bkd->bk", states.float(), self.weight[candidates])
+        return probability_gap(logits)
+
+    def signal(self, view: LayerView) -> torch.Tensor:
+        states = view.states.detach()
+        if view.layer == self.min_layer or self._candidates is None or len(self._candidates) != len(states):
+            self._candidates = self.candidates(states)  # a new token: its first probe
+        return self.gap(states, self._candidates).cpu()
+
+    def table_signal(self, table: TokenTable) -> np.ndarray:
+        out = np.zeros(table.states.shape[:2], dtype=np.float32)
+        if self.min_layer >= table.num_layers:  # no layer below L is probed
+            return out
+        for start in range(0, table.num_inputs, 256):
+            rows = slice(start, start + 256)
+            squashed = torch.from_numpy(np.asarray(table.states[rows], dtype=np.float32)).clamp(
+                -0.9995, 0.9995
+            )
+            states = torch.atanh(squashed) * table.state_scale  # [b, L, d], the final-norm states
+            picked = self.candidates(states[:, self.min_layer - 1])
+            for layer in range(self.min_layer, table.num_layers):
+                out[rows, layer - 1] = self.gap(states[:, layer - 1], picked).numpy()
+        return out
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "k": self.k, "rank": self.rank}
 
 
 class PolicyExit(GenerationExit):

@@ -81,6 +81,9 @@ class PerLayerPolicy(nn.Module):
 
     def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """Exit logits [B] of states [B, d] at layers [B] (1-based)."""
+        first = int(layers[0]) if layers.numel() else 0
+        if first and bool((layers == first).all()):  # one layer (decoding, rollouts): no grouping cost
+            return self.layers[first - 1](states).squeeze(-1)
         out = states.new_zeros(states.shape[0])
         for layer in torch.unique(layers).tolist():
             rows = torch.nonzero(layers == layer).squeeze(1)

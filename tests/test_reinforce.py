@@ -294,3 +294,21 @@ def test_make_with_no_arguments(tables):
     assert actions.shape == (4,) and actions.dtype == np.int64 and set(actions) <= {0, 1}
     with pytest.raises(ValueError, match="rollout"):
         agents.make("reinforce", rollout="greedy")
+
+
+def test_the_numpy_path_of_acting_is_the_networks_forward():
+    """Acting on a batch at one layer goes through numpy (no torch dispatch per tiny op): the same
+    logits as the torch forward, to float32 rounding."""
+    from agents.reinforce import PerLayerPolicy
+
+    torch.manual_seed(0)
+    net = PerLayerPolicy(16, 4, 8)
+    states = torch.randn(5, 16)
+    for layer in range(1, 5):
+        torch_logits = net(states, torch.full((5,), layer)).detach().numpy()
+        np.testing.assert_allclose(net.numpy_logits(states.numpy(), layer), torch_logits, atol=1e-6)
+    with torch.no_grad():  # an update in place shows through (the arrays are views of the parameters)
+        net.layers[2][2].bias.add_(1.0)
+    np.testing.assert_allclose(
+        net.numpy_logits(states.numpy(), 3), net(states, torch.full((5,), 3)).detach().numpy(), atol=1e-6
+    )

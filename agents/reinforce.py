@@ -85,10 +85,20 @@ class PerLayerPolicy(nn.Module):
         calls, without torch's per-operation dispatch, which costs a tiny network more than its
         arithmetic does (on SmolLM2 a decision through torch measured a third of a decoder layer).
         The arrays are views of the parameters, so training updates show through."""
-        w1, b1, w2, b2 = (p.detach().numpy() for p in self.layers[layer - 1].parameters())
+        w1, b1, w2, b2 = self._numpy_views(layer)
         hidden = states @ w1.T + b1
         hidden = 0.5 * hidden * (1.0 + special.erf(hidden * np.float32(1 / np.sqrt(2))))  # exact GELU
         return hidden @ w2[0] + b2[0]
+
+    def _numpy_views(self, layer: int) -> tuple[np.ndarray, ...]:
+        """(W1, b1, W2, b2) of a layer's network as numpy views, kept while the parameters' storage
+        is the same (a copied or reloaded network gets fresh views)."""
+        params = list(self.layers[layer - 1].parameters())
+        cache = self.__dict__.setdefault("_views", {})
+        key = tuple(p.data_ptr() for p in params)
+        if cache.get(layer, (None,))[0] != key:
+            cache[layer] = (key, tuple(p.detach().numpy() for p in params))
+        return cache[layer][1]
 
     def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """Exit logits [B] of states [B, d] at layers [B] (1-based)."""

@@ -168,6 +168,7 @@ def main(argv=None) -> int:
               "python -m benchmarks.compare --task <task> first", file=sys.stderr)  # fmt: skip
         return 2
     out = Path(args.output) if args.output else root / "README.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     table, policies = summary_table(results)
     plot_summary(results, policies, out.parent / "summary.png")
     setup = "; ".join(

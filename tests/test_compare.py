@@ -202,6 +202,11 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert "| policy | rte | sst2 | mean rank |" in page or "| policy | sst2 | rte | mean rank |" in page
     assert (tmp_path / "all" / "summary.png").stat().st_size > 10_000
     assert summary.main(["--results", str(tmp_path / "nothing")]) == 2
+    # a page written to a folder that does not exist yet: made, with its plot beside it
+    assert (
+        summary.main(["--results", str(tmp_path / "all"), "--output", str(tmp_path / "new" / "page.md")]) == 0
+    )
+    assert (tmp_path / "new" / "summary.png").is_file()
 
     # the protocol page reads the same records: one table per learner, one row per folder given
     from benchmarks import protocols

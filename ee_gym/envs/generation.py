@@ -55,7 +55,7 @@ from ee_gym.envs.base import (
     exit_record,
 )
 from ee_gym.envs.vector import ConsistentEEVectorEnv
-from ee_gym.generation.confidence import ConfidenceProbe, with_probe
+from ee_gym.generation.confidence import ConfidenceProbe, reads_probe, with_probe
 from ee_gym.generation.data import format_prompt, load_xsum
 from ee_gym.generation.decoder import DecodeState, MultiExitDecoder, exit_at_layer, probability_gap
 from ee_gym.generation.prepare import (
@@ -185,20 +185,18 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
         self.split, self.mode, self.render_mode = split, mode, render_mode
         self.table: TokenTable | None = None
         self.probe: ConfidenceProbe | None = None  # the state+probe mode's (module docstring)
-        reads_probe = get_obs_mode(obs_mode).confidence_signal == "probe"
-        if probe is not None and not reads_probe:
-            raise ConfigError(f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}")
+        uses_probe = reads_probe(obs_mode, probe)
         self._live: LiveDecoderSource | None = None
         source: LayerSource
         if mode == "live":
             if table is not None:
                 raise ValueError("live mode runs a decoder: pass decoder=..., not table=...")
-            if reads_probe and probe is None:
+            if uses_probe and probe is None:
                 raise ConfigError("live mode with obs_mode 'state+probe' needs probe=... (a ConfidenceProbe "
                                   "or its folder: fit one on a token table with fit_probe)")  # fmt: skip
             loaded = load_decoder(decoder, heads, task, data_dir=data_dir, progress=progress)
             new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-            if reads_probe:
+            if uses_probe:
                 self.probe = probe if isinstance(probe, ConfidenceProbe) else ConfidenceProbe.load(probe)
             source = self._live = LiveDecoderSource(
                 loaded, split, data_dir, max_prompts, new_tokens, self.probe
@@ -218,7 +216,7 @@ class ConsistentEETokenEnv(LayerEpisodeEnv):
                 obs_mode=obs_mode,
                 progress=progress,
             )
-            if reads_probe:
+            if uses_probe:
                 self.table, self.probe = with_probe(self.table, probe)
             source, self.task = TokenTableSource(self.table), self.table.task
         self.alpha = default_alpha(self.task, source.num_layers) if alpha is None else alpha
@@ -317,10 +315,10 @@ class LiveDecoderSource(LayerSource):
         signal = self.encoder.kind.confidence_signal
         if signal == "top2_gap":
             confidence = self.top2_gap(layer)  # an LM-head product
-        elif signal == "probe" and layer < self.num_layers:
-            confidence = self.probe.score(state, layer)  # d multiply-adds
+        elif signal == "probe":
+            confidence = self.probe.score(state, layer)  # d multiply-adds (1.0 at layer L, as on the table)
         else:
-            confidence = 1.0 if signal == "probe" else None  # layer L always exits (as on the table)
+            confidence = None
         return self.encoder.from_state(state, layer, confidence)
 
     def exit_info(self, index: int, layer: int) -> dict[str, Any]:
@@ -423,11 +421,9 @@ def make_token_vector_env(
             "gym.make('ConsistentEE-XSum-v0', mode='live'))"
         )
     probe = source.pop("probe", None)
-    reads_probe = get_obs_mode(obs_mode).confidence_signal == "probe"
-    if probe is not None and not reads_probe:
-        raise ConfigError(f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}")
+    uses_probe = reads_probe(obs_mode, probe)
     table = resolve_table(task, split, obs_mode=obs_mode, **source)
-    if reads_probe:
+    if uses_probe:
         table, _ = with_probe(table, probe)
     return ConsistentEEVectorEnv(
         num_envs,

@@ -150,6 +150,18 @@ def fit_probe(table, config: ProbeTraining | None = None) -> tuple[ConfidencePro
     return probe.eval(), history
 
 
+def reads_probe(obs_mode: str, probe: object = None) -> bool:
+    """Whether ``obs_mode`` reads a confidence probe (``state+probe``); a ConfigError when a ``probe``
+    is given to a mode that would ignore it."""
+    from ee_gym.observations import get_obs_mode
+    from ee_gym.validation import ConfigError
+
+    reads = get_obs_mode(obs_mode).confidence_signal == "probe"
+    if probe is not None and not reads:
+        raise ConfigError(f"probe= is read by obs_mode 'state+probe' only, not {obs_mode!r}")
+    return reads
+
+
 def with_probe(table, probe: ConfidenceProbe | str | os.PathLike | None = None):
     """(a view of ``table`` whose ``state+probe`` observations read ``probe``, the probe): what the
     token env does for that mode. ``probe`` is a :class:`ConfidenceProbe`, a folder it was saved to,

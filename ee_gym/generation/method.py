@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ee_gym.generation.confidence import ConfidenceProbe, ProbeTraining, fit_probe, with_probe
+from ee_gym.generation.confidence import ConfidenceProbe, ProbeTraining, fit_probe, reads_probe, with_probe
 from ee_gym.generation.data import Article, format_prompt, load_xsum
 from ee_gym.generation.decoder import ExitFn, MultiExitDecoder
 from ee_gym.generation.evaluate import evaluate_generation
@@ -383,8 +383,10 @@ def train_token_policy(
 
     setup = setup or PolicySetup()
     make, evaluate = _learner_api()
-    if POLICY_KINDS.get("consistentee+probe") == obs_mode:
+    if reads_probe(obs_mode):
         table, probe = with_probe(table, probe)  # the table's view whose observations read the probe
+    else:
+        probe = None  # the other modes read none
     env = ConsistentEEVectorEnv(
         setup.num_envs, table=table, split="train", reward=setup.reward, alpha=alpha, obs_mode=obs_mode,
         final_obs=False,
@@ -398,7 +400,7 @@ def train_token_policy(
         env, TrainingBudget(epochs=setup.epochs, learning_rate=setup.learning_rate, progress=progress)
     )
     name = name or policy_name("consistentee", alpha, setup.min_layer)
-    exit_rule = PolicyExit(policy, decoder, label=name, probe=probe if obs_mode == "state+probe" else None)
+    exit_rule = PolicyExit(policy, decoder, label=name, probe=probe)
     return TrainedPolicy(
         name=name,
         policy=policy,

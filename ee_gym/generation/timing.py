@@ -187,7 +187,7 @@ def time_speculative(
             for prompt in prompts:
                 ids = decoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
                 reference = None
-                for j in sorted(order, key=lambda j: j != 0) if r == 0 else order:  # full depth first once
+                for j in order:  # round 0 starts with full depth (j = 0): the reference for the identity check
                     name, k = jobs[j]
                     started = time.perf_counter()
                     if name is None:

@@ -132,3 +132,34 @@ def test_probe_settings_are_checked(table):
         PolicyExit(Recorder(), tiny_llama_decoder())
     probe = ConfidenceProbe(L, 32)
     assert PolicyExit(Recorder(), tiny_llama_decoder(), probe=probe).reads == "state"
+
+
+@pytest.mark.parametrize("width", [0, 16])
+def test_numpy_scores_equal_the_torch_scores_and_follow_new_weights(width):
+    probe, _ = fit_probe(synthetic_table(), ProbeTraining(width=width, epochs=2))
+    observations = torch.rand(5, 8) * 2 - 1
+    for layer in (1, L - 1, L):
+        np.testing.assert_allclose(
+            probe.numpy_scores(observations.numpy(), layer),
+            probe.scores(observations, layer).numpy(),
+            atol=1e-6,
+        )
+    with pytest.raises(IndexError):
+        probe.numpy_scores(observations.numpy(), 0)
+    before = probe.numpy_scores(observations.numpy(), 1)
+    other, _ = fit_probe(synthetic_table(seed=3), ProbeTraining(width=width, epochs=2, seed=7))
+    probe.load_state_dict(other.state_dict())  # new weights: the numpy copies must follow
+    after = probe.numpy_scores(observations.numpy(), 1)
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, other.scores(observations, 1).numpy(), atol=1e-6)
+
+
+def test_numpy_states_equal_the_decoders_final_norm():
+    decoder = tiny_llama_decoder()
+    hidden = torch.randn(3, 32) * 4
+    view = LayerView(decoder, 2, hidden, torch.ones(3, dtype=torch.bool))
+    expected = decoder.final_norm(hidden).detach().numpy()
+    np.testing.assert_allclose(view.numpy_states, expected, rtol=1e-5, atol=1e-6)
+    seen = LayerView(decoder, 2, hidden, torch.ones(3, dtype=torch.bool))
+    _ = seen.states  # a signal computed the torch states first: they are reused
+    np.testing.assert_array_equal(seen.numpy_states, expected)

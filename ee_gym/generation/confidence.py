@@ -72,6 +72,33 @@ class ConfidenceProbe(nn.Module):
             return torch.ones(observations.shape[0])
         return torch.sigmoid(self.layer_logits(observations, layer))
 
+    def numpy_scores(self, observations: np.ndarray, layer: int) -> np.ndarray:
+        """:meth:`scores` in numpy for observations [B, d] float32: the live decision's path, where a
+        handful of torch calls per layer would cost more than the d multiply-adds themselves."""
+        if layer == self.num_layers:
+            return np.ones(observations.shape[0], dtype=np.float32)
+        if not 1 <= layer < self.num_layers:
+            raise IndexError(f"a probe predicts exits 1..{self.num_layers - 1}, not {layer}")
+        weights, i = self._numpy_weights(), layer - 1
+        x = observations
+        if self.width:
+            x = np.maximum(x @ weights["w1"][i] + weights["b1"][i], np.float32(0))
+        logits = x @ weights["w2"][i] + weights["b2"][i]
+        return np.float32(1) / (np.float32(1) + np.exp(-logits))
+
+    def _numpy_weights(self) -> dict[str, np.ndarray]:
+        """The parameters as numpy arrays, copied again whenever training or loading changed them."""
+        version = (
+            self.w2._version,
+            self.b2._version,
+            *((self.w1._version, self.b1._version) if self.width else ()),
+        )
+        cached = getattr(self, "_numpy_cache", None)
+        if cached is None or cached[0] != version:
+            arrays = {name: p.detach().float().cpu().numpy().copy() for name, p in self.named_parameters()}
+            cached = self._numpy_cache = (version, arrays)
+        return cached[1]
+
     def score(self, observation: np.ndarray, layer: int) -> float:
         """:meth:`scores` of one observation [d]."""
         return float(self.scores(torch.as_tensor(np.asarray(observation, dtype=np.float32))[None], layer)[0])

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel
@@ -311,6 +312,27 @@ class MultiExitDecoder(nn.Module):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's final norm: the state s_l that every exit head reads."""
         return self.backbone.norm(hidden)
+
+    def numpy_final_norm(self, hidden: torch.Tensor) -> np.ndarray:
+        """:meth:`final_norm` as a float32 numpy array on the CPU, for the cheap exit decisions: for
+        Llama-style RMS norms (weight * h / rms(h)) it is computed in numpy, where one norm of a single
+        row costs a few microseconds instead of torch's per-call overhead; other norms run in torch."""
+        rows = hidden.detach().to("cpu", torch.float32).numpy()
+        if getattr(self, "_numpy_norm", None) is None:  # the norm's weight and epsilon, read once
+            norm = self.backbone.norm
+            weight = getattr(norm, "weight", None)
+            rms_style = type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+            self._numpy_norm = (
+                (weight.detach().float().cpu().numpy().copy(), np.float32(norm.variance_epsilon))
+                if rms_style and weight is not None
+                else False
+            )
+        if self._numpy_norm is False:
+            with torch.no_grad():
+                return self.final_norm(hidden).detach().to("cpu", torch.float32).numpy()
+        weight, eps = self._numpy_norm
+        mean_square = np.einsum("bd,bd->b", rows, rows)[:, None] / np.float32(rows.shape[-1])
+        return weight * (rows / np.sqrt(mean_square + eps))
 
     def head(self, layer: int) -> nn.Module:
         """The LM head of exit ``layer`` (1-based); exit L is the model's own."""

@@ -212,7 +212,13 @@ class ProbeExit(ThresholdRule, GenerationExit):
         self.probe, self.scale = probe, observation_scale(decoder)
 
     def signal(self, view: LayerView) -> torch.Tensor:
-        return self.probe.scores(squash(view.states.detach(), self.scale).cpu(), view.layer)
+        return torch.from_numpy(self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer))
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        if not self.probes(view.layer):
+            return torch.zeros(view.batch_size, dtype=torch.bool)
+        flags = self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer) >= self.threshold
+        return torch.from_numpy(flags & view.active.cpu().numpy())
 
     def table_signal(self, table: TokenTable) -> np.ndarray:
         return self.probe.table_scores(table)
@@ -337,16 +343,17 @@ class PolicyExit(GenerationExit):
         return "softmax" if self.encoder.kind.confidence_signal == "top2_gap" else "state"
 
     def observations(self, view: LayerView) -> np.ndarray:
-        """The env's observations of the batch at this layer."""
-        squashed = squash(view.states.detach(), self.scale)
+        """The env's observations of the batch at this layer (numpy from the states on: a decision
+        is a few small products, which torch's per-call overhead would dominate)."""
+        squashed = squash(view.numpy_states, self.scale)
         signal = self.encoder.kind.confidence_signal
         if signal == "top2_gap":
-            confidence = view.confidence.numpy()
+            confidence = view.confidence.cpu().numpy()
         elif signal == "probe":
-            confidence = self.probe.scores(squashed.cpu(), view.layer).numpy()
+            confidence = self.probe.numpy_scores(squashed, view.layer)
         else:
             confidence = None
-        return self.encoder.join(squashed.cpu().numpy(), view.layer, confidence)
+        return self.encoder.join(squashed, view.layer, confidence)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)

@@ -186,8 +186,8 @@ def time_speculative(
             order = order[r % len(order) :] + order[: r % len(order)]
             for prompt in prompts:
                 ids = decoder.tokenizer(prompt, return_tensors="pt")["input_ids"]
-                reference = None
-                for j in order:  # round 0 starts with full depth (j = 0): the reference for the identity check
+                reference = None  # round 0 starts with full depth (j = 0): the identity check's reference
+                for j in order:
                     name, k = jobs[j]
                     started = time.perf_counter()
                     if name is None:

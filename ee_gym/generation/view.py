@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +64,15 @@ class LayerView:
     @cached_property
     def states(self) -> torch.Tensor:
         return self.decoder.final_norm(self.hidden)
+
+    @cached_property
+    def numpy_states(self) -> np.ndarray:
+        """``states`` as a float32 numpy array on the CPU: what the cheap decisions compute on
+        (:meth:`~ee_gym.generation.decoder.MultiExitDecoder.numpy_final_norm`, or the torch states
+        when a signal already computed them)."""
+        if "states" in self.__dict__:  # cached_property's slot: computed once already
+            return self.states.detach().to("cpu", torch.float32).numpy()
+        return self.decoder.numpy_final_norm(self.hidden)
 
     @cached_property
     def logits(self) -> torch.Tensor:

@@ -128,3 +128,22 @@ def test_candidates_at_full_rank_are_the_heads_top_tokens():
     ids, mask = _prompts(decoder, ["the film was good", "a plot and acting"])
     out = decoder.generate(ids, mask, max_new_tokens=6, stop_at_eos=False, exit_fn=rule)
     assert (out.exit_layers[:, 1:] >= 2).all()
+
+
+def test_candidate_signal_live_equals_the_gap_on_the_tokens_candidates():
+    from ee_gym.generation.policies import CandidateConfidenceExit
+    from ee_gym.generation.view import LayerView
+
+    decoder = tiny_llama_decoder()
+    rule = CandidateConfidenceExit(decoder, threshold=0.3, min_layer=2, k=4, rank=8)
+    active = torch.ones(3, dtype=torch.bool)
+    first, later = torch.randn(3, 32), torch.randn(3, 32)
+    live_first = rule.signal(LayerView(decoder, 2, first, active))  # a new token: picks its candidates
+    picked = rule.candidates(decoder.final_norm(first).detach())
+    torch.testing.assert_close(
+        live_first, rule.gap(decoder.final_norm(first).detach(), picked), atol=1e-5, rtol=0
+    )
+    live_later = rule.signal(LayerView(decoder, 3, later, active))  # same token: same candidates
+    torch.testing.assert_close(
+        live_later, rule.gap(decoder.final_norm(later).detach(), picked), atol=1e-5, rtol=0
+    )

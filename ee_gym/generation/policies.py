@@ -255,6 +255,7 @@ class CandidateConfidenceExit(ThresholdRule, GenerationExit):
         self.right = (vh[: self.rank].T * sigma[: self.rank]).contiguous()  # P [d, r]
         self.scale = observation_scale(decoder)
         self._candidates: torch.Tensor | None = None  # [B, k] of the token being decoded
+        self._rows: np.ndarray | None = None  # [B, k, d] their LM-head rows
 
     def candidates(self, states: torch.Tensor) -> torch.Tensor:
         """[B, k] the top-k tokens of the low-rank head on states [B, d]."""
@@ -266,10 +267,16 @@ class CandidateConfidenceExit(ThresholdRule, GenerationExit):
         return probability_gap(logits)
 
     def signal(self, view: LayerView) -> torch.Tensor:
-        states = view.states.detach()
-        if view.layer == self.min_layer or self._candidates is None or len(self._candidates) != len(states):
-            self._candidates = self.candidates(states)  # a new token: its first probe
-        return self.gap(states, self._candidates).cpu()
+        # numpy from the states on: per layer one [B, k] product on the token's cached candidate rows
+        states = view.numpy_states
+        if view.layer == self.min_layer or self._rows is None or len(self._rows) != len(states):
+            self._candidates = self.candidates(torch.from_numpy(states))  # a new token: its first probe
+            self._rows = self.weight[self._candidates].numpy()  # [B, k, d]
+        logits = np.einsum("bd,bkd->bk", states, self._rows)
+        probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities /= probabilities.sum(axis=-1, keepdims=True)
+        top2 = np.partition(probabilities, -2, axis=-1)[:, -2:]
+        return torch.from_numpy(top2[:, 1] - top2[:, 0])
 
     def table_signal(self, table: TokenTable) -> np.ndarray:
         out = np.zeros(table.states.shape[:2], dtype=np.float32)

@@ -78,6 +78,7 @@ from ee_gym.batching import all_exit_logits, shuffled_batches, tokenize_examples
 from ee_gym.files import folder_lock, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.inference import acting_exits
+from ee_gym.model_card import CardFacts, card_settings
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.policy import ROLLOUTS, check_policy_name, load_policy, make_policy_with, policy_class
 from ee_gym.rewards import REWARDS, default_alpha, get_reward
@@ -443,8 +444,9 @@ def _train_stage3(
     if learned:
         net.eval().cpu()  # policies act on CPU tensors
     if main:
-        model.save_pretrained(final_model)
-        policy.save(final_policy)
+        card = CardFacts(stage="stage 3", settings=card_settings(config))
+        model.save_pretrained(final_model, card=card)
+        policy.save(final_policy, card=card)
     accelerator.wait_for_everyone()
     return Stage3Result(model, policy, final_model, final_policy, history)
 

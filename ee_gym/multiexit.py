@@ -36,6 +36,7 @@ from ee_gym.backbones import (
     load_tokenizer,
 )
 from ee_gym.files import CorruptFileError, read_json
+from ee_gym.model_card import CardFacts, multiexit_card, write_card
 
 POOLINGS = ("cls", "mean")
 CONFIG_NAME = "multiexit_config.json"
@@ -173,8 +174,15 @@ class MultiExitModel(nn.Module):
         )
         return cls(LayerwiseEncoder(load_encoder(backbone)), config, tokenizer)
 
-    def save_pretrained(self, folder: str | os.PathLike, extra: Callable[[Path], None] | None = None) -> Path:
-        """Write config JSON, backbone config, tokenizer and one safetensors file of weights.
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        extra: Callable[[Path], None] | None = None,
+        card: CardFacts | None = None,
+    ) -> Path:
+        """Write config JSON, backbone config, tokenizer, one safetensors file of weights and a model
+        card (``README.md``, :mod:`ee_gym.model_card`; ``card`` adds what the trainer knows: stage,
+        split, per-layer dev metrics, settings).
 
         Written to a temporary sibling first and renamed, so an interrupted save never leaves a
         half-written checkpoint behind. ``extra(tmp_folder)`` may add files (optimizer state, ...)
@@ -190,7 +198,9 @@ class MultiExitModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
         save_model(self, str(tmp / WEIGHTS_NAME))
-        (tmp / FINGERPRINT_NAME).write_text(self.fingerprint())
+        fingerprint = self.fingerprint()
+        (tmp / FINGERPRINT_NAME).write_text(fingerprint)
+        write_card(tmp, multiexit_card(self.config, self.num_layers, fingerprint, card))
         if extra is not None:
             extra(tmp)
         if folder.exists():

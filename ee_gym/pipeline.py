@@ -29,6 +29,7 @@ from ee_gym.backbones import check_max_length
 from ee_gym.config import RunSetup, config_dict, follow_run
 from ee_gym.files import folder_lock, read_jsonl, write_json_atomic, write_text_atomic
 from ee_gym.joint import ROLLOUTS, Stage3Config, _save_npy_atomic, train_stage3
+from ee_gym.model_card import CardFacts, card_settings
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.policy import ExitPolicy, TrainingBudget, check_policy_name, load_policy, make_policy_with
 from ee_gym.protocols import DEFAULT_PROTOCOL, get_protocol
@@ -361,7 +362,8 @@ def _run_pipeline(config: PipelineConfig, model: MultiExitModel | None, processe
                 policy = _new_agent(config, config.seed + r)
             began = time.perf_counter()
             _learn(policy, config, table, seed=config.seed + r)
-            policy.save(stage2_dir)
+            policy.save(stage2_dir, card=CardFacts(stage=f"stage 2 (round {r})", protocol=protocol.name,
+                                                   train_split=protocol.policy_split, settings=card_settings(config)))  # fmt: skip
             processes.wait_for_everyone()
             finish(
                 {

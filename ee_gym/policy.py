@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
+from ee_gym.model_card import CardFacts, policy_card, write_card
 from ee_gym.validation import ConfigError, check_choice, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:  # types only: this module loads without torch
@@ -338,8 +339,9 @@ class ExitPolicy(ABC):
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return [p.name for p in params if p.kind in kinds]
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the policy to a folder (``policy.json`` plus whatever a learner adds)."""
+    def save(self, path: str | os.PathLike, card: CardFacts | None = None) -> Path:
+        """Write the policy to a folder: ``policy.json``, whatever a learner adds, and a model card
+        (``README.md``; ``card`` adds what the trainer knows, see :mod:`ee_gym.model_card`)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self._save_weights(folder)  # first: a learner that cannot save leaves no policy.json behind
@@ -348,7 +350,8 @@ class ExitPolicy(ABC):
             record["shapes"] = self.shapes
         if self.exit_threshold is not None:  # an operating point chosen on a sweep
             record["exit_threshold"] = self.exit_threshold
-        write_json_atomic(folder / POLICY_FILE, record)
+        write_card(folder, policy_card(record, card))
+        write_json_atomic(folder / POLICY_FILE, record)  # last: policy.json marks a complete folder
         return folder
 
     def _save_weights(self, folder: Path) -> None:

@@ -40,6 +40,7 @@ from ee_gym.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from ee_gym.model_card import CardFacts, card_settings
 from ee_gym.multiexit import POOLINGS, MultiExitModel
 from ee_gym.protocols import protocol_of_split
 from ee_gym.tasks import (
@@ -317,7 +318,9 @@ def _train_stage1(
 
     model = accelerator.unwrap_model(model).eval()
     if main:
-        model.save_pretrained(final_dir)
+        card = CardFacts(stage="stage 1", train_split=config.train_split,
+                         dev_metrics=history[-1]["dev"] if history else None, settings=card_settings(config))  # fmt: skip
+        model.save_pretrained(final_dir, card=card)
     accelerator.wait_for_everyone()
     return Stage1Result(model, final_dir, history)
 

@@ -52,6 +52,7 @@ from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
 from ee_gym.observations import LAYER_ONE_HOT_MODES, OBS_MODE_REGISTRY
 from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget
 from ee_gym.runner import NetworkExits, model_env_stand_in
+from ee_gym.scalars import ScalarLog
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
 
 WEIGHTS_FILE = "policy.safetensors"
@@ -304,8 +305,10 @@ class Reinforce(NetworkWeights, ExitPolicy):
         n = table.num_inputs
         progress = budget.get("progress", True)
         bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="reinforce", disable=not progress)
+        scalars = ScalarLog(budget.get("tensorboard_log", None), "reinforce")
         for epoch in range(epochs):
             start_time, totals = time.perf_counter(), np.zeros(5)  # reward, layer, correct, loss, rows
+            exits = []  # the epoch's exit layers, for the histogram
             order = self._np_rng.permutation(n)
             for start in range(0, n, batch_size):
                 inputs = order[start : start + batch_size]
@@ -324,6 +327,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                exits.append(out.exit_layer)
                 totals += (
                     out.rewards.sum(),
                     out.exit_layer.sum(),
@@ -347,7 +351,10 @@ class Reinforce(NetworkWeights, ExitPolicy):
                     "seconds": time.perf_counter() - start_time,
                 }
             )
+            scalars.scalars(self.history[-1], self.history[-1]["epoch"])
+            scalars.exit_histogram(np.concatenate(exits), table.num_layers, self.history[-1]["epoch"])
         bar.close()
+        scalars.close()
 
     # -- the decisions and the loss, shared by stage 2 (tables) and stage 3 (the live model) --------
     def _exits(

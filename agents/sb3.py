@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,12 +29,14 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from ee_gym.envs import ConsistentEEVectorEnv, ObservationEncoder, SB3VecEnv
 from ee_gym.observations import check_obs_mode, get_obs_mode
 from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.rewards import REWARDS
+from ee_gym.scalars import check_tensorboard
 from ee_gym.validation import check_int, check_optional_int
 
 try:
@@ -140,8 +143,15 @@ class SB3Policy(ExitPolicy):
         # which would change this policy's params and the class's candidates
         kwargs = copy.deepcopy({"device": "cpu", **self.default_kwargs, **self.algo_kwargs})
         self.model = self.algorithm(policy, venv, seed=seed, **kwargs)
-        # a logger that writes nothing: SB3's default makes an empty /tmp/SB3-<date> folder per learn
-        self.model.set_logger(Logger(folder=None, output_formats=[]))
+        # TensorBoard when asked (the budget's folder, else SB3's own tensorboard_log= argument);
+        # otherwise a logger that writes nothing: SB3's default makes an empty /tmp/SB3-<date> folder
+        folder = budget.get("tensorboard_log", None) or self.algo_kwargs.get("tensorboard_log")
+        if folder is not None:
+            check_tensorboard("tensorboard_log", folder)
+            run = os.path.join(str(folder), f"{self.name}_seed{seed}")
+            self.model.set_logger(configure_logger(run, ["tensorboard"]))
+        else:
+            self.model.set_logger(Logger(folder=None, output_formats=[]))
         self._learned_on(env, fresh=True)  # a new model: it fits this table's (L, d, K) only
         self.model.learn(
             budget.get("total_timesteps", self.total_timesteps), progress_bar=budget.get("progress", False)

@@ -22,10 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ee_gym.protocols import DEFAULT_PROTOCOL, get_protocol
+from ee_gym.scalars import check_tensorboard, tensorboard_field
 from ee_gym.tasks import get_task, task_default
 from ee_gym.validation import check_int, check_optional_int
 
 DEFAULT_BACKBONE = "minilm-l6"  # ee_gym.backbones.DEFAULT_BACKBONE, without importing torch
+#: settings that say where a run's files go or how it reports, not what it computes: they may change
+#: between a run and its resumption, and a model card does not list them
+RESUMABLE_CHANGES = frozenset(
+    {"progress", "eval_batch_size", "output_dir", "data_dir", "model_dir", "policy_dir", "tensorboard"}
+)
 
 
 @dataclass
@@ -42,6 +48,7 @@ class RunSetup:
     train_limit: int | None = None  # first N training rows, in every stage
     dev_limit: int | None = None
     progress: bool = True
+    tensorboard: str | None = tensorboard_field()
 
     def validate(self) -> RunSetup:
         """Refuse (ConfigError) a setup value that cannot be right (the task, the protocol, the ranges)."""
@@ -51,6 +58,7 @@ class RunSetup:
         self.seed = check_int("seed", self.seed, minimum=0)
         self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
         self.dev_limit = check_optional_int("dev_limit", self.dev_limit, minimum=1)
+        self.tensorboard = check_tensorboard("tensorboard", self.tensorboard)
         return self
 
     def resolved_max_length(self) -> int:

@@ -83,6 +83,7 @@ from ee_gym.multiexit import MultiExitModel
 from ee_gym.policy import ROLLOUTS, check_policy_name, load_policy, make_policy_with, policy_class
 from ee_gym.rewards import REWARDS, default_alpha, get_reward
 from ee_gym.runner import ActingExits, Decider, NetworkExits, run_layers
+from ee_gym.scalars import ScalarLog, check_tensorboard, tensorboard_field
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import (
     _check_run_config,
@@ -133,6 +134,7 @@ class Stage3Config:
     train_split: str = "train"
     train_limit: int | None = None
     progress: bool = True
+    tensorboard: str | None = tensorboard_field()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -157,6 +159,7 @@ class Stage3Config:
         self.seed = check_int("seed", self.seed, minimum=0)
         self.train_limit = check_optional_int("train_limit", self.train_limit, minimum=1)
         check_output_folder("output_dir", self.output_dir)
+        self.tensorboard = check_tensorboard("tensorboard", self.tensorboard)
         jointly = policy_class(self.agent).trains_jointly
         if jointly and self.rollout == "threshold" and not self.separate_replicas:
             raise ConfigError(
@@ -358,9 +361,11 @@ def _train_stage3(
     group = config.replicas if learned else 1  # trajectories per input
     trained = list(model.parameters()) + (list(net.parameters()) if learned else [])
     history = _read_history(run_dir)[:start_epoch]
+    scalars = ScalarLog(config.tensorboard if main else None, "stage3")
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         model.train()
+        exits = []  # this process's exit layers of the epoch, for the histogram
         batches = shuffled_batches(len(train), config.batch_size, config.seed + epoch, rank, world)
         bar = tqdm(
             batches,
@@ -377,6 +382,7 @@ def _train_stage3(
             out = joint_rollout(model, decide, batch, labels)
             m = np.repeat(memorized[np.asarray(rows)], group)
             exit_layer = out.exit_layer.cpu().numpy()
+            exits.append(exit_layer)
             rewards = reward_fn(
                 out.ce.detach().cpu().numpy(),
                 out.correct.cpu().numpy(),
@@ -431,6 +437,8 @@ def _train_stage3(
                 "seconds": round(time.perf_counter() - began, 2),
             }
         )
+        scalars.scalars(history[-1], epoch + 1)
+        scalars.exit_histogram(np.concatenate(exits) if exits else np.zeros(0), num_layers, epoch + 1)
         if learned and isinstance(getattr(policy, "history", None), list):
             policy.history.append({"stage": 3, **history[-1]})
         if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
@@ -440,6 +448,7 @@ def _train_stage3(
             )
         accelerator.wait_for_everyone()
 
+    scalars.close()
     model.eval()
     if learned:
         net.eval().cpu()  # policies act on CPU tensors

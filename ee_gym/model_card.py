@@ -25,6 +25,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ee_gym.config import RESUMABLE_CHANGES
+
 CARD_NAME = "README.md"
 LIBRARY = "ee-gym"
 #: tasks whose data is the GLUE benchmark's (their cards name the dataset)
@@ -42,15 +44,11 @@ class CardFacts:
     settings: dict[str, Any] = field(default_factory=dict)  # the run's settings, shown as a list
 
 
-#: run settings that say where files go or how a run reports, not what made the weights
-_NOT_SETTINGS = {"output_dir", "data_dir", "model_dir", "policy_dir", "progress", "eval_batch_size"}
-
-
 def card_settings(config: Any) -> dict[str, Any]:
     """A run config's settings for a card: its dataclass fields, less paths and reporting."""
     if not is_dataclass(config):
         return {}
-    found = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_SETTINGS}
+    found = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE_CHANGES}
     return {k: v for k, v in found.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
 
 

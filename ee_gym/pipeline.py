@@ -452,6 +452,7 @@ def _learn(policy: ExitPolicy, config: PipelineConfig, table, seed: int) -> None
         rollout=config.stage2.rollout,
         seed=seed,
         progress=config.progress,
+        tensorboard_log=config.tensorboard,
     )
     policy.learn(env, budget)
 

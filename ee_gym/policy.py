@@ -59,6 +59,7 @@ import numpy as np
 
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
 from ee_gym.model_card import CardFacts, policy_card, write_card
+from ee_gym.scalars import check_tensorboard
 from ee_gym.validation import ConfigError, check_choice, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:  # types only: this module loads without torch
@@ -126,6 +127,7 @@ class TrainingBudget:
     rollout: str | None = None  # "sample" or "threshold" (REINFORCE)
     seed: int | None = None  # re-seeds the learner's draws
     progress: bool | None = None  # a progress bar
+    tensorboard_log: str | None = None  # a folder for TensorBoard scalars (SB3's name for it)
 
     #: older keyword spellings ``learn`` still takes
     ALIASES: ClassVar[dict[str, str]] = {"lr": "learning_rate", "timesteps": "total_timesteps"}
@@ -139,6 +141,9 @@ class TrainingBudget:
             object.__setattr__(self, "learning_rate", rate)
         if self.rollout is not None:
             object.__setattr__(self, "rollout", check_choice("rollout", self.rollout, ROLLOUTS))
+        object.__setattr__(
+            self, "tensorboard_log", check_tensorboard("tensorboard_log", self.tensorboard_log)
+        )
 
     @classmethod
     def of(cls, budget: TrainingBudget | None = None, **settings: Any) -> TrainingBudget:

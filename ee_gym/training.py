@@ -31,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from ee_gym import paths
 from ee_gym.backbones import DEFAULT_BACKBONE, check_max_length
 from ee_gym.batching import TokenizedSplit, all_exit_logits, shuffled_batches, tokenize_examples
-from ee_gym.config import config_dict, flat_settings
+from ee_gym.config import RESUMABLE_CHANGES, config_dict, flat_settings
 from ee_gym.files import (
     CorruptFileError,
     folder_lock,
@@ -43,6 +43,7 @@ from ee_gym.files import (
 from ee_gym.model_card import CardFacts, card_settings
 from ee_gym.multiexit import POOLINGS, MultiExitModel
 from ee_gym.protocols import protocol_of_split
+from ee_gym.scalars import ScalarLog, check_tensorboard, tensorboard_field
 from ee_gym.tasks import (
     BUILTIN_TASKS,
     TaskDefaults,
@@ -102,6 +103,7 @@ class Stage1Config:
     dev_limit: int | None = None
     eval_batch_size: int = 64
     progress: bool = True
+    tensorboard: str | None = tensorboard_field()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,6 +135,7 @@ class Stage1Config:
         self.dev_limit = check_optional_int("dev_limit", self.dev_limit, minimum=1)
         self.eval_batch_size = check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_output_folder("output_dir", self.output_dir)
+        self.tensorboard = check_tensorboard("tensorboard", self.tensorboard)
         return self
 
     def resolved(self) -> Stage1Config:
@@ -268,6 +271,7 @@ def _train_stage1(
         write_json_atomic(run_dir / "config.json", config_dict(config))
 
     history = _read_history(run_dir)[:start_epoch]
+    scalars = ScalarLog(config.tensorboard if main else None, "stage1")
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         model.train()
@@ -296,6 +300,7 @@ def _train_stage1(
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            scalars.scalars({"train_loss_step": losses[-1]}, epoch * steps_per_epoch + len(losses))
 
         unwrapped = accelerator.unwrap_model(model)
         dev_metrics = evaluate_exits(unwrapped, dev, task, config.eval_batch_size)
@@ -309,6 +314,9 @@ def _train_stage1(
             "torch_threads": torch.get_num_threads(),
         }
         history.append(record)
+        scalars.scalars({"train_loss": record["train_loss"], "seconds": record["seconds"]}, epoch + 1)
+        for name in dev_metrics[0]:
+            scalars.layers(f"dev_{name}", [m[name] for m in dev_metrics], epoch + 1)
         if main:  # history first: a checkpoint never claims an epoch that metrics.jsonl lacks
             _write_history(run_dir, history)
             _save_checkpoint(unwrapped, ckpt_dir, optimizer, scheduler, epoch + 1)
@@ -316,6 +324,7 @@ def _train_stage1(
                 print(format_layer_metrics(task, dev_metrics, prefix=f"epoch {epoch + 1} dev"))
         accelerator.wait_for_everyone()
 
+    scalars.close()
     model = accelerator.unwrap_model(model).eval()
     if main:
         card = CardFacts(stage="stage 1", train_split=config.train_split,
@@ -408,10 +417,6 @@ def _save_checkpoint(model, folder: Path, optimizer, scheduler, epochs_done: int
         "epoch": epochs_done,
     }
     model.save_pretrained(folder, extra=lambda tmp: torch.save(state, tmp / "trainer_state.pt"))
-
-
-#: settings that may change between a run and its resumption (where files go, how it reports)
-RESUMABLE_CHANGES = {"progress", "eval_batch_size", "output_dir", "data_dir", "model_dir", "policy_dir"}
 
 
 def _check_run_config(run_dir: Path, config, what: str = "stage-1 run") -> None:

@@ -144,7 +144,7 @@ class LearnedExit(NetworkWeights, ExitPolicy):
             self._build(state_size, num_layers)
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
         """Keyword arguments tracing the accuracy / speed-up curve, earliest exits first.
 
         Only the threshold changes, and it is read by ``act`` alone: one trained predictor serves

@@ -17,7 +17,7 @@ earliest-exiting setting to the latest (for PCEE: within each patience).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -72,12 +72,20 @@ class StatsRule(ExitPolicy):
     """Base of the rules: decodes the stats observation and applies :meth:`exits` row-wise."""
 
     obs_mode = "stats"
+    #: reads the head's distribution (entropy, confidence), which a regression head does not have
+    classification_only: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.dims: tuple[int, int] | None = None  # (num_layers, num_labels), set by bind
 
     def bind(self, env: ConsistentEEVectorEnv) -> None:
-        self.dims = (env.num_layers, env.table.num_labels)
+        num_labels = env.table.num_labels
+        if num_labels == 1 and self.classification_only:
+            raise ConfigError(
+                f"the {self.name!r} rule reads the head's softmax, and this task's heads output one number "
+                "(regression): use 'static', 'patience' (PABEE's regression rule), 'learned-exit' or a learner"
+            )
+        self.dims = (env.num_layers, num_labels)
 
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         if isinstance(obs, dict):  # the "full" mode carries the stats vector too
@@ -99,8 +107,9 @@ class StatsRule(ExitPolicy):
         raise NotImplementedError
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
-        """Keyword arguments tracing the accuracy / speed-up curve, earliest exits first."""
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
+        """Keyword arguments tracing the accuracy / speed-up curve, earliest exits first, for heads
+        of ``num_labels`` outputs (1: a regression task's)."""
         raise NotImplementedError
 
 
@@ -143,7 +152,7 @@ class _Threshold(StatsRule):
         return {"threshold": self.threshold}
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
         return [{"threshold": t} for t in cls.thresholds]
 
 
@@ -154,6 +163,7 @@ class Static(StatsRule):
     """
 
     name = "static"
+    classification_only = False
 
     def __init__(self, layer: int | None = None) -> None:
         super().__init__()
@@ -166,7 +176,7 @@ class Static(StatsRule):
         return {"layer": self.layer}
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
         return [{"layer": k} for k in range(1, num_layers + 1)]
 
 
@@ -229,26 +239,49 @@ class Patience(StatsRule):
     So it exits at the first layer l whose prediction equals those of the ``patience`` layers before it
     (layers l - P .. l, P + 1 heads, agree): P = 1 exits at the first l >= 2 with pred_l == pred_{l-1},
     and never before layer P + 1.
+
+    For regression (one output per head) two heads agree when their outputs differ by less than
+    ``threshold`` (PABEE's regression rule, |z_l - z_{l-1}| < threshold, in label units; None:
+    :attr:`default_threshold`); the threshold is read for regression only.
     """
 
     name = "patience"
+    classification_only = False
+    #: PABEE's regression thresholds swept (label units; for STS-B's 0-5 score)
+    regression_thresholds = (0.5, 0.3, 0.2, 0.1, 0.05)
+    default_threshold = 0.1
 
-    def __init__(self, patience: int = 3) -> None:
+    def __init__(self, patience: int = 3, threshold: float | None = None) -> None:
         super().__init__()
         self.patience = check_int("patience", patience, minimum=1)
+        if threshold is not None:
+            threshold = check_threshold(
+                "patience", threshold, "|z_l - z_(l-1)| of a regression head, > 0", 0.0, None, True
+            )
+        self.threshold = threshold
 
     def exits(self, view, layer, num_layers, num_labels):
         history = view.pred_history  # [B, L, K], zero after l
         same = np.zeros(history.shape[:2], dtype=bool)  # layer j agrees with layer j - 1 (j >= 2)
-        same[:, 1:] = (history[:, 1:] * history[:, :-1]).sum(-1) > 0
+        if num_labels == 1:  # regression: the values stay within the threshold
+            threshold = self.default_threshold if self.threshold is None else self.threshold
+            same[:, 1:] = np.abs(history[:, 1:, 0] - history[:, :-1, 0]) < threshold
+        else:
+            same[:, 1:] = (history[:, 1:] * history[:, :-1]).sum(-1) > 0
         return _run_ends_at(same, layer, self.patience)
 
     def get_params(self) -> dict[str, Any]:
-        return {"patience": self.patience}
+        return {
+            "patience": self.patience,
+            **({} if self.threshold is None else {"threshold": self.threshold}),
+        }
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
-        return [{"patience": p} for p in range(1, max(num_layers, 2))]
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
+        patiences = range(1, max(num_layers, 2))
+        if num_labels == 1:
+            return [{"patience": p, "threshold": t} for p in patiences for t in cls.regression_thresholds]
+        return [{"patience": p} for p in patiences]
 
 
 class PCEE(StatsRule):
@@ -274,7 +307,7 @@ class PCEE(StatsRule):
         return {"patience": self.patience, "threshold": self.threshold}
 
     @classmethod
-    def sweep(cls, num_layers: int = 12) -> list[dict[str, Any]]:
+    def sweep(cls, num_layers: int = 12, num_labels: int = 2) -> list[dict[str, Any]]:
         taus = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
         return [{"patience": p, "threshold": t} for p in (1, 2, 3) for t in taus]
 

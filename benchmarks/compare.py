@@ -93,6 +93,12 @@ class CompareArgs:
         from ee_gym.protocols import get_protocol
         from ee_gym.tasks import get_task
 
+        if get_task(self.task).is_regression:  # before any work: the paired statistics score classes
+            raise ConfigError(
+                f"benchmarks.compare does not score regression tasks yet ({self.task!r}: a correlation, "
+                "whose paired bootstrap is not built); train and evaluate it with `ee-gym stage1 --task "
+                f"{self.task}` and agents.evaluate.evaluate, whose metrics are Pearson and Spearman"
+            )
         changes: dict[str, Any] = {
             "task": get_task(self.task).name,
             "protocol": get_protocol(self.protocol).name,  # checked: an unknown name lists the choices
@@ -323,6 +329,7 @@ def plan_runs(args: CompareArgs, num_layers: int, settings: Settings | None = No
     ``settings``: the learners' chosen settings and the rules' operating points (else the defaults).
     """
     import agents
+    from ee_gym.tasks import get_task
 
     rewards = [r for r in args.rewards.split(",") if r]
     variants = {v for v in args.reward_variants.split(",") if v}
@@ -349,7 +356,8 @@ def plan_runs(args: CompareArgs, num_layers: int, settings: Settings | None = No
         elif name in REFERENCES:
             plan.append(Planned(name, name, "reference", {}, True))
         else:
-            plan += [Planned(name, name, "rule", p, False) for p in type(probe).sweep(num_layers)]
+            outputs = get_task(args.task).num_labels  # 1: a regression task's heads
+            plan += [Planned(name, name, "rule", p, False) for p in type(probe).sweep(num_layers, outputs)]
             plan.append(Planned(name, name, "rule", settings.rules.get(name, probe.get_params()), True))
     plan.append(Planned("full model", "static", "reference", {"layer": num_layers}, True))
     return plan

@@ -46,7 +46,8 @@ def tokenize_examples(examples: Examples, tokenizer, max_length: int) -> Tokeniz
     """Tokenise (and truncate) every row of a split, without padding."""
     encodings = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length)
     kept = {k: encodings[k] for k in _MODEL_INPUTS if k in encodings}
-    return TokenizedSplit(kept, np.asarray(examples.labels, dtype=np.int64), max_length)
+    labels = np.asarray(examples.labels)  # int64 label ids, or float32 values for regression
+    return TokenizedSplit(kept, labels.astype(np.float32 if examples.is_regression else np.int64), max_length)
 
 
 def length_sorted_batches(split: TokenizedSplit, batch_size: int) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ An env replays any input at any layer from it without running the model. One fol
                     split's texts and labels, ...) and its shapes
     states.npy      [N, L, d] pooled states s_l, float16 when that changes no prediction, else float32
     logits.npy      [N, L, K] float32 head logits (computed from the float32 states)
-    labels.npy      [N] int64 gold labels
+    labels.npy      [N] int64 gold labels (float32 values for a regression task, K = 1)
     memorized.npy   [N] int64 memorized layer m(x) in 1..L (hardness.py)
 
 Arrays are opened memory-mapped, after cheap checks against the manifest (shapes, file sizes, label
@@ -41,6 +41,7 @@ from ee_gym import paths
 from ee_gym.files import CorruptFileError, read_json, write_json_atomic
 from ee_gym.hardness import memorized_layer_from_logits
 from ee_gym.shapes import ExitShapes
+from ee_gym.targets import Target
 from ee_gym.tasks import Examples, TaskSpec, compute_metrics, get_task, load_split, split_slug
 
 if TYPE_CHECKING:  # torch, accelerate and the model code load when a cache is built, not to open one
@@ -236,8 +237,9 @@ def _build(
 
     labels = tokenized.labels
     np.save(tmp / "labels.npy", labels)
-    np.save(tmp / "memorized.npy", memorized_layer_from_logits(logits, labels))
-    predictions = np.asarray(logits).argmax(-1)
+    target = Target.of_task(task)
+    np.save(tmp / "memorized.npy", memorized_layer_from_logits(logits, labels, target))
+    predictions = target.predictions(logits)
     manifest = {
         **expected,
         "format_version": FORMAT_VERSION,
@@ -364,10 +366,15 @@ def _open_checked(folder: Path, model: MultiExitModel | None, expect: dict | Non
     n, num_layers, k, d = (sizes[key] for key in ("num_inputs", "num_layers", "num_labels", "hidden_size"))
     states = _load_array(folder, "states.npy", (n, num_layers, d), "f", mmap=True)
     logits = _load_array(folder, "logits.npy", (n, num_layers, k), "f", mmap=True)
-    labels = _load_array(folder, "labels.npy", (n,), "i")
+    labels = _load_array(folder, "labels.npy", (n,), "f" if k == 1 else "i")  # k = 1: regression values
     memorized = _load_array(folder, "memorized.npy", (n,), "i")
     if n:
-        _check_range(folder, "labels.npy", labels, 0, k - 1, "label ids")
+        if k == 1 and not np.isfinite(labels).all():
+            raise CorruptFileError(
+                f"{folder / 'labels.npy'} holds non-finite labels (nan or inf); {REBUILD_FIX}"
+            )
+        if k > 1:
+            _check_range(folder, "labels.npy", labels, 0, k - 1, "label ids")
         _check_range(folder, "memorized.npy", memorized, 1, num_layers, "memorized layers")
         if not np.isfinite(logits).all():
             raise CorruptFileError(
@@ -430,4 +437,6 @@ def _fp16_prediction_mismatches(model: MultiExitModel, states: torch.Tensor, log
         predicted = torch.stack(
             [model.head(layer, rounded[:, layer - 1]) for layer in range(1, model.num_layers + 1)], 1
         )
+    if logits.shape[-1] == 1:  # regression: a value that moves by more than 1e-3 changed
+        return int(((predicted - logits).abs() > 1e-3).sum())
     return int((predicted.argmax(-1) != logits.argmax(-1)).sum())

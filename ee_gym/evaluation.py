@@ -83,7 +83,7 @@ def run_policy(policy: ExitPolicy, table: ExitTable, batch_size: int = 8192) -> 
     """Exit layer and prediction of every input of the table under ``policy``."""
     n, num_layers = table.num_inputs, table.num_layers
     exit_layers = np.zeros(n, dtype=np.int64)
-    predictions = np.zeros(n, dtype=np.int64)
+    predictions = np.zeros(n, dtype=table.predictions.dtype)  # label ids, or values for regression
     for rows, env, obs in _batches(policy, table, batch_size):
         active = np.ones(len(rows), dtype=bool)
         for _ in range(num_layers):
@@ -232,7 +232,7 @@ def calibrated_rule(name: str, table: ExitTable, tolerance: float = RULE_TOLERAN
     tolerance = check_float("tolerance", tolerance, minimum=0.0)
     full, _ = curve_anchors(table)
     best, best_speed = probe.get_params(), -1.0
-    for params in [probe.get_params(), *type(probe).sweep(table.num_layers)]:
+    for params in [probe.get_params(), *type(probe).sweep(table.num_layers, table.num_labels)]:
         result = evaluate(make_policy(name, **params), table)
         if result.score >= full - tolerance and result.speedup > best_speed:
             best, best_speed = params, result.speedup

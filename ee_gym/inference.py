@@ -59,9 +59,9 @@ __all__ = [
 class Predictions:
     """What :func:`predict` returns, one row per input, in the inputs' order."""
 
-    predictions: np.ndarray  # [N] int64 label ids: argmax of the exit head
+    predictions: np.ndarray  # [N] int64 label ids: argmax of the exit head (regression: float32 values)
     exit_layers: np.ndarray  # [N] int64 exit layer, 1..L
-    probabilities: np.ndarray  # [N, K] float32 softmax of the exit head
+    probabilities: np.ndarray  # [N, K] float32 softmax of the exit head (regression: [N, 0], none)
     num_layers: int  # L
     seconds: float = 0.0  # wall time of the call (tokenisation included)
     labels: np.ndarray | None = None  # [N] gold label ids (predict_split)
@@ -226,10 +226,13 @@ def predict_batches(
                 logits[batch.rows] = run.exit_logits.float().cpu().numpy()
     finally:
         model.train(was_training)
+    regression = model.num_labels == 1  # one output per head: a value, no distribution
     return Predictions(
-        predictions=logits.argmax(-1).astype(np.int64),
+        predictions=logits[:, 0].copy() if regression else logits.argmax(-1).astype(np.int64),
         exit_layers=exit_layers,
-        probabilities=softmax(logits).astype(np.float32),
+        probabilities=np.zeros((num_inputs, 0), np.float32)
+        if regression
+        else softmax(logits).astype(np.float32),
         num_layers=model.num_layers,
         seconds=time.perf_counter() - start_time,
     )

@@ -84,6 +84,7 @@ from ee_gym.policy import ROLLOUTS, check_policy_name, load_policy, make_policy_
 from ee_gym.rewards import REWARDS, default_alpha, get_reward
 from ee_gym.runner import ActingExits, Decider, NetworkExits, run_layers
 from ee_gym.scalars import ScalarLog, check_tensorboard, tensorboard_field
+from ee_gym.targets import Target
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import (
     _check_run_config,
@@ -215,14 +216,25 @@ class JointRollout:
 
 
 def joint_rollout(
-    model: MultiExitModel, decide: Decider, batch: dict[str, torch.Tensor], labels: torch.Tensor
+    model: MultiExitModel,
+    decide: Decider,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    target: Target | None = None,
 ) -> JointRollout:
     """Run ``batch`` layer by layer (:func:`ee_gym.runner.run_layers`); ``decide`` picks the exits of
-    its ``replicas`` trajectories per row, and each trajectory pays the CE of the head it exited at."""
+    its ``replicas`` trajectories per row, and each trajectory pays the loss of the head it exited at
+    (cross-entropy; squared error for a regression ``target``, whose right is within its tolerance)."""
+    target = target or Target()
     run = run_layers(model, batch, decide)
     labels = labels.to(run.exit_logits.device).repeat_interleave(run.replicas)
-    ce = F.cross_entropy(run.exit_logits.float(), labels, reduction="none")
-    correct = run.exit_logits.detach().argmax(-1) == labels
+    if target.regression:
+        value = run.exit_logits.float()[:, 0]
+        ce = (value - labels.float()) ** 2
+        correct = (value.detach() - labels.float()).abs() <= target.tolerance
+    else:
+        ce = F.cross_entropy(run.exit_logits.float(), labels, reduction="none")
+        correct = run.exit_logits.detach().argmax(-1) == labels
     return JointRollout(ce, run.policy_logits, run.exit_layer, run.exit_chosen, correct)
 
 
@@ -231,9 +243,11 @@ def replicate(batch: dict[str, torch.Tensor], replicas: int) -> dict[str, torch.
     return {k: v.repeat_interleave(replicas, dim=0) for k, v in batch.items()}
 
 
-def stage1_memorized(model: MultiExitModel, split, batch_size: int = 64) -> np.ndarray:
+def stage1_memorized(
+    model: MultiExitModel, split, batch_size: int = 64, target: Target | None = None
+) -> np.ndarray:
     """m(x) of every row of a tokenized split under ``model`` in eval mode."""
-    return memorized_layer_from_logits(all_exit_logits(model, split, batch_size), split.labels)
+    return memorized_layer_from_logits(all_exit_logits(model, split, batch_size), split.labels, target)
 
 
 def average_gradients(parameters, accelerator: Accelerator) -> None:
@@ -311,7 +325,7 @@ def _train_stage3(
         tokenizer,
         config.max_length,
     )
-    memorized = _memorized(run_dir, model, train, memorized, write=main)
+    memorized = _memorized(run_dir, model, train, memorized, write=main, target=Target.of_task(task))
     if resuming:
         model = MultiExitModel.from_pretrained(ckpt_dir)
         policy = load_policy(ckpt_dir / "policy")
@@ -352,6 +366,7 @@ def _train_stage3(
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
 
     reward_fn, num_layers = get_reward(config.reward), model.num_layers
+    target = Target.of_task(task)  # what the exit's loss and "right" are (ee_gym.targets)
     # separate replicas: K copies of each row, one trajectory each; else K trajectories per row
     copies = config.replicas if learned and config.separate_replicas else 1
     if learned:
@@ -379,7 +394,7 @@ def _train_stage3(
             labels = batch.pop("labels")
             if copies > 1:
                 batch, labels = replicate(batch, copies), labels.repeat_interleave(copies)
-            out = joint_rollout(model, decide, batch, labels)
+            out = joint_rollout(model, decide, batch, labels, target)
             m = np.repeat(memorized[np.asarray(rows)], group)
             exit_layer = out.exit_layer.cpu().numpy()
             exits.append(exit_layer)
@@ -462,14 +477,19 @@ def _train_stage3(
 
 # -- helpers ------------------------------------------------------------------------------------
 def _memorized(
-    run_dir: Path, model: MultiExitModel, train, given: np.ndarray | None, write: bool = True
+    run_dir: Path,
+    model: MultiExitModel,
+    train,
+    given: np.ndarray | None,
+    write: bool = True,
+    target: Target | None = None,
 ) -> np.ndarray:
     """m(x) over the training split: the given array, else the run's saved one, else computed now."""
     path = run_dir / "memorized.npy"
     if given is None and path.is_file():
         given = np.load(path)
     if given is None:
-        given = stage1_memorized(model, train)
+        given = stage1_memorized(model, train, target=target)
     given = np.asarray(given, dtype=np.int64)
     if given.shape != (len(train),):
         raise ValueError(f"memorized has shape {given.shape}; the training split has {len(train)} rows")

@@ -98,8 +98,10 @@ class MultiExitConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
+        if self.num_labels < 1:  # 1: one output per head, a regression task's
+            raise ValueError(
+                f"num_labels must be >= 1 (2+ classes, or 1 for regression), got {self.num_labels}"
+            )
 
 
 @dataclass

@@ -29,7 +29,10 @@ The stats vector, S = K + L + L*K + L values in [0, 1]:
     layer            one-hot of l                                          (L)
     pred_history     one-hot of argmax p_j for j = 1..l, zeros after l     (L x K)
     entropy_history  H(p_j) / log K for j = 1..l, zeros after l            (L)
-:class:`StatsView` reads those parts back, for rules and tests.
+:class:`StatsView` reads those parts back, for rules and tests. A regression head (K = 1: one real
+output z_l, no distribution) has the same layout with its values in place of the probabilities and
+the one-hots (``probs`` = z_l, ``pred_history`` = z_1..z_l, ``entropy_history`` zeros), unbounded;
+the ``state+confidence`` mode, which reads a softmax's top-2 gap, refuses it.
 """
 
 from __future__ import annotations
@@ -73,9 +76,13 @@ def stats_size(num_layers: int, num_labels: int) -> int:
 def stats_features(logits: np.ndarray, num_layers: int) -> np.ndarray:
     """The stats vector at every layer of a logits prefix: [N, l, K] -> [N, l, S] float32."""
     n, depth, k = logits.shape
-    probs = softmax(logits.astype(np.float32))
-    one_hot = np.eye(k, dtype=np.float32)[logits.argmax(-1)]  # the prediction the env scores
-    entropy = normalized_entropy(probs).astype(np.float32)  # [N, l]
+    if k == 1:  # regression: the values stand in for the probabilities and the one-hots
+        probs = one_hot = logits.astype(np.float32)
+        entropy = np.zeros((n, depth), dtype=np.float32)
+    else:
+        probs = softmax(logits.astype(np.float32))
+        one_hot = np.eye(k, dtype=np.float32)[logits.argmax(-1)]  # the prediction the env scores
+        entropy = normalized_entropy(probs).astype(np.float32)  # [N, l]
     out = np.zeros((n, depth, stats_size(num_layers, k)), dtype=np.float32)
     view = StatsView(out, num_layers, k)
     view.probs[:] = probs
@@ -89,11 +96,15 @@ def stats_features(logits: np.ndarray, num_layers: int) -> np.ndarray:
 def last_stats(logits: np.ndarray, num_layers: int) -> np.ndarray:
     """``stats_features(logits, num_layers)[:, -1]`` without building the earlier layers' vectors."""
     n, depth, k = logits.shape
-    probs = softmax(logits.astype(np.float32))  # [N, l, K], the same operations as stats_features
     out = np.zeros((n, stats_size(num_layers, k)), dtype=np.float32)
     view = StatsView(out, num_layers, k)
-    view.probs[:] = probs[:, -1]
     view.layer[:, depth - 1] = 1.0
+    if k == 1:  # regression, as in stats_features
+        values = logits.astype(np.float32)
+        view.probs[:], view.pred_history[:, :depth] = values[:, -1], values
+        return out
+    probs = softmax(logits.astype(np.float32))  # [N, l, K], the same operations as stats_features
+    view.probs[:] = probs[:, -1]
     view.pred_history[:, :depth] = np.eye(k, dtype=np.float32)[logits.argmax(-1)]
     view.entropy_history[:, :depth] = normalized_entropy(probs).astype(np.float32)
     return out
@@ -295,7 +306,11 @@ class StatsMode(ObsMode):
     uses_stats = True
 
     def space(self, sizes: Sizes) -> spaces.Space:
-        return spaces.Box(0.0, 1.0, (stats_size(sizes.num_layers, sizes.num_labels),), np.float32)
+        shape = (stats_size(sizes.num_layers, sizes.num_labels),)
+        if sizes.num_labels == 1:  # a regression head's values: any float32 (finite bounds for the checkers)
+            top = np.finfo(np.float32).max
+            return spaces.Box(-top, top, shape, np.float32)
+        return spaces.Box(0.0, 1.0, shape, np.float32)
 
     def from_stats(self, states: np.ndarray | None, stats: np.ndarray) -> np.ndarray:
         return stats
@@ -357,6 +372,17 @@ def check_obs_mode(mode: str) -> str:
     return mode
 
 
+def check_mode_fits_heads(mode: str | ObsMode, num_labels: int) -> None:
+    """ConfigError when ``mode`` reads a softmax that heads of ``num_labels`` outputs lack (one output:
+    a regression task's heads, which have no top-2 gap)."""
+    kind = get_obs_mode(mode)
+    if num_labels == 1 and kind.confidence_signal == "top2_gap":
+        raise ConfigError(
+            f"observation mode {kind.name!r} reads exit l's softmax (its top-2 gap), and these heads have "
+            "one output (a regression task): use 'state', 'state+layer', 'stats' or 'full'"
+        )
+
+
 def modes_where(**wanted: bool) -> tuple[str, ...]:
     """Names of the modes whose properties match, e.g. ``modes_where(has_layer_one_hot=True)``."""
     return tuple(
@@ -379,6 +405,7 @@ class ObservationEncoder:
     def __post_init__(self) -> None:
         self.kind: ObsMode = get_obs_mode(self.mode)
         self.mode = self.kind.name
+        check_mode_fits_heads(self.kind, self.num_labels)
         self.space: spaces.Space = self.kind.space(self)
         # what the mode reads and shows, for callers that hold the encoder (ObsMode says what each means)
         self.uses_state, self.uses_stats = self.kind.uses_state, self.kind.uses_stats

@@ -66,7 +66,12 @@ __all__ = [
     "task_spec_to_dict",
 ]
 
-METRICS = ("accuracy", "f1", "matthews")
+#: a task's kind: one label id per input (classification) or one real number (regression)
+TASK_KINDS = ("classification", "regression")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
+#: regression's headline metric: the mean of Pearson's and Spearman's correlation (GLUE's STS-B)
+REGRESSION_METRICS = ("correlation",)
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 DEFAULT_SPLIT_FILES: Mapping[str, str] = MappingProxyType({"train": "train.tsv", "dev": "dev.tsv"})
 DEFAULT_HUB_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "dev": "validation"})
 # Other names accepted for a split, tried when the name itself is not one of the task's splits.
@@ -100,20 +105,20 @@ class TableFormat:
 
     ``text_columns`` and ``label_column`` are header names, or 0-based field indices when the file
     has no header (``header=False``). ``label_kind`` says whether label values are label names
-    (``"entailment"``) or label ids (``"0"``, ``"1"``). ``delimiter`` None picks by file suffix:
+    (``"entailment"``), label ids (``"0"``, ``"1"``) or, for a regression task, numbers (``"value"``). ``delimiter`` None picks by file suffix:
     ``.tsv`` tab (read with quoting disabled), ``.csv`` comma, ``.jsonl`` / ``.json`` JSON records.
     """
 
     text_columns: tuple[str | int, ...]
     label_column: str | int
     header: bool = True
-    label_kind: Literal["name", "id"] = "name"
+    label_kind: Literal["name", "id", "value"] = "name"
     delimiter: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_columns", _as_tuple(self.text_columns))
-        if self.label_kind not in ("name", "id"):
-            raise ValueError(f"label_kind must be 'name' or 'id', not {self.label_kind!r}")
+        if self.label_kind not in ("name", "id", "value"):
+            raise ValueError(f"label_kind must be 'name', 'id' or 'value', not {self.label_kind!r}")
         columns = (*self.text_columns, self.label_column)
         if not self.header and not all(isinstance(c, int) and c >= 0 for c in columns):
             raise ValueError("a file without a header needs 0-based integer column indices")
@@ -136,7 +141,9 @@ class TaskDefaults:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One classification task.
+    """One task: classification (``labels`` names the classes) or regression (``kind="regression"``:
+    one real-valued label, ``labels`` names it, e.g. ``("score",)``; a head's prediction counts as
+    right within ``tolerance`` of the label, which the memorized layer, accuracy and the rewards read).
 
     Where :func:`load_split` reads it: with ``glue_dir`` set, from ``<data>/glue/<glue_dir>/`` plus the
     file named in ``split_files`` when a data folder is configured, else from the hub dataset ``hub``
@@ -145,8 +152,8 @@ class TaskSpec:
     """
 
     name: str  # canonical lower-case id, e.g. "rte"
-    labels: tuple[str, ...]  # label names in label-id order
-    metric: str  # primary metric: "accuracy" | "f1" | "matthews"
+    labels: tuple[str, ...]  # label names in label-id order (regression: the one label's name)
+    metric: str  # primary metric: "accuracy" | "f1" | "matthews" (classification), "correlation" (regression)
     text_columns: tuple[str, ...]  # 1 or 2 canonical names, also the hub's column names
     glue_dir: str | None = None  # folder under <data>/glue/, e.g. "SST-2"
     hub: tuple[str, str | None] | None = None  # (dataset, config), e.g. ("nyu-mll/glue", "rte")
@@ -156,6 +163,8 @@ class TaskSpec:
     local_format: TableFormat | None = field(default=None, repr=False)
     title: str | None = None  # the name in gym ids; default derived from `name`
     defaults: TaskDefaults = field(default_factory=TaskDefaults)  # read through task_default()
+    kind: Literal["classification", "regression"] = "classification"
+    tolerance: float | None = None  # regression: |prediction - label| <= tolerance is right
 
     def __post_init__(self) -> None:
         setattr_ = object.__setattr__
@@ -170,12 +179,22 @@ class TaskSpec:
             setattr_(self, "defaults", TaskDefaults(**self.defaults))
         if not _key(self.name):
             raise ValueError(f"task name {self.name!r} needs at least one letter or digit")
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
-            raise ValueError(
-                f"task {self.name!r}: labels must be at least two distinct names, got {self.labels}"
-            )
-        if self.metric not in METRICS:
-            raise ValueError(f"task {self.name!r}: metric must be one of {METRICS}, not {self.metric!r}")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, not {self.kind!r}")
+        if self.kind == "regression":
+            self._check_regression()
+        else:
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise ValueError(
+                    f"task {self.name!r}: labels must be at least two distinct names, got {self.labels}"
+                )
+            if self.metric not in CLASSIFICATION_METRICS:
+                raise ValueError(
+                    f"task {self.name!r}: a classification metric is one of {CLASSIFICATION_METRICS}, "
+                    f"not {self.metric!r}"
+                )
+            if self.tolerance is not None:
+                raise ValueError(f"task {self.name!r}: tolerance is a regression setting (kind='regression')")
         if len(self.text_columns) not in (1, 2):
             raise ValueError(f"task {self.name!r}: needs 1 or 2 text columns, got {self.text_columns}")
         if self.local_format and len(self.local_format.text_columns) != len(self.text_columns):
@@ -185,9 +204,32 @@ class TaskSpec:
         if self.hub is not None and len(self.hub) != 2:
             raise ValueError(f"task {self.name!r}: hub must be (dataset, config), got {self.hub!r}")
 
+    def _check_regression(self) -> None:
+        if len(self.labels) != 1:
+            raise ValueError(
+                f"task {self.name!r}: a regression task has one label, its name (e.g. labels=('score',)), "
+                f"got {self.labels}"
+            )
+        if self.metric not in REGRESSION_METRICS:
+            raise ValueError(
+                f"task {self.name!r}: a regression metric is one of {REGRESSION_METRICS}, not {self.metric!r}"
+            )
+        if self.tolerance is None or not math.isfinite(self.tolerance) or self.tolerance <= 0:
+            raise ValueError(
+                f"task {self.name!r}: a regression task needs tolerance > 0 (how far from the label a "
+                f"prediction still counts as right), got {self.tolerance!r}"
+            )
+        if self.local_format is not None and self.local_format.label_kind != "value":
+            raise ValueError(f"task {self.name!r}: a regression task's local_format needs label_kind='value'")
+
+    @property
+    def is_regression(self) -> bool:
+        """True for a real-valued label (one output per head)."""
+        return self.kind == "regression"
+
     @property
     def num_labels(self) -> int:
-        """How many classes."""
+        """How many classes; 1 for regression (the heads' output size)."""
         return len(self.labels)
 
     @property
@@ -209,13 +251,14 @@ class Examples:
 
     text_a: list[str]
     text_b: list[str] | None  # None for single-sentence tasks
-    labels: np.ndarray  # int64 label ids
+    labels: np.ndarray  # int64 label ids; float32 values for a regression task
 
     def __post_init__(self) -> None:
         self.text_a = list(self.text_a)
         if self.text_b is not None:
             self.text_b = list(self.text_b)
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+        labels = np.asarray(self.labels)
+        self.labels = labels.astype(np.float32 if np.issubdtype(labels.dtype, np.floating) else np.int64)
         if self.labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, got shape {self.labels.shape}")
         lengths = {len(self.text_a), len(self.labels)} | (
@@ -228,8 +271,16 @@ class Examples:
         return len(self.text_a)
 
     def __repr__(self) -> str:
+        if self.is_regression:
+            spread = f"{self.labels.min():.2f}..{self.labels.max():.2f}" if len(self) else "-"
+            return f"Examples(n={len(self)}, pair={self.text_b is not None}, label_range={spread})"
         counts = np.bincount(self.labels).tolist() if len(self) else []
         return f"Examples(n={len(self)}, pair={self.text_b is not None}, label_counts={counts})"
+
+    @property
+    def is_regression(self) -> bool:
+        """Real-valued labels."""
+        return bool(np.issubdtype(self.labels.dtype, np.floating))
 
     def select(self, indices: Sequence[int] | np.ndarray) -> Examples:
         """The examples at ``indices`` (integer positions, or a boolean mask), in that order."""
@@ -259,7 +310,7 @@ class Examples:
             digest.update(len(column).to_bytes(8, "little"))
             digest.update("\x1f".join(column).encode("utf-8", "surrogatepass"))
             digest.update(b"\x1e")
-        digest.update(self.labels.astype("<i8").tobytes())
+        digest.update(self.labels.astype("<f4" if self.is_regression else "<i8").tobytes())
         return digest.hexdigest()
 
     @classmethod
@@ -269,6 +320,8 @@ class Examples:
             raise ValueError("nothing to concatenate")
         if len({part.text_b is None for part in parts}) > 1:
             raise ValueError("cannot concatenate single-sentence and sentence-pair examples")
+        if len({part.is_regression for part in parts}) > 1:
+            raise ValueError("cannot concatenate label ids and real-valued labels")
         text_b = None if parts[0].text_b is None else [t for part in parts for t in part.text_b]
         labels = np.concatenate([part.labels for part in parts])
         return cls([t for part in parts for t in part.text_a], text_b, labels)
@@ -632,12 +685,16 @@ def _to_examples(
     n_text = len(spec.text_columns)
     texts: list[list[str]] = [[] for _ in range(n_text)]
     ids: list[int] = []
+    values_: list[float] = []
     index = {name: i for i, name in enumerate(spec.labels)}
     for unit, pos, values in rows:
         for column, value in zip(texts, values[:n_text], strict=True):
             if not isinstance(value, str):
                 raise ValueError(f"{origin}, {unit} {pos}: text {value!r} is not a string")
             column.append(value.rstrip())
+        if spec.is_regression:
+            values_.append(_label_value(values[-1], f"{origin}, {unit} {pos}", spec.name))
+            continue
         key = _label_key(values[-1])
         if label_kind == "id":
             label_id = int(key) if key.isdigit() and int(key) < spec.num_labels else None
@@ -649,7 +706,21 @@ def _to_examples(
                 f"{origin}, {unit} {pos}: label {values[-1]!r} is not one of task {spec.name!r}'s label {expected}"
             )
         ids.append(label_id)
-    return Examples(texts[0], texts[1] if n_text == 2 else None, np.asarray(ids, dtype=np.int64))
+    labels = np.asarray(values_, dtype=np.float32) if spec.is_regression else np.asarray(ids, dtype=np.int64)
+    return Examples(texts[0], texts[1] if n_text == 2 else None, labels)
+
+
+def _label_value(value: Any, where: str, task: str) -> float:
+    """A regression label as a finite float, or a ValueError saying where it is."""
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number):
+        raise ValueError(
+            f"{where}: label {value!r} is not a finite number (task {task!r} is a regression task)"
+        )
+    return number
 
 
 def _label_key(value: Any) -> str:
@@ -741,19 +812,23 @@ def _iter_json(path: Path, fmt: TableFormat) -> Iterator[tuple[str, int, list[An
 
 
 def primary_metric(task: str | TaskSpec) -> str:
-    """The task's headline metric: "accuracy", "f1" or "matthews"."""
+    """The task's headline metric: "accuracy", "f1", "matthews" or (regression) "correlation"."""
     return get_task(task).metric
 
 
 def compute_metrics(task: str | TaskSpec, predictions: Any, labels: Any) -> dict[str, float]:
-    """Score predicted label ids against true ones.
+    """Score predicted label ids against true ones (regression: predicted values against true ones).
 
     The primary metric comes first; accuracy is always included. F1 is the positive class's (label
-    id 1) for two-label tasks, macro-averaged otherwise; Matthews correlation is sklearn's.
+    id 1) for two-label tasks, macro-averaged otherwise; Matthews correlation is sklearn's. For a
+    regression task: ``correlation`` (the mean of Pearson's and Spearman's, GLUE's STS-B headline),
+    ``pearson``, ``spearman``, ``accuracy`` (the share within the task's tolerance) and ``mse``.
     """
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     spec = get_task(task)
+    if spec.is_regression:
+        return _regression_metrics(spec, predictions, labels)
     y_pred = np.asarray(predictions)
     y_true = np.asarray(labels)
     if y_pred.ndim != 1 or y_true.ndim != 1 or len(y_pred) != len(y_true):
@@ -777,6 +852,32 @@ def compute_metrics(task: str | TaskSpec, predictions: Any, labels: Any) -> dict
     return scores
 
 
+def _regression_metrics(spec: TaskSpec, predictions: Any, labels: Any) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+
+    y_pred = np.asarray(predictions, dtype=np.float64)
+    y_true = np.asarray(labels, dtype=np.float64)
+    if y_pred.ndim != 1 or y_true.ndim != 1 or len(y_pred) != len(y_true):
+        raise ValueError(
+            f"predictions and labels must be 1-D and equally long, got {y_pred.shape} and {y_true.shape}"
+        )
+    if len(y_true) == 0:
+        raise ValueError("cannot score an empty set of predictions")
+    if not (np.isfinite(y_pred).all() and np.isfinite(y_true).all()):
+        raise ValueError(f"predictions and labels of regression task {spec.name!r} must be finite numbers")
+    # a constant column has no correlation; it says nothing about the order, so it scores 0
+    varies = len(y_true) > 1 and np.ptp(y_pred) > 0 and np.ptp(y_true) > 0
+    pearson = float(pearsonr(y_pred, y_true)[0]) if varies else 0.0
+    spearman = float(spearmanr(y_pred, y_true)[0]) if varies else 0.0
+    return {
+        "correlation": (pearson + spearman) / 2,
+        "pearson": pearson,
+        "spearman": spearman,
+        "accuracy": float(np.mean(np.abs(y_pred - y_true) <= spec.tolerance)),
+        "mse": float(np.mean((y_pred - y_true) ** 2)),
+    }
+
+
 # --------------------------------------------------------------------------- user tasks
 
 
@@ -788,10 +889,14 @@ def task_from_files(
     text_columns: str | Sequence[str],
     label_column: str,
     labels: Sequence[str | int] | None = None,
-    metric: str = "accuracy",
+    metric: str | None = None,
     delimiter: str | None = None,
+    kind: str = "classification",
+    tolerance: float | None = None,
 ) -> TaskSpec:
-    """Make, register and return a task from your own classification files.
+    """Make, register and return a task from your own files: classification, or regression
+    (``kind="regression"``: a numeric label column, ``tolerance`` > 0 how far from the label a
+    prediction still counts as right; the metric is ``"correlation"``, labels ``(label_column,)``).
 
     Files are CSV, TSV or JSON lines, told apart by suffix (``.csv``, ``.tsv``, ``.jsonl`` / ``.json``)
     unless ``delimiter`` is given, with a header (or JSON keys) naming 1-2 ``text_columns`` and a
@@ -799,9 +904,9 @@ def task_from_files(
     the sorted distinct values of the training file (numeric order when all are integers). The files
     are checked now; a task of the same name made before is replaced, but a built-in is never shadowed.
     """
-    fmt = TableFormat(
-        _as_tuple(text_columns), label_column, header=True, label_kind="name", delimiter=delimiter
-    )
+    regression = kind == "regression"
+    fmt = TableFormat(_as_tuple(text_columns), label_column, header=True,
+                      label_kind="value" if regression else "name", delimiter=delimiter)  # fmt: skip
     files: dict[str, Path] = {}
     for split, file in (("train", train), ("dev", dev)):
         if file is None:
@@ -811,7 +916,9 @@ def task_from_files(
             raise FileNotFoundError(f"task {name!r}: the {split} file {str(path)!r} does not exist")
         _file_kind(path, delimiter)
         files[split] = path
-    if labels is None:
+    if regression:
+        labels = (str(label_column),)
+    elif labels is None:
         labels = _sorted_labels([values[-1] for _, _, values in _iter_table(files["train"], fmt)])
         _refuse_continuous_labels(files["train"], label_column, labels)
         if len(labels) < 2:
@@ -819,12 +926,14 @@ def task_from_files(
     spec = TaskSpec(
         name=name,
         labels=tuple(_label_key(label) for label in labels),
-        metric=metric,
+        metric=metric or ("correlation" if regression else "accuracy"),
         text_columns=tuple(str(c) for c in fmt.text_columns),
         split_files={split: str(path) for split, path in files.items()},
         hub_splits={},
         local_format=fmt,
         title=_title(name),
+        kind=kind,
+        tolerance=tolerance,
     )
     for path in files.values():  # surface bad rows and unknown labels now, naming file and row
         _read_file(spec, path)
@@ -913,9 +1022,9 @@ def _refuse_continuous_labels(path: Path, column: str, keys: Sequence[str]) -> N
         why = "one number spelt several ways"
     raise ValueError(
         f"{path}: the label column {column!r} looks continuous ({len(keys)} distinct label strings; {why}), "
-        "so it would become one class per spelling. task_from_files makes classification tasks; a "
-        "regression task kind does not exist yet. If these values really are class names, pass "
-        "labels=[...] explicitly, in label-id order."
+        "so it would become one class per spelling. For a real-valued label pass kind='regression' "
+        "and a tolerance (task_from_files(..., kind='regression', tolerance=0.5)); if these values "
+        "really are class names, pass labels=[...] explicitly, in label-id order."
     )
 
 
@@ -1041,6 +1150,19 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         local_format=TableFormat((3,), 1, header=False, label_kind="id"),
         title="CoLA",
         defaults=TaskDefaults(learning_rate=5e-05, epochs=4, max_length=64, batch_size=16),
+    ),
+    TaskSpec(
+        name="stsb",
+        labels=("score",),
+        metric="correlation",
+        text_columns=("sentence1", "sentence2"),
+        glue_dir="STS-B",
+        hub=(_GLUE_HUB, "stsb"),
+        local_format=TableFormat(("sentence1", "sentence2"), "score", label_kind="value"),
+        title="STSB",
+        defaults=TaskDefaults(learning_rate=5e-05, epochs=3, max_length=128, batch_size=16),
+        kind="regression",
+        tolerance=0.5,  # half a point of the 0-5 similarity score
     ),
     TaskSpec(
         name="qnli",

@@ -44,6 +44,7 @@ from ee_gym.model_card import CardFacts, card_settings
 from ee_gym.multiexit import POOLINGS, MultiExitModel
 from ee_gym.protocols import protocol_of_split
 from ee_gym.scalars import ScalarLog, check_tensorboard, tensorboard_field
+from ee_gym.targets import Target
 from ee_gym.tasks import (
     BUILTIN_TASKS,
     TaskDefaults,
@@ -164,16 +165,20 @@ def default_stage1_dir(task: str, backbone: str, train_split: str = "train") -> 
 
 
 def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum_l l * CE(logits[:, l-1], y) / sum_l l for logits [B, L, K] and labels [B]."""
+    """sum_l l * loss(logits[:, l-1], y) / sum_l l for logits [B, L, K] and labels [B]: cross-entropy
+    for label ids, squared error for real-valued labels (float ``labels``, K = 1; ee_gym.targets)."""
     num_layers = logits.shape[1]
-    per_layer = torch.stack([F.cross_entropy(logits[:, i], labels) for i in range(num_layers)])
+    if labels.is_floating_point():
+        per_layer = ((logits[..., 0].float() - labels[:, None].float()) ** 2).mean(0)
+    else:
+        per_layer = torch.stack([F.cross_entropy(logits[:, i], labels) for i in range(num_layers)])
     weights = torch.arange(1, num_layers + 1, dtype=per_layer.dtype, device=per_layer.device)
     return (weights * per_layer).sum() / weights.sum()
 
 
 def layer_metrics(task, logits: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
     """The task metric of every exit, from logits [N, L, K]."""
-    predictions = logits.argmax(-1)
+    predictions = Target.of_task(task).predictions(logits)
     return [compute_metrics(task, predictions[:, i], labels) for i in range(logits.shape[1])]
 
 

@@ -221,7 +221,7 @@ def test_builtin_reader_via_env_and_limit(tmp_path, monkeypatch):
 
 
 def test_builtin_specs():
-    assert task_names() == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2"]
+    assert task_names() == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
     expected = {
         "rte": ("RTE", ("entailment", "not_entailment"), "accuracy"),
         "mrpc": ("MRPC", ("not_equivalent", "equivalent"), "f1"),
@@ -230,6 +230,7 @@ def test_builtin_specs():
         "qnli": ("QNLI", ("entailment", "not_entailment"), "accuracy"),
         "qqp": ("QQP", ("not_duplicate", "duplicate"), "f1"),
         "mnli": ("MNLI", ("entailment", "neutral", "contradiction"), "accuracy"),
+        "stsb": ("STSB", ("score",), "correlation"),
     }
     for name, (env_name, labels, metric) in expected.items():
         spec = get_task(name)

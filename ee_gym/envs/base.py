@@ -93,15 +93,24 @@ def draws_at_random(split: str) -> bool:
 
 
 def exit_record(
-    index: int, layer: int, prediction: int, label: int, memorized: int, cross_entropy: float
+    index: int,
+    layer: int,
+    prediction: int | float,
+    label: int | float,
+    memorized: int,
+    cross_entropy: float,
+    correct: bool | None = None,
 ) -> dict[str, Any]:
-    """The info of an exit step: the fields of the vector env's ``final_info``, as plain Python values."""
+    """The info of an exit step: the fields of the vector env's ``final_info``, as plain Python values.
+
+    ``correct`` None means prediction == label (label ids); a regression source passes its own (within
+    the task's tolerance), and ``cross_entropy`` is then the exit's squared error (ee_gym.targets)."""
     return {
         "index": index,
         "exit_layer": layer,
         "prediction": prediction,
         "label": label,
-        "correct": prediction == label,
+        "correct": bool(prediction == label) if correct is None else bool(correct),
         "memorized_layer": memorized,
         "cross_entropy": cross_entropy,
     }
@@ -168,13 +177,19 @@ class TableSource(LayerSource):
         return exit_record(
             index,
             layer,
-            int(table.predictions[index, column]),
-            int(table.labels[index]),
+            table.predictions[index, column].item(),  # an int label id, or a float for regression
+            table.labels[index].item(),
             int(table.memorized[index]),
             float(table.cross_entropy[index, column]),
+            bool(table.correct[index, column]),
         )
 
     def describe(self, index: int, layer: int) -> str:
+        if self.num_labels == 1:  # a regression head: its value
+            return (
+                f"input {index:5d} layer {layer:2d}/{self.num_layers}: predicts "
+                f"{float(self.table.logits[index, layer - 1, 0]):.3f}"
+            )
         probs = softmax(self.table.logits[index, layer - 1])
         return (
             f"input {index:5d} layer {layer:2d}/{self.num_layers}: predicts "

@@ -47,7 +47,7 @@ from ee_gym.envs.base import (
     draws_at_random,
 )
 from ee_gym.envs.table import ExitTable
-from ee_gym.observations import OBS_MODES, PROBE_SCORES, check_obs_mode, get_obs_mode
+from ee_gym.observations import OBS_MODES, PROBE_SCORES, check_mode_fits_heads, check_obs_mode, get_obs_mode
 from ee_gym.protocols import env_split, get_protocol
 from ee_gym.rewards import check_alpha, default_alpha, get_reward
 from ee_gym.tasks import check_split, resolve_task
@@ -104,6 +104,7 @@ def check_env_settings(
         )
     max_inputs = check_optional_int("max_inputs", max_inputs, minimum=1)
     spec = None if table is not None else resolve_task(task, task_spec)
+    check_mode_fits_heads(obs_mode, table.num_labels if table is not None else spec.num_labels)
     split = check_split(split, spec)
     if max_length is not None:
         if table is None:

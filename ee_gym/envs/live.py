@@ -16,7 +16,8 @@ from ee_gym.batching import tokenize_examples
 from ee_gym.envs.base import LayerSource, exit_record
 from ee_gym.hardness import memorized_layer
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.probabilities import log_softmax, softmax
+from ee_gym.probabilities import softmax
+from ee_gym.targets import Target
 from ee_gym.tasks import load_split
 
 
@@ -30,6 +31,7 @@ class LiveEncoderSource(LayerSource):
         )
         self.num_layers, self.hidden_size = model.num_layers, model.hidden_size
         self.num_labels, self.num_inputs = model.num_labels, len(self.split)
+        self.target = Target.of_task(task)
         self._memorized: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -38,7 +40,7 @@ class LiveEncoderSource(LayerSource):
     @torch.no_grad()
     def begin(self, index: int) -> None:
         self.index = index
-        self.label = int(self.split.labels[index])
+        self.label = self.split.labels[index].item()  # a label id, or a value for regression
         batch = self.split.batch([index], self.model.tokenizer, self.model.device)
         batch.pop("labels")
         self._batch = batch
@@ -66,8 +68,9 @@ class LiveEncoderSource(LayerSource):
     def memorized(self) -> int:
         """m(x) needs every head's prediction: one full pass per input, remembered."""
         if self.index not in self._memorized:
-            logits = self.model(**self._batch).logits[0].argmax(-1).cpu().numpy()
-            self._memorized[self.index] = int(memorized_layer(logits[None], np.array([self.label]))[0])
+            predictions = self.target.predictions(self.model(**self._batch).logits[0].float().cpu().numpy())
+            label = np.array([self.label], dtype=self.target.label_dtype())
+            self._memorized[self.index] = int(memorized_layer(predictions[None], label, self.target)[0])
         return self._memorized[self.index]
 
     # -- what the env reads ---------------------------------------------------------------------
@@ -76,11 +79,15 @@ class LiveEncoderSource(LayerSource):
         return self.encoder.single(state, self.logits)
 
     def exit_info(self, index: int, layer: int) -> dict[str, Any]:
-        logits = self._logits[-1].astype(np.float64)
-        cross_entropy = float(-log_softmax(logits)[self.label])
-        return exit_record(index, layer, int(logits.argmax()), self.label, self.memorized(), cross_entropy)
+        logits, label = self._logits[-1][None, None], np.array([self.label], dtype=self.target.label_dtype())
+        prediction = self.target.predictions(logits)  # [1, 1]
+        loss = float(self.target.losses(logits, label)[0, 0])
+        correct = bool(self.target.correct(prediction, label)[0, 0])
+        return exit_record(index, layer, prediction[0, 0].item(), self.label, self.memorized(), loss, correct)
 
     def describe(self, index: int, layer: int) -> str:
+        if self.num_labels == 1:  # a regression head: its value
+            return f"input {index:5d} layer {layer:2d}/{self.num_layers}: predicts {float(self._logits[-1][0]):.3f}"
         probs = softmax(self._logits[-1])
         return (
             f"input {index:5d} layer {layer:2d}/{self.num_layers}: predicts "

@@ -14,6 +14,7 @@ import numpy as np
 
 from ee_gym.probabilities import log_softmax, normalized_entropy, softmax
 from ee_gym.shapes import ExitShapes
+from ee_gym.targets import Target
 
 if TYPE_CHECKING:  # the cache module pulls in torch; a table is read without it
     from ee_gym.cache import ExitCache
@@ -23,11 +24,12 @@ __all__ = ["ExitTable", "log_softmax", "normalized_entropy", "softmax"]
 
 @dataclass(eq=False)  # identity equality: tables hold arrays (and EnvSpecs compare their kwargs)
 class ExitTable(ExitShapes):
-    """Per-(input, layer) arrays for one split: N inputs, L layers, d state size, K classes."""
+    """Per-(input, layer) arrays for one split: N inputs, L layers, d state size, K classes (K = 1
+    for a regression task, whose labels are real numbers: ``target``, read off ``task``)."""
 
     states: np.ndarray  # [N, L, d] pooled states, float32 or float16
     logits: np.ndarray  # [N, L, K] float32
-    labels: np.ndarray  # [N] int64
+    labels: np.ndarray  # [N] int64 (regression: float32)
     memorized: np.ndarray  # [N] int64 memorized layer, 1..L
     task: str = "custom"
     split: str = "train"
@@ -43,15 +45,16 @@ class ExitTable(ExitShapes):
                 f"inconsistent shapes: states {self.states.shape}, logits {self.logits.shape}, "
                 f"labels {self.labels.shape}"
             )
+        self.target = Target.of_task(self.task)
         self.logits = np.ascontiguousarray(self.logits, dtype=np.float32)
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=self.target.label_dtype())
         self.memorized = np.asarray(self.memorized, dtype=np.int64)
-        self.probs = softmax(self.logits)
-        self.predictions = self.logits.argmax(-1)
-        self.correct = self.predictions == self.labels[:, None]
-        self.cross_entropy = -np.take_along_axis(
-            log_softmax(self.logits.astype(np.float64)), self.labels[:, None, None], axis=-1
-        )[..., 0]
+        # regression heads have no distribution: probabilities are a classification reading
+        self.probs = None if self.target.regression else softmax(self.logits)
+        self.predictions = self.target.predictions(self.logits)
+        self.correct = self.target.correct(self.predictions, self.labels)
+        # the exit's loss: cross-entropy, or squared error for regression (what the rewards pay)
+        self.cross_entropy = self.target.losses(self.logits, self.labels)
 
     @classmethod
     def from_cache(cls, cache: ExitCache) -> ExitTable:

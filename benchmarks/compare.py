@@ -50,12 +50,25 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.journal import Journal
 from ee_gym.validation import ConfigError, check_int
 
 DEFAULT_AGENTS = (
     "reinforce,ppo,a2c,dqn,learned-exit,entropy,patience,pcee,maxprob,static,oracle,oracle-consistent"
 )
 REFERENCES = ("oracle", "oracle-consistent")
+#: the journal of finished runs in the output folder (benchmarks.journal); gone once results.json is
+JOURNAL_NAME = "runs.partial.jsonl"
+#: comparison settings that change where results go or how a run is timed and reported, not its runs
+_NOT_IN_JOURNAL_KEY = (
+    "output_dir",
+    "publish",
+    "data_dir",
+    "progress",
+    "wall_batch_size",
+    "wall_limit",
+    "wall_repeat",
+)
 #: the committed results pages (``--publish`` writes there)
 RESULTS = Path(__file__).resolve().parent / "results"
 #: where a run writes when neither --output-dir nor --publish is given (relative to the working folder)
@@ -270,6 +283,30 @@ class Run:
         return dataclasses.replace(self, **self.second, second=None)
 
 
+def journal_key(args: CompareArgs, model, train, dev, second) -> dict[str, Any]:
+    """What the planned runs depend on: a journal made under another key is not resumed."""
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in _NOT_IN_JOURNAL_KEY}
+    tables = {"policy": (train.split, train.num_inputs), "evaluation": (dev.split, dev.num_inputs),
+              "dev": None if second is None else (second.split, second.num_inputs)}  # fmt: skip
+    return {"args": settings, "model": model.fingerprint(), "tables": tables}
+
+
+def run_record(run: Run) -> dict[str, Any]:
+    """Everything of a run, per-input arrays included (the journal's form; :func:`run_from_record`)."""
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(Run)}
+
+
+def run_from_record(record: dict[str, Any]) -> Run:
+    """The run a :func:`run_record` (read back from JSON) describes."""
+    arrays = {
+        k: None if record.get(k) is None else np.asarray(record[k]) for k in ("predictions", "exit_layers")
+    }
+    second = record.get("second")
+    if second is not None:
+        second = {k: np.asarray(v) if k in ("predictions", "exit_layers") else v for k, v in second.items()}
+    return Run(**{**record, **arrays, "second": second})
+
+
 def _score(policy, dev) -> dict[str, Any]:
     from agents.evaluate import evaluate
 
@@ -318,6 +355,14 @@ class Settings:
             "learners": {name: choice.to_dict() for name, choice in self.learners.items()},
             "rules": self.rules,
         }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Settings:
+        """The settings a :meth:`to_dict` (read back from JSON) describes."""
+        from benchmarks.tuning import LearnerChoice
+
+        learners = {name: LearnerChoice(**choice) for name, choice in record.get("learners", {}).items()}
+        return cls(learners, dict(record.get("rules", {})))
 
 
 def plan_runs(args: CompareArgs, num_layers: int, settings: Settings | None = None) -> list[Planned]:
@@ -412,7 +457,7 @@ def run_all(
     alpha: float,
     bar,
     settings: Settings | None = None,
-    log: Path | None = None,
+    journal: Journal | None = None,
     second=None,
 ) -> tuple[list[Run], dict[str, Any]]:
     """Every planned run, and the policy object of each table row (for wall-clock timing).
@@ -421,17 +466,29 @@ def run_all(
     ``validation_metric`` and ``validation_speedup``, read by :func:`choose_curves`). A trained
     learner that sweeps a threshold is also scored at ``sweep_points`` thresholds placed on its
     scores over ``fit``, never on dev: extra points of its curve, same seed, not the operating point.
-    ``log``: a JSON-lines file that gets every run as it is made (its numbers and per-input
-    predictions and exits), so that a run that dies late keeps what it did. ``second``: another
+    ``journal`` (:mod:`benchmarks.journal`) gets every planned run as it finishes (its numbers, per-input
+    predictions and exits, and a table row's policy), and gives back those an interrupted comparison
+    finished, which are not run again. ``second``: another
     evaluation table (dev, when ``dev`` is an evaluation split carved from train) that every run is
     also read on (``Run.second``).
     """
     import agents
     from agents.__main__ import train_policy
     from ee_gym.evaluation import evaluate, evaluate_sweep, sweep_thresholds
+    from ee_gym.policy import load_policy
 
     runs, operating, done = [], {}, 0
-    for item in plan_runs(args, dev.num_layers, settings):
+    for index, item in enumerate(plan_runs(args, dev.num_layers, settings)):
+        table_row = item.default and item.seed in (None, 0) and item.kind != "reference"
+        timed = table_row or item.label == "full model"  # the policies wall-clock timing runs
+        finished = None if journal is None else journal.done(index)
+        if finished is not None:  # an interrupted comparison did this one
+            runs += [run_from_record(record) for record in finished["runs"]]
+            done = len(runs)
+            if timed:
+                operating[item.label] = load_policy(journal.path.parent / finished["policy"])
+            bar.update(1)
+            continue
         seconds, run_alpha = 0.0, None
         if item.kind == "learner":
             run_alpha = alpha * item.alpha_scale
@@ -464,14 +521,10 @@ def run_all(
                         **_validation_fields(held), **{**common, "default": False},
                         second=None if other is None else _fields(other))
                 )  # fmt: skip
-        if log is not None:
-            with log.open("a") as handle:
-                for run in runs[done:]:
-                    extra = {"predictions": run.predictions.tolist(), "exit_layers": run.exit_layers.tolist()}
-                    handle.write(json.dumps({**run.to_dict(), **extra}, default=_json_value) + "\n")
+        if journal is not None:
+            journal.record(index, [run_record(run) for run in runs[done:]], policy if timed else None)
         done = len(runs)
-        table_row = item.default and item.seed in (None, 0) and item.kind != "reference"
-        if table_row or item.label == "full model":  # the policies wall-clock timing runs
+        if timed:
             operating[item.label] = policy
         bar.update(1)
     choose_curves(runs)
@@ -1038,12 +1091,18 @@ def main(argv=None) -> int:
         total=count_runs(args, num_layers), desc=f"compare [{task}]", unit="run", disable=not args.progress
     )
     fit, validation = validation_split(train)  # no policy trains on the validation slice
-    settings = choose_settings(args, fit, validation, alpha, bar)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.partial.jsonl"  # every run as it is made; removed once results.json is written
-    log.unlink(missing_ok=True)
-    runs, operating = run_all(args, fit, validation, dev, alpha, bar, settings, log, second)
+    # every finished planned run, so that an interrupted comparison resumes (benchmarks.journal)
+    journal = Journal.open(out / JOURNAL_NAME, journal_key(args, model, train, dev, second))
+    if journal.note:
+        print(journal.note, file=sys.stderr)
+    if journal.settings is not None:
+        settings = Settings.from_dict(journal.settings)  # chosen before the interruption
+    else:
+        settings = choose_settings(args, fit, validation, alpha, bar)
+    journal.start(settings.to_dict())
+    runs, operating = run_all(args, fit, validation, dev, alpha, bar, settings, journal, second)
     bar.set_postfix_str("wall-clock timing")
     wall = wall_speedups(model, task, args, operating)
     bar.close()
@@ -1100,7 +1159,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - began, 1),
     }
     write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_json_value))
-    log.unlink(missing_ok=True)
+    journal.remove()
     text = [
         f"# {task}: exit policies compared",
         "",

@@ -240,3 +240,75 @@ def test_a_carved_evaluation_split_is_read_first_and_dev_second(tokenizer, tiny_
     assert set(run["dev"]) >= {"metric", "speedup"} and run["on_curve"]
     assert len(second["curves"]["entropy"]) == len(record["curves"]["entropy"])
     assert "## The same runs on dev" in (out / "results.md").read_text()
+
+
+def test_an_interrupted_comparison_resumes_where_it_stopped(tokenizer, tiny_data, tmp_path, monkeypatch):
+    """The journal keeps every finished planned run: a second start tunes nothing, trains only what
+    was left, and writes the results an uninterrupted comparison writes."""
+    import agents.__main__ as agents_main
+    from benchmarks.journal import Journal
+
+    monkeypatch.setenv("EE_GYM_HOME", str(tmp_path / "home"))
+    new_tiny_model(tokenizer, task="sst2").save_pretrained(tmp_path / "model")
+    argv = [
+        "--task", "sst2", "--model", str(tmp_path / "model"), "--data-dir", str(tiny_data),
+        "--agents", "reinforce,learned-exit,entropy,static", "--seeds", "1", "--alpha-scales", "1,2",
+        "--rewards", "hardness", "--reward-variants", "", "--sweep-points", "3", "--wall-limit", "4",
+        "--wall-repeat", "1", "--wall-batch-size", "4", "--no-progress",
+    ]  # fmt: skip
+    assert compare.main([*argv, "--output-dir", str(tmp_path / "whole")]) == 0
+
+    record, finished = Journal.record, []
+
+    def dies_on_the_fourth(self, index, runs, policy=None):
+        if len(finished) == 3:
+            raise KeyboardInterrupt
+        finished.append(index)
+        record(self, index, runs, policy)
+
+    monkeypatch.setattr(Journal, "record", dies_on_the_fourth)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        compare.main([*argv, "--output-dir", str(out)])
+    assert (out / compare.JOURNAL_NAME).is_file() and not (out / "results.json").exists()
+
+    monkeypatch.setattr(Journal, "record", record)
+    monkeypatch.setattr(compare, "choose_settings", lambda *a, **k: pytest.fail("tuned again on resume"))
+    trained, train_policy = [], agents_main.train_policy
+    monkeypatch.setattr(
+        agents_main, "train_policy", lambda name, *a, **k: trained.append(name) or train_policy(name, *a, **k)
+    )
+    assert compare.main([*argv, "--output-dir", str(out)]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    resumed = json.loads((out / "results.json").read_text())
+    planned_learners = sum(
+        1 for r in whole["runs"] if r["kind"] == "learner" and "exit_threshold" not in r["params"]
+    )
+    done_learners = sum(1 for i in finished if compare.plan_runs(compare.parse_args(argv).resolved(), 4,
+                        compare.Settings.from_dict(whole["tuning"]))[i].kind == "learner")  # fmt: skip
+    assert len(trained) == planned_learners - done_learners  # the finished ones were not trained again
+    key = ("label", "params", "metric", "speedup", "seed", "alpha_scale", "default", "on_curve")
+    assert [[r[k] for k in key] for r in resumed["runs"]] == [[r[k] for k in key] for r in whole["runs"]]
+    assert [(r["label"], r["auc"]) for r in resumed["table"]] == [
+        (r["label"], r["auc"]) for r in whole["table"]
+    ]
+    assert len(finished) == 3
+    assert not (out / compare.JOURNAL_NAME).exists() and not (out / "policies").exists()
+
+
+def test_a_journal_of_other_settings_is_not_resumed(tmp_path):
+    from benchmarks.journal import Journal
+
+    journal = Journal.open(tmp_path / "j.jsonl", {"args": {"seeds": 1}})
+    journal.start({"learners": {}, "rules": {}})
+    journal.record(0, [{"label": "x"}])
+    again = Journal.open(tmp_path / "j.jsonl", {"args": {"seeds": 1}})
+    assert again.done(0) == {"runs": [{"label": "x"}], "policy": None} and again.settings == {
+        "learners": {},
+        "rules": {},
+    }
+    other = Journal.open(tmp_path / "j.jsonl", {"args": {"seeds": 2}})
+    assert other.done(0) is None and other.settings is None and "starting over" in other.note
+    with (tmp_path / "j.jsonl").open("a") as handle:  # a run cut off mid-write: run again
+        handle.write('{"item": 1, "run": {"lab')
+    assert Journal.open(tmp_path / "j.jsonl", {"args": {"seeds": 2}}).done(1) is None

@@ -57,6 +57,8 @@ DEFAULT_AGENTS = (
     "reinforce,ppo,a2c,dqn,learned-exit,entropy,patience,pcee,maxprob,static,oracle,oracle-consistent"
 )
 REFERENCES = ("oracle", "oracle-consistent")
+#: a regression task's default: the rules that read no softmax (PABEE's regression patience, static)
+REGRESSION_AGENTS = "reinforce,ppo,a2c,dqn,learned-exit,patience,static,oracle,oracle-consistent"
 #: the journal of finished runs in the output folder (benchmarks.journal); gone once results.json is
 JOURNAL_NAME = "runs.partial.jsonl"
 #: comparison settings that change where results go or how a run is timed and reported, not its runs
@@ -103,17 +105,25 @@ class CompareArgs:
     progress: bool = True
 
     def resolved(self) -> CompareArgs:
+        from ee_gym.policy import policy_class
         from ee_gym.protocols import get_protocol
         from ee_gym.tasks import get_task
 
-        if get_task(self.task).is_regression:  # before any work: the paired statistics score classes
-            raise ConfigError(
-                f"benchmarks.compare does not score regression tasks yet ({self.task!r}: a correlation, "
-                "whose paired bootstrap is not built); train and evaluate it with `ee-gym stage1 --task "
-                f"{self.task}` and agents.evaluate.evaluate, whose metrics are Pearson and Spearman"
-            )
+        spec = get_task(self.task)
+        agents = self.agents
+        if spec.is_regression:  # the rules that read a softmax have nothing to read: refused before any work
+            agents = REGRESSION_AGENTS if agents == DEFAULT_AGENTS else agents
+            refused = [
+                a for a in agents.split(",") if a and getattr(policy_class(a), "classification_only", False)
+            ]
+            if refused:
+                raise ConfigError(
+                    f"{', '.join(refused)} read the heads' softmax, and {spec.name!r} is a regression task "
+                    f"(one output per head): leave them out of --agents (its default: {REGRESSION_AGENTS})"
+                )
         changes: dict[str, Any] = {
-            "task": get_task(self.task).name,
+            "task": spec.name,
+            "agents": agents,
             "protocol": get_protocol(self.protocol).name,  # checked: an unknown name lists the choices
         }
         if self.quick:

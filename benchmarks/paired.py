@@ -9,7 +9,9 @@ One bootstrap replicate draws n input indices with replacement (numpy's seeded G
 draw for every policy) and, for learners, S of their S seeds with replacement (the same draw for every
 policy with the same number of seeds: "the seeds jointly"). On that replicate every run is re-scored
 from its per-input predictions (the task metric recomputed: accuracy, F1 or Matthews correlation, from
-confusion counts, equal to :func:`ee_gym.tasks.compute_metrics`) and per-input exit layers (its layer
+confusion counts; a regression task's correlation, the mean of Pearson's and Spearman's, from the
+replicate's weighted moments and mid-ranks; each equal to :func:`ee_gym.tasks.compute_metrics` on
+the resampled inputs) and per-input exit layers (its layer
 speed-up L / mean exit layer), each curve is re-formed exactly as :func:`benchmarks.compare.curve_auc`
 forms it (its runs plus the full-model and layer-1 anchors, linear between them in speed-up order;
 with ``Curve.frontier`` only the runs on the replicate's upper frontier, for curves whose runs were
@@ -64,6 +66,8 @@ __all__ = [
     "verdict",
 ]
 
+#: the metrics the paired statistics recompute per replicate ("correlation": a regression task's)
+PAIRED_METRICS = ("accuracy", "f1", "matthews", "correlation")
 AUC_GRID_POINTS = 101  # as benchmarks.compare.curve_auc: 101 speed-ups from 1x to L/2 x
 _BLOCK_BYTES = 64 * 2**20  # replicate blocks keep the resampling weights under this size
 
@@ -129,7 +133,7 @@ class Setup:
     ``ids`` (optional) names the inputs; every run that carries ids must carry these, in this order.
     """
 
-    metric: str  # "accuracy" | "f1" | "matthews"
+    metric: str  # "accuracy" | "f1" | "matthews" | "correlation" (regression: values, not label ids)
     num_labels: int
     num_layers: int
     labels: np.ndarray | None
@@ -158,8 +162,11 @@ class Setup:
 
 # -- checks (all before any work) -----------------------------------------------------------------------
 def _check(setup: Setup, curves: Sequence[Curve]) -> None:
-    if setup.metric not in ("accuracy", "f1", "matthews"):
-        raise ValueError(f"metric must be accuracy, f1 or matthews, not {setup.metric!r}")
+    if setup.metric not in PAIRED_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(PAIRED_METRICS)}, not {setup.metric!r}")
+    regression = setup.metric == "correlation"
+    if regression and setup.labels is None:
+        raise ValueError("a correlation needs the labels (real values)")
     if setup.labels is None and setup.metric != "accuracy":
         raise ValueError(f"per-input correctness (labels=None) scores accuracy only, not {setup.metric!r}")
     n = setup.size
@@ -189,9 +196,12 @@ def _check(setup: Setup, curves: Sequence[Curve]) -> None:
                 f"{name}: predictions {pred.shape} and exit layers {exits.shape} must both be ({n},), the "
                 "evaluation inputs every policy is scored on"
             )
-        if not np.issubdtype(pred.dtype, np.integer) and pred.dtype != bool:
+        if regression:
+            if not np.isfinite(pred.astype(np.float64)).all():
+                raise ValueError(f"{name}: predictions must be finite numbers")
+        elif not np.issubdtype(pred.dtype, np.integer) and pred.dtype != bool:
             raise ValueError(f"{name}: predictions must be label ids, got dtype {pred.dtype}")
-        if pred.min() < 0 or pred.max() >= top:
+        elif pred.min() < 0 or pred.max() >= top:
             raise ValueError(f"{name}: predictions must lie in 0..{top - 1}")
         if exits.min() < 1 or exits.max() > setup.num_layers:
             raise ValueError(f"{name}: exit layers must lie in 1..{setup.num_layers}")
@@ -332,6 +342,19 @@ def _weights(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray:
 
 def _score_runs(setup: Setup, runs: list[Outcome], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(metric [R, runs], layer speed-up [R, runs]) of every run on every replicate's inputs."""
+    exits = np.stack([np.asarray(r.exit_layers, dtype=np.float64) for r in runs], axis=1)  # [n, runs]
+    mean_exit = (weights @ exits) / weights.sum(1, keepdims=True)
+    if setup.metric == "correlation":
+        labels = np.asarray(setup.labels, dtype=np.float64)
+        label_ranks = resample_ranks(labels, weights)
+        metric = np.stack(
+            [
+                resampled_correlation(weights, np.asarray(r.predictions, np.float64), labels, label_ranks)
+                for r in runs
+            ],
+            axis=1,
+        )
+        return metric, setup.num_layers / mean_exit
     n = setup.size
     if setup.labels is None:
         # correctness: right -> cell (1, 1), wrong -> (0, 1), so accuracy = trace / total
@@ -345,9 +368,47 @@ def _score_runs(setup: Setup, runs: list[Outcome], weights: np.ndarray) -> tuple
         onehot[np.arange(n), j * k * k + cell] = 1.0
     confusion = (weights @ onehot).reshape(len(weights), len(runs), k, k)
     metric = batched_metric(setup.metric, confusion)
-    exits = np.stack([np.asarray(r.exit_layers, dtype=np.float64) for r in runs], axis=1)  # [n, runs]
-    mean_exit = (weights @ exits) / weights.sum(1, keepdims=True)
     return metric, setup.num_layers / mean_exit
+
+
+def resample_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[R, n] the mid-rank (1-based, ties averaged) each input's value has in each replicate, where
+    replicate r holds input i ``weights[r, i]`` times: what Spearman's correlation ranks there."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each tied group
+    group_weight = np.add.reduceat(weights[:, order], starts, axis=1)  # [R, groups]
+    group_rank = np.cumsum(group_weight, axis=1) - group_weight + (group_weight + 1) / 2
+    group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(values)]))
+    ranks = np.empty_like(weights, dtype=np.float64)
+    ranks[:, order] = group_rank[:, group_of]
+    return ranks
+
+
+def _weighted_pearson(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[R] Pearson's r of x and y ([n], or [R, n] per replicate) over each replicate's inputs; 0 where
+    either side is constant there (as ee_gym.tasks scores a constant prediction)."""
+    total = weights.sum(1, keepdims=True)
+
+    def mean(a: np.ndarray) -> np.ndarray:  # [R, 1], a broadcast to [R, n]
+        return (weights * a).sum(1, keepdims=True) / total
+
+    dx, dy = x - mean(x), y - mean(y)
+    cov, vx, vy = mean(dx * dy)[:, 0], mean(dx * dx)[:, 0], mean(dy * dy)[:, 0]
+    # a variance at rounding level (a constant side) has no correlation
+    varies = (vx > 1e-12 * (mean(x * x)[:, 0] + 1e-300)) & (vy > 1e-12 * (mean(y * y)[:, 0] + 1e-300))
+    scale = np.sqrt(vx * vy)
+    return np.divide(cov, scale, out=np.zeros_like(cov), where=varies & (scale > 0))
+
+
+def resampled_correlation(weights: np.ndarray, predictions: np.ndarray, labels: np.ndarray,
+                          label_ranks: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """[R] the regression metric (mean of Pearson's and Spearman's correlation) of one run on each
+    replicate's inputs (``label_ranks``: :func:`resample_ranks` of the labels, computed once)."""
+    label_ranks = resample_ranks(labels, weights) if label_ranks is None else label_ranks
+    pearson = _weighted_pearson(weights, predictions, labels)
+    spearman = _weighted_pearson(weights, resample_ranks(predictions, weights), label_ranks)
+    return (pearson + spearman) / 2
 
 
 def _point_metric(setup: Setup, run: Outcome) -> float:
@@ -356,6 +417,10 @@ def _point_metric(setup: Setup, run: Outcome) -> float:
         return float(np.mean(run.predictions))
     from ee_gym.tasks import TaskSpec, compute_metrics
 
+    if setup.metric == "correlation":
+        spec = TaskSpec(name="paired", labels=("value",), metric="correlation", text_columns=("text",),
+                        kind="regression", tolerance=1.0)  # fmt: skip
+        return compute_metrics(spec, np.asarray(run.predictions), np.asarray(setup.labels))["correlation"]
     labels = tuple(str(i) for i in range(setup.num_labels))
     spec = TaskSpec(name="paired", labels=labels, metric=setup.metric, text_columns=("text",))
     return compute_metrics(spec, np.asarray(run.predictions), np.asarray(setup.labels))[setup.metric]

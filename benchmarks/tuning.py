@@ -76,10 +76,14 @@ def choose_learner_settings(
     score each on ``validation`` and keep the best AUC (the first, the defaults, on a tie).
     ``fixed``: constructor arguments every candidate keeps (e.g. a step budget given on the command line)."""
     from agents.__main__ import train_policy
+    from ee_gym.observations import get_obs_mode
     from ee_gym.policy import policy_class
 
     choice = LearnerChoice(name)
     for params, budget in policy_class(name).candidates:
+        mode = params.get("obs_mode")
+        if fit.num_labels == 1 and mode is not None and get_obs_mode(mode).confidence_signal == "top2_gap":
+            continue  # a regression head has no softmax to read a confidence from
         began = time.perf_counter()
         params = {**params, **(fixed or {})}
         policy, _ = train_policy(name, fit, alpha, reward, seed, budget=budget, **params)

@@ -148,6 +148,29 @@ def test_resampled_metrics_equal_the_task_scorer(metric, labels):
             assert speed[r, j] == pytest.approx(L / run.exit_layers[row].mean())
 
 
+def test_resampled_correlation_equals_the_task_scorer():
+    """Regression: each replicate's Pearson and Spearman (ties averaged, as scipy ranks them) from
+    weighted moments and mid-ranks equal ee_gym.tasks' scorer on the resampled inputs."""
+    rng = np.random.default_rng(6)
+    n = 80
+    gold = rng.integers(0, 11, n) / 2  # a 0-5 score with many ties, as STS-B's
+    spec = TaskSpec("t", ("score",), "correlation", ("text",), kind="regression", tolerance=0.5)
+    runs = [Outcome(gold + rng.normal(0, s, n), rng.integers(1, L + 1, n)) for s in (0.3, 1.0, 3.0)]
+    runs.append(Outcome(np.round(gold + rng.normal(0, 1, n)), rng.integers(1, L + 1, n)))  # tied predictions
+    runs.append(Outcome(np.full(n, 2.5), _at_layer(L, n)))  # constant: no correlation, scored 0
+    setup = Setup("correlation", 1, L, gold, runs[0])
+    idx = rng.integers(0, n, size=(25, n))
+    weights = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)
+    values, speed = paired._score_runs(setup, runs, weights)
+    for r, row in enumerate(idx):
+        for j, run in enumerate(runs):
+            want = compute_metrics(spec, run.predictions[row], gold[row])["correlation"]
+            assert values[r, j] == pytest.approx(want, abs=1e-9)
+            assert speed[r, j] == pytest.approx(L / run.exit_layers[row].mean())
+    with pytest.raises(ValueError, match="finite"):
+        paired.compare_policies(setup, [Curve("x", (Outcome(np.full(n, np.nan), _at_layer(L, n)),))], ["x"])
+
+
 def test_same_seed_same_records_other_seed_other_intervals():
     setup, a, b, _ = _known_gap_case()
     one = paired.paired_difference(setup, a, b, BootstrapSettings(resamples=500, seed=4))

@@ -125,17 +125,23 @@ def test_user_files_with_a_numeric_label_declare_regression(tmp_path, monkeypatc
                         kind="regression")  # fmt: skip
 
 
-def test_stage1_learns_a_tiny_regression_task(tokenizer, tmp_path):
+def write_tiny_stsb(root, n: int = 64):
+    """A GLUE-layout STS-B folder whose 0-5 score is in the words (learnable by a tiny model)."""
     lines = ["index\tsentence1\tsentence2\tscore"]
     rng = np.random.default_rng(0)
-    for i in range(64):
+    for i in range(n):
         score = float(rng.integers(0, 6))
         word = "good" if score >= 3 else "bad"
         lines.append(f"{i}\tit was {word} {'very ' * int(score)}\tsaid {word}\t{score:.1f}")
-    folder = tmp_path / "data" / "glue" / "STS-B"
+    folder = root / "glue" / "STS-B"
     folder.mkdir(parents=True)
     for split in ("train", "dev"):
         (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_stage1_learns_a_tiny_regression_task(tokenizer, tmp_path):
+    write_tiny_stsb(tmp_path / "data")
     torch.manual_seed(0)
     model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=1, tokenizer=tokenizer, task="stsb")
     config = Stage1Config(task="stsb", data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
@@ -168,8 +174,30 @@ def test_learners_train_on_a_regression_table():
         assert "correlation" in result.metrics
 
 
-def test_the_comparison_refuses_a_regression_task_before_any_work():
-    from benchmarks.compare import CompareArgs
+def test_the_comparison_runs_a_regression_task_with_the_rules_that_fit(tokenizer, tmp_path, monkeypatch):
+    import json
 
-    with pytest.raises(ConfigError, match="regression"):
-        CompareArgs(task="stsb").resolved()
+    from benchmarks import compare
+
+    with pytest.raises(ConfigError, match="maxprob read the heads' softmax"):
+        compare.CompareArgs(task="stsb", agents="static,maxprob").resolved()
+    assert compare.CompareArgs(task="stsb").resolved().agents == compare.REGRESSION_AGENTS
+    monkeypatch.setenv("EE_GYM_HOME", str(tmp_path / "home"))
+    data = write_tiny_stsb(tmp_path / "data")
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(tiny_bert_config(), num_labels=1, tokenizer=tokenizer, task="stsb")
+    model.save_pretrained(tmp_path / "model")
+    argv = [
+        "--task", "stsb", "--model", str(tmp_path / "model"), "--data-dir", str(data),
+        "--agents", "reinforce,learned-exit,patience,static,oracle", "--seeds", "1", "--alpha-scales", "1",
+        "--rewards", "hardness", "--reward-variants", "", "--sweep-points", "3", "--wall-limit", "4",
+        "--wall-repeat", "1", "--wall-batch-size", "4", "--output-dir", str(tmp_path / "out"), "--no-progress",
+    ]  # fmt: skip
+    assert compare.main(argv) == 0
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["metric"] == "correlation" and record["best_rule"] in {"patience", "static"}
+    assert {r["label"] for r in record["table"]} >= {"reinforce", "learned-exit", "patience", "static"}
+    assert all(p["low"] <= p["delta"] <= p["high"] for p in record["paired"])
+    # reinforce's state+confidence candidate cannot read a regression head: not tried
+    modes = [c["params"].get("obs_mode") for c in record["tuning"]["learners"]["reinforce"]["candidates"]]
+    assert "state+confidence" not in modes

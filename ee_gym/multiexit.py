@@ -110,7 +110,7 @@ class LayerState:
 
     hidden: torch.Tensor  # [B, T, d]
     attention_mask: torch.Tensor  # [B, T] 1 = token, 0 = padding
-    layer_mask: torch.Tensor | None  # what the backbone's layers receive
+    layer_mask: Any  # what the backbone's layers receive (LayerwiseEncoder.layer_mask)
     layer: int = 0
 
     @property

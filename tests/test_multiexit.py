@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AlbertConfig, DistilBertConfig, ElectraConfig, RobertaConfig
+from transformers import AlbertConfig, DistilBertConfig, ElectraConfig, MPNetConfig, RobertaConfig
 
 from ee_gym.backbones import UnsupportedBackboneError, default_pooling, resolve_backbone
 from ee_gym.multiexit import MultiExitConfig, MultiExitModel
@@ -17,6 +17,8 @@ CONFIGS = {
     "distilbert": DistilBertConfig(vocab_size=120, dim=32, n_layers=3, n_heads=2, hidden_dim=37),
     "albert": AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=4, **SMALL),
     "electra": ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=3, **SMALL),
+    # relative position bias computed once per batch and passed to every layer
+    "mpnet": MPNetConfig(hidden_size=32, num_hidden_layers=3, **SMALL),
 }
 
 
@@ -131,3 +133,17 @@ def test_embedded_backbone_resolves_offline_with_mean_pooling():
     assert default_pooling("minilm-l6") == "mean"
     assert default_pooling("bert-base-uncased") == "cls"
     assert resolve_backbone("some/hub-name") == "some/hub-name"
+
+
+def test_mpnet_rows_kept_after_an_exit_match_running_them_alone():
+    """Dropping rows trims the padding: MPNet's position bias is rebuilt for the shorter batch."""
+    torch.manual_seed(0)
+    model = MultiExitModel.from_backbone(CONFIGS["mpnet"], pooling="mean").eval()
+    input_ids, attention_mask = _batch(CONFIGS["mpnet"].vocab_size)
+    state = model.advance(model.start(input_ids, attention_mask))
+    kept = model.select(state, torch.tensor([2]))  # row 2 has 3 tokens: the batch shrinks to 3
+    assert kept.hidden.shape[1] == 3 and kept.layer_mask[1].shape[-1] == 3
+    alone = model.advance(model.start(input_ids[2:, :3], attention_mask[2:, :3]))
+    for _ in range(model.num_layers - 1):
+        kept, alone = model.advance(kept), model.advance(alone)
+    torch.testing.assert_close(kept.hidden, alone.hidden, atol=1e-5, rtol=1e-5)

@@ -118,6 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-rounds", type=int, default=3, help="alternating rounds; medians are quoted")
     p.add_argument("--timing-threads", type=int, nargs="+", default=[1, 2], help="torch thread counts timed")
     p.add_argument("--timing-batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes timed")
+    p.add_argument(
+        "--timing-policies",
+        nargs="*",
+        default=[],
+        help="name prefixes of the policies timed (default: all; full depth always is)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of everything but the timing")
     p.add_argument("--verify-draft-tokens", type=int, nargs="*", default=[4],
                    help="the lossless verify mode at each k (drafts per verify pass; none: not run)")  # fmt: skip
@@ -325,6 +331,7 @@ def config_from_args(args: argparse.Namespace):
             args.timing_rounds,
             tuple(args.timing_threads),
             tuple(args.timing_batch_sizes),
+            tuple(args.timing_policies),
         )
         if args.timing_articles
         else None,  # fmt: skip
@@ -343,7 +350,15 @@ def main(argv=None) -> dict:
 
     from ee_gym.generation.method import compare_exit_policies
 
-    found = compare_exit_policies(config_from_args(args), progress=not args.no_progress)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.partial.json"
+
+    def scored(runs: list[dict]) -> None:  # the scores, before the long timing phase
+        partial.write_text(json.dumps({"command": " ".join(sys.argv), "note": "scores only: the timing "
+                                       "did not finish", "runs": runs}, indent=1))  # fmt: skip
+
+    found = compare_exit_policies(config_from_args(args), progress=not args.no_progress, scored=scored)
     record = {
         "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": found.settings,
@@ -361,9 +376,8 @@ def main(argv=None) -> dict:
         "runs": found.runs,
         "speculative": found.speculative,
     }
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(record, indent=1))
+    partial.unlink(missing_ok=True)
     text = markdown(record)
     (out / "results.md").write_text(text)
     print(text)

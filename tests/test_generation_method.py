@@ -6,6 +6,7 @@ each called without the benchmark script."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -172,6 +173,33 @@ def test_compare_exit_policies_without_the_script(tmp_path, data_dir, monkeypatc
     assert found.settings["policy_min_layer"] == 2 and found.settings["articles"] == 2
     assert found.settings["exit_prior"] == f"1/{DECODER_LAYERS}" and (tmp_path / "heads").is_dir()
     assert list(found.policy_history) == names[3:]
+
+
+def test_scores_come_before_the_timing_and_only_the_named_policies_are_timed(tmp_path, data_dir, monkeypatch):
+    """The scores reach ``scored`` before the timing starts; ``TimingSettings.policies`` limits what is
+    timed; the policy table is read back from its cache the second time."""
+    from ee_gym.generation.timing import TimingSettings
+
+    timing = TimingSettings(articles=1, rounds=1, threads=(1,), batch_sizes=(1,), policies=("static",))
+    config = ComparisonConfig(
+        decoder="unused", data_dir=str(data_dir), eval_rows="0:2", policy_rows="8:10", max_new_tokens=4,
+        batch_size=2, static_layers=(2,), speedups=(), alphas=(0.05,), confidence_alphas=(), probe_alphas=(),
+        policy=PolicySetup(min_layer=2, epochs=1, num_envs=4), timing=timing, oracle=False,
+        verify_draft_tokens=(), head=HeadSetup(method="regression", rows="4:6"), save_heads=str(tmp_path / "heads"),
+    )  # fmt: skip
+    decoder = tiny_llama_decoder()
+    monkeypatch.setattr(method, "make_decoder", lambda name, heads=None, setup=None: decoder)
+    seen = []
+    found = compare_exit_policies(config, progress=False, log=lambda _: None, scored=seen.append)
+    assert [r["name"] for r in seen[0]] == [r["name"] for r in found.runs]
+    assert all(not r["timing"] for r in seen[0])  # before the timing
+    timed = {r["name"] for r in found.runs if r["timing"]}
+    assert timed == {"full depth", "static (layer 2)"}  # the consistentee row is not timed
+    # the second comparison with the same heads reads the policy table back instead of decoding
+    monkeypatch.setattr(method, "collect_split", lambda *a, **k: pytest.fail("decoded the table again"))
+    config = dataclasses.replace(config, heads=str(tmp_path / "heads"), save_heads=None)
+    again = compare_exit_policies(config, progress=False, log=lambda _: None)
+    assert [r["rouge"] for r in again.runs] == [r["rouge"] for r in found.runs]
 
 
 def test_the_benchmark_flags_default_to_the_library_settings():

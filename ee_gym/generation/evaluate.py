@@ -16,7 +16,7 @@ prompt runs once, whatever the number of policies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -138,25 +138,37 @@ def evaluate_generation(
     timing: TimingSettings | None = None,
     progress: bool = True,
     timed: dict | None = None,
+    scored: Callable[[list[GenerationRun]], None] | None = None,
 ) -> list[GenerationRun]:
     """Score every policy of ``exit_fns`` (name -> exit_fn, ``None`` = full depth, named ``full
     depth`` to be timed against) on ``articles``, and time them unless ``timing`` is None
-    (:func:`time_policies`; pass a dict as ``timed`` to receive its whole record, prompt passes
-    included)."""
+    (:func:`time_policies`; the policies ``timing.times`` names; pass a dict as ``timed`` to receive
+    its whole record, prompt passes included). ``scored`` gets the runs before the timing starts, so
+    that a caller can keep the scores of a run whose timing is cut short."""
     generated = generate_with_policies(decoder, articles, exit_fns, max_new_tokens, batch_size, progress)
+    references = [a.reference for a in articles]
+    if scored is not None:
+        scored(_runs(generated, references, decoder.num_layers, []))
     cells: list[dict] = []
     if timing is not None:
         # references that look ahead (the oracle) decode every token twice: their speed means nothing
-        deployable = {name: fn for name, fn in exit_fns.items() if getattr(fn, "deployable", True)}
+        deployable = {
+            name: fn
+            for name, fn in exit_fns.items()
+            if getattr(fn, "deployable", True) and timing.times(name)
+        }
         record = time_policies(
             decoder, _encode(decoder, articles), deployable, timing, max_new_tokens, progress
         )
         cells = record["cells"]
         if timed is not None:
             timed.update(record)
+    return _runs(generated, references, decoder.num_layers, cells)
+
+
+def _runs(generated: dict, references: list[str], num_layers: int, cells: list[dict]) -> list[GenerationRun]:
+    """One record per policy from its texts and exit layers, with its timing cells (if any)."""
     first = (cells[0]["threads"], cells[0]["batch_size"]) if cells else None
-    references = [a.reference for a in articles]
-    num_layers = decoder.num_layers
     runs = []
     for name, (texts, layers) in generated.items():
         decided = np.concatenate([row[1:] for row in layers]) if layers else np.zeros(0, dtype=np.int64)

@@ -54,6 +54,7 @@ from ee_gym.generation.prepare import (
     HEAD_METHODS,
     collect_split,
     default_heads_dir,
+    table_path,
     train_heads,
 )
 from ee_gym.generation.table import TokenTable
@@ -247,11 +248,18 @@ def policy_table(
     progress: bool = True,
 ) -> TokenTable:
     """The token table of ``rows`` (held out from the heads): the per-layer exits of every token the
-    full model generates there, what policies train on and thresholds are placed on."""
+    full model generates there, what policies train on and thresholds are placed on. Kept under
+    ``$EE_GYM_HOME/generation/tables`` by the decoder's fingerprint (weights and heads), so a second
+    comparison with the same heads reads it instead of decoding 200 articles again."""
+    path = table_path(decoder.fingerprint(), "xsum", f"policy-{rows}", None, max_new_tokens)
+    if path.is_file():
+        return TokenTable.load(path)
     tokens = collect_split(
         decoder, "xsum", rows, data_dir=data_dir, max_new_tokens=max_new_tokens, progress=progress
     )
-    return TokenTable.build(decoder, tokens, split="train", progress=progress)
+    table = TokenTable.build(decoder, tokens, split="train", progress=progress)  # "train": drawn at random
+    table.save(path)
+    return table
 
 
 def table_speedup(rule: GenerationExit, table: TokenTable) -> float:
@@ -424,21 +432,27 @@ def evaluate_policies(
     timing: TimingSettings | None = None,
     progress: bool = True,
     timed: dict | None = None,
+    scored: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Decode ``articles`` with every policy (name -> exit rule, None = full depth) and score it: one
     record per policy (``GenerationRun.to_dict`` with the summaries, and ``table_speedup``: its
     layer speed-up on the policy table, None where it has none); timed as ``timing`` says (``timed``
-    receives the timing record)."""
+    receives the timing record; ``scored`` the records before the timing starts)."""
+
+    def records(runs) -> list[dict]:
+        out = []
+        for run in runs:
+            record = run.to_dict(with_summaries=True)
+            record["table_speedup"] = (table_speedups or {}).get(run.name)
+            out.append(record)
+        return out
+
     runs = evaluate_generation(
         decoder, articles, policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
         timing=timing, progress=progress, timed=timed,
+        scored=None if scored is None else (lambda untimed: scored(records(untimed))),
     )  # fmt: skip
-    records = []
-    for run in runs:
-        record = run.to_dict(with_summaries=True)
-        record["table_speedup"] = (table_speedups or {}).get(run.name)
-        records.append(record)
-    return records
+    return records(runs)
 
 
 @dataclass
@@ -454,8 +468,15 @@ class Comparison:
     speculative: list[dict] = field(default_factory=list)  # the verify mode's rows (time_speculative)
 
 
-def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, log: Log = print) -> Comparison:
+def compare_exit_policies(
+    config: ComparisonConfig,
+    *,
+    progress: bool = True,
+    log: Log = print,
+    scored: Callable[[list[dict]], None] | None = None,
+) -> Comparison:
     """The whole comparison in order: heads, the policy table, thresholds, policies, evaluation.
+    ``scored`` gets every policy's scores (ROUGE, exit layers) before the timing starts.
 
     Full depth, the oracle (unless ``config.oracle`` is False; from the policies' min layer), static
     exits, the CALM rules and the ConsistentEE policies (``state+layer`` at each of ``alphas``,
@@ -528,7 +549,7 @@ def compare_exit_policies(config: ComparisonConfig, *, progress: bool = True, lo
     timed: dict = {}
     runs = evaluate_policies(
         decoder, articles, policies, speedups, max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size, timing=config.timing, progress=progress, timed=timed,
+        batch_size=config.batch_size, timing=config.timing, progress=progress, timed=timed, scored=scored,
     )  # fmt: skip
     lap("evaluation")
     speculative = []

@@ -39,6 +39,12 @@ class TimingSettings:
     rounds: int = 3
     threads: tuple[int, ...] = (1, 2)
     batch_sizes: tuple[int, ...] = (1, 8)
+    #: name prefixes of the policies timed (empty: every one); full depth, the reference, always is
+    policies: tuple[str, ...] = ()
+
+    def times(self, name: str) -> bool:
+        """Whether the policy called ``name`` is timed."""
+        return name == FULL_DEPTH or not self.policies or name.startswith(tuple(self.policies))
 
     def __post_init__(self) -> None:
         if self.articles < 1 or self.rounds < 1:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.journal import Journal
+from ee_gym.config import RESUMABLE_CHANGES
 from ee_gym.validation import ConfigError, check_int
 
 DEFAULT_AGENTS = (
@@ -62,15 +63,7 @@ REGRESSION_AGENTS = "reinforce,ppo,a2c,dqn,learned-exit,patience,static,oracle,o
 #: the journal of finished runs in the output folder (benchmarks.journal); gone once results.json is
 JOURNAL_NAME = "runs.partial.jsonl"
 #: comparison settings that change where results go or how a run is timed and reported, not its runs
-_NOT_IN_JOURNAL_KEY = (
-    "output_dir",
-    "publish",
-    "data_dir",
-    "progress",
-    "wall_batch_size",
-    "wall_limit",
-    "wall_repeat",
-)
+_NOT_IN_JOURNAL_KEY = RESUMABLE_CHANGES | {"publish", "wall_batch_size", "wall_limit", "wall_repeat"}
 #: the committed results pages (``--publish`` writes there)
 RESULTS = Path(__file__).resolve().parent / "results"
 #: where a run writes when neither --output-dir nor --publish is given (relative to the working folder)

@@ -350,17 +350,18 @@ def main(argv=None) -> dict:
 
     from ee_gym.generation.method import compare_exit_policies
 
+    command = "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "results.partial.json"
 
     def scored(runs: list[dict]) -> None:  # the scores, before the long timing phase
-        partial.write_text(json.dumps({"command": " ".join(sys.argv), "note": "scores only: the timing "
-                                       "did not finish", "runs": runs}, indent=1))  # fmt: skip
+        partial.write_text(json.dumps({"command": command, "note": "scores only: the timing did not finish",
+                                       "runs": runs}, indent=1))  # fmt: skip
 
     found = compare_exit_policies(config_from_args(args), progress=not args.no_progress, scored=scored)
     record = {
-        "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "settings": found.settings,
         "seconds": found.seconds,
         "target": target_check(found.runs),

@@ -41,6 +41,7 @@ from ee_gym.observations import ObservationEncoder
 from ee_gym.policy import make_policy, policy_names
 from ee_gym.probabilities import softmax
 from ee_gym.runner import ActingExits, model_env_stand_in, run_layers
+from ee_gym.targets import head_predictions
 from ee_gym.tasks import Examples
 from ee_gym.validation import ConfigError
 
@@ -228,7 +229,7 @@ def predict_batches(
         model.train(was_training)
     regression = model.num_labels == 1  # one output per head: a value, no distribution
     return Predictions(
-        predictions=logits[:, 0].copy() if regression else logits.argmax(-1).astype(np.int64),
+        predictions=head_predictions(logits),
         exit_layers=exit_layers,
         probabilities=np.zeros((num_inputs, 0), np.float32)
         if regression

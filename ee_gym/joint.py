@@ -325,7 +325,8 @@ def _train_stage3(
         tokenizer,
         config.max_length,
     )
-    memorized = _memorized(run_dir, model, train, memorized, write=main, target=Target.of_task(task))
+    target = Target.of_task(task)  # what the exit's loss and "right" are (ee_gym.targets)
+    memorized = _memorized(run_dir, model, train, memorized, write=main, target=target)
     if resuming:
         model = MultiExitModel.from_pretrained(ckpt_dir)
         policy = load_policy(ckpt_dir / "policy")
@@ -366,7 +367,6 @@ def _train_stage3(
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
 
     reward_fn, num_layers = get_reward(config.reward), model.num_layers
-    target = Target.of_task(task)  # what the exit's loss and "right" are (ee_gym.targets)
     # separate replicas: K copies of each row, one trajectory each; else K trajectories per row
     copies = config.replicas if learned and config.separate_replicas else 1
     if learned:

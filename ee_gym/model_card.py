@@ -26,11 +26,10 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ee_gym.config import RESUMABLE_CHANGES
+from ee_gym.tasks import UnknownTaskError, get_task
 
 CARD_NAME = "README.md"
 LIBRARY = "ee-gym"
-#: tasks whose data is the GLUE benchmark's (their cards name the dataset)
-GLUE_TASKS = ("rte", "mrpc", "sst2", "cola", "stsb", "qnli", "qqp", "mnli", "wnli")
 
 
 @dataclass
@@ -100,6 +99,10 @@ def multiexit_card(
     """The card of a multi-exit model folder (``config`` its :class:`~ee_gym.multiexit.MultiExitConfig`)."""
     facts = facts or CardFacts()
     task = config.task
+    try:  # the registered task says its hub dataset and env name (None: a task of another process)
+        spec = get_task(task) if task else None
+    except UnknownTaskError:
+        spec = None
     metric = next(iter(facts.dev_metrics[0])) if facts.dev_metrics else None
     block = {
         "kind": "multi-exit model",
@@ -120,13 +123,13 @@ def multiexit_card(
         "library_name": LIBRARY,
         "tags": ["early-exit", LIBRARY, *([task] if task else [])],
         "base_model": config.backbone if not os.path.isabs(str(config.backbone)) else None,
-        "datasets": ["nyu-mll/glue"] if task in GLUE_TASKS else None,
+        "datasets": [spec.hub[0]] if spec is not None and spec.hub else None,
         "metrics": [metric] if metric else None,
         "ee_gym": {k: v for k, v in block.items() if v is not None},
     }
     what = f"{facts.stage} of " if facts.stage else ""
     summary = (
-        f"A multi-exit classifier ({what}ee-gym): `{config.backbone}` with an exit head after each of its "
+        f"A multi-exit model ({what}ee-gym): `{config.backbone}` with an exit head after each of its "
         f"{num_layers} layers, for {f'the `{task}` task' if task else 'a classification task'} "
         f"({config.num_labels} labels{': ' + ', '.join(map(str, config.labels)) if config.labels else ''})."
     )
@@ -136,12 +139,7 @@ def multiexit_card(
     load = ["```python", "from ee_gym.multiexit import MultiExitModel", "",
             'model = MultiExitModel.from_pretrained("<this folder>")', "```"]  # fmt: skip
     if task:
-        from ee_gym import tasks  # the env id of a task: ConsistentEE-<env name>-v0
-
-        try:
-            env_name = tasks.get_task(task).env_name
-        except tasks.UnknownTaskError:  # a user task registered in another process
-            env_name = task
+        env_name = spec.env_name if spec is not None else task  # ConsistentEE-<env name>-v0
         load += [
             "",
             f'or as an environment: `gym.make("ConsistentEE-{env_name}-v0", model="<this folder>")`.',

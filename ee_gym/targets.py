@@ -27,6 +27,13 @@ import numpy as np
 from ee_gym.probabilities import log_softmax
 
 
+def head_predictions(logits: np.ndarray) -> np.ndarray:
+    """Predictions [...] from head outputs [..., K]: the value of a one-output (regression) head as
+    float32, else the label id of the largest logit."""
+    logits = np.asarray(logits)
+    return logits[..., 0].astype(np.float32) if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
 @dataclass(frozen=True)
 class Target:
     """A task's kind as the heads see it: ``tolerance`` None for classification, else regression."""
@@ -52,11 +59,9 @@ class Target:
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         """Predictions [...] from head outputs [..., K]: label ids (int64) or values (float32)."""
         logits = np.asarray(logits)
-        if self.regression:
-            if logits.shape[-1] != 1:
-                raise ValueError(f"a regression head has one output, these have {logits.shape[-1]}")
-            return logits[..., 0].astype(np.float32)
-        return logits.argmax(-1)
+        if self.regression and logits.shape[-1] != 1:
+            raise ValueError(f"a regression head has one output, these have {logits.shape[-1]}")
+        return head_predictions(logits)
 
     def losses(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[N, L] float64: each head's loss against its input's label (labels [N])."""

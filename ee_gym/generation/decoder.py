@@ -317,7 +317,6 @@ class MultiExitDecoder(nn.Module):
         """:meth:`final_norm` as a float32 numpy array on the CPU, for the cheap exit decisions: for
         Llama-style RMS norms (weight * h / rms(h)) it is computed in numpy, where one norm of a single
         row costs a few microseconds instead of torch's per-call overhead; other norms run in torch."""
-        rows = hidden.detach().to("cpu", torch.float32).numpy()
         if getattr(self, "_numpy_norm", None) is None:  # the norm's weight and epsilon, read once
             norm = self.backbone.norm
             weight = getattr(norm, "weight", None)
@@ -331,6 +330,7 @@ class MultiExitDecoder(nn.Module):
             with torch.no_grad():
                 return self.final_norm(hidden).detach().to("cpu", torch.float32).numpy()
         weight, eps = self._numpy_norm
+        rows = hidden.detach().to("cpu", torch.float32).numpy()
         mean_square = np.einsum("bd,bd->b", rows, rows)[:, None] / np.float32(rows.shape[-1])
         return weight * (rows / np.sqrt(mean_square + eps))
 

@@ -211,14 +211,16 @@ class ProbeExit(ThresholdRule, GenerationExit):
         super().__init__(threshold, min_layer, every)
         self.probe, self.scale = probe, observation_scale(decoder)
 
-    def signal(self, view: LayerView) -> torch.Tensor:
-        return torch.from_numpy(self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer))
+    def _scores(self, view: LayerView) -> np.ndarray:
+        return self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer)
 
-    def __call__(self, view: LayerView) -> torch.Tensor:
+    def signal(self, view: LayerView) -> torch.Tensor:
+        return torch.from_numpy(self._scores(view))
+
+    def __call__(self, view: LayerView) -> torch.Tensor:  # ThresholdRule's, in numpy: no torch op per layer
         if not self.probes(view.layer):
             return torch.zeros(view.batch_size, dtype=torch.bool)
-        flags = self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer) >= self.threshold
-        return torch.from_numpy(flags & view.active.cpu().numpy())
+        return torch.from_numpy((self._scores(view) >= self.threshold) & view.active.cpu().numpy())
 
     def table_signal(self, table: TokenTable) -> np.ndarray:
         return self.probe.table_scores(table)

@@ -18,6 +18,7 @@ import math
 import pickle
 import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,6 @@ from ee_gym.scalars import ScalarLog, check_tensorboard, tensorboard_field
 from ee_gym.targets import Target
 from ee_gym.tasks import (
     BUILTIN_TASKS,
-    TaskDefaults,
     compute_metrics,
     get_task,
     load_split,
@@ -71,8 +71,7 @@ TASK_DEFAULTS: dict[str, dict] = {
     for spec in BUILTIN_TASKS
 }
 #: the stage-1 settings a None field takes from the task's spec
-TASK_DEFAULT_FIELDS = ("learning_rate", "epochs", "max_length", "batch_size")
-GENERIC_DEFAULTS = {k: getattr(TaskDefaults(), k) for k in TASK_DEFAULT_FIELDS}
+TASK_DEFAULT_FIELDS = ("learning_rate", "head_learning_rate", "epochs", "max_length", "batch_size")
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Stage1Config:
     data_dir: str | None = None
     epochs: int | None = None
     learning_rate: float | None = None
-    head_learning_rate: float | None = None  # pooler and heads; None: same as learning_rate
+    head_learning_rate: float | None = None  # pooler and heads; None: the task's (TaskDefaults)
     batch_size: int | None = None
     max_length: int | None = None
     weight_decay: float = 0.01
@@ -319,6 +318,7 @@ def _train_stage1(
             "torch_threads": torch.get_num_threads(),
         }
         history.append(record)
+        _warn_if_heads_miss_the_scale(record, train.labels, config)
         scalars.scalars({"train_loss": record["train_loss"], "seconds": record["seconds"]}, epoch + 1)
         for name in dev_metrics[0]:
             scalars.layers(f"dev_{name}", [m[name] for m in dev_metrics], epoch + 1)
@@ -384,6 +384,23 @@ def finished_stage1_model(config: Stage1Config, progress: bool | None = None) ->
         f"settings (`{shlex.join(command)}`; it is then used), or pass model=<a model folder>, or "
         "delete that folder to train one with these settings"
     )
+
+
+def _warn_if_heads_miss_the_scale(record: dict, labels: np.ndarray, config: Stage1Config) -> None:
+    """A regression run whose depth-weighted squared error is still above the labels' variance
+    predicts worse than their mean: say so, and what to change, rather than hand on weak heads."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.floating) or labels.size < 2:
+        return
+    variance = float(labels.var())
+    if record["train_loss"] > variance:
+        warnings.warn(
+            f"stage 1 epoch {record['epoch']}: the heads' mean squared error {record['train_loss']:.3f} is "
+            f"above the labels' variance {variance:.3f} (predicting the mean would do better); raise "
+            f"head_learning_rate (now {config.head_learning_rate or config.learning_rate:g}; "
+            "--head-learning-rate) or epochs",
+            stacklevel=2,
+        )
 
 
 def format_layer_metrics(task, metrics: list[dict], prefix: str = "") -> str:

@@ -3,6 +3,8 @@ hand-worked values; what refuses a one-output head; user files with a numeric la
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ from ee_gym.hardness import memorized_layer
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.rewards import hardness
 from ee_gym.targets import Target
-from ee_gym.tasks import compute_metrics, get_task, load_split, task_from_files
-from ee_gym.training import Stage1Config, train_stage1, weighted_exit_loss
+from ee_gym.tasks import REGRESSION_HEAD_LEARNING_RATE, compute_metrics, get_task, load_split, task_from_files
+from ee_gym.training import Stage1Config, _warn_if_heads_miss_the_scale, train_stage1, weighted_exit_loss
 from ee_gym.validation import ConfigError
 from tests.conftest import tiny_bert_config
 
@@ -26,6 +28,24 @@ STSB = get_task("stsb")
 def test_stsb_is_a_builtin_regression_task():
     assert STSB.is_regression and STSB.num_labels == 1 and STSB.metric == "correlation"
     assert STSB.tolerance == 0.5 and STSB.env_name == "STSB"
+
+
+def test_regression_heads_learn_at_their_own_rate_by_default():
+    # at the backbone's rate a regression head never reaches the label scale (tasks.REGRESSION_HEAD_LEARNING_RATE)
+    assert Stage1Config(task="stsb").resolved().head_learning_rate == REGRESSION_HEAD_LEARNING_RATE
+    assert Stage1Config(task="stsb", head_learning_rate=2e-4).resolved().head_learning_rate == 2e-4
+    assert Stage1Config(task="rte").resolved().head_learning_rate is None  # classification: the backbone's
+
+
+def test_heads_that_miss_the_label_scale_are_reported():
+    labels = np.array([1.0, 3.0], dtype=np.float32)  # variance 1
+    config = Stage1Config(task="stsb").resolved()
+    with pytest.warns(UserWarning, match="raise head_learning_rate"):
+        _warn_if_heads_miss_the_scale({"epoch": 1, "train_loss": 1.5}, labels, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_heads_miss_the_scale({"epoch": 1, "train_loss": 0.5}, labels, config)
+        _warn_if_heads_miss_the_scale({"epoch": 1, "train_loss": 9.0}, np.array([0, 1]), config)  # class ids
 
 
 def test_depth_weighted_squared_error_by_hand():

@@ -1104,6 +1104,7 @@ def main(argv=None) -> int:
         settings = Settings.from_dict(journal.settings)  # chosen before the interruption
     else:
         settings = choose_settings(args, fit, validation, alpha, bar)
+    resumed = len(journal.finished)
     journal.start(settings.to_dict())
     runs, operating = run_all(args, fit, validation, dev, alpha, bar, settings, journal, second)
     bar.set_postfix_str("wall-clock timing")
@@ -1159,7 +1160,8 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "load_1min_at_end": machine_load()["load_1min"],
         },
-        "seconds": round(time.perf_counter() - began, 1),
+        "seconds": round(time.perf_counter() - began, 1),  # this leg's, when resumed
+        "resumed_runs": resumed,  # planned runs an interrupted earlier leg had finished (its time not counted)
     }
     write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_json_value))
     journal.remove()
@@ -1208,8 +1210,13 @@ def main(argv=None) -> int:
         "",
         f"```bash\n{command}\n```",
         "",
-        f"{time.perf_counter() - began:.0f} s on {platform.machine()}; versions and every run's numbers in "
-        "`results.json`.",
+        f"{time.perf_counter() - began:.0f} s on {platform.machine()}"
+        + (
+            f" (this leg: {resumed} planned runs came from an interrupted earlier leg's journal)"
+            if resumed
+            else ""
+        )
+        + "; versions and every run's numbers in `results.json`.",
         "",
     ]
     (out / "results.md").write_text("\n".join(text))

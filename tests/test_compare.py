@@ -293,6 +293,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tokenizer, tiny_data
         (r["label"], r["auc"]) for r in whole["table"]
     ]
     assert len(finished) == 3
+    assert (resumed["resumed_runs"], whole["resumed_runs"]) == (3, 0)  # says its time is one leg's
     assert not (out / compare.JOURNAL_NAME).exists() and not (out / "policies").exists()
 
 

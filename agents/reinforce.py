@@ -188,6 +188,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
         ({}, {"epochs": 10, "learning_rate": 1e-3}),
         ({"hidden_size": 128}, {"epochs": 10}),
         ({"obs_mode": "state+confidence"}, {"epochs": 10}),
+        ({}, {"epochs": 10, "loss_weights": "balanced"}),  # for class-balanced metrics (CoLA's Matthews)
     )
     obs_mode: str = "state+layer"
     learns: ClassVar[bool] = True
@@ -287,7 +288,8 @@ class Reinforce(NetworkWeights, ExitPolicy):
 
         ``budget`` (:class:`~ee_gym.policy.TrainingBudget`): ``epochs`` (2), ``batch_size`` (32),
         ``replicas`` (8), ``learning_rate`` (3e-4), ``rollout`` and ``seed`` (the constructor's),
-        ``progress`` (True); a given seed re-seeds the policy's random draws (not its weights, which
+        ``progress`` (True), ``loss_weights`` (None; ``"balanced"`` pays each input's loss times
+        N / (K n_y)); a given seed re-seeds the policy's random draws (not its weights, which
         are initialised once). ``total_timesteps`` is not read.
         """
         rollout = check_rollout(budget.get("rollout", self.rollout))
@@ -299,6 +301,8 @@ class Reinforce(NetworkWeights, ExitPolicy):
         if table is None:
             raise ValueError("REINFORCE trains on a cached table: the env has none (live mode?)")
         self._learned_on(env, fresh=self.net is None)  # records (L, d, K), or checks a trained net's
+        if budget.get("loss_weights", None) == "balanced":  # every class weighs the same in the reward
+            table = table.with_loss_weights(table.target.balanced_weights(table.labels, table.num_labels))
         net = self._ensure_network(table)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         envs: dict[int, ConsistentEEVectorEnv] = {}  # one vector env per batch size (the last is short)

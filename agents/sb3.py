@@ -37,7 +37,7 @@ from ee_gym.observations import check_obs_mode, get_obs_mode
 from ee_gym.policy import ExitPolicy, TrainingBudget
 from ee_gym.rewards import REWARDS
 from ee_gym.scalars import check_tensorboard
-from ee_gym.validation import check_int, check_optional_int
+from ee_gym.validation import ConfigError, check_int, check_optional_int
 
 try:
     import sb3_contrib
@@ -136,6 +136,11 @@ class SB3Policy(ExitPolicy):
         ``budget`` (:class:`~ee_gym.policy.TrainingBudget`): ``total_timesteps`` and ``seed`` (the
         constructor's when None), ``progress`` (False); the epoch-based fields are not read (the
         algorithm's own settings, given to the constructor, say how it updates)."""
+        if budget.loss_weights is not None:
+            raise ConfigError(
+                f"{self.name} takes its reward from the env: loss_weights is REINFORCE's; build the env on "
+                "table.with_loss_weights(table.target.balanced_weights(table.labels, table.num_labels)) instead"
+            )
         seed = budget.get("seed", self.seed)
         venv = self.vec_env_class(self._training_env(env))
         policy = "MultiInputPolicy" if get_obs_mode(self.obs_mode).is_dict else "MlpPolicy"

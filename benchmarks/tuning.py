@@ -84,6 +84,8 @@ def choose_learner_settings(
         mode = params.get("obs_mode")
         if fit.num_labels == 1 and mode is not None and get_obs_mode(mode).confidence_signal == "top2_gap":
             continue  # a regression head has no softmax to read a confidence from
+        if fit.num_labels == 1 and budget.get("loss_weights") == "balanced":
+            continue  # nor classes to balance
         began = time.perf_counter()
         params = {**params, **(fixed or {})}
         policy, _ = train_policy(name, fit, alpha, reward, seed, budget=budget, **params)

@@ -76,6 +76,8 @@ ENTRY_POINT_GROUP = "ee_gym.policies"
 #: how a learner with per-layer exit probabilities draws its training actions: a Bernoulli sample,
 #: or the authors' p > 0.5 (replicas then differ by dropout only)
 ROLLOUTS = ("sample", "threshold")
+#: how a learner that reads the table's exit losses may weight them per input (TrainingBudget.loss_weights)
+LOSS_WEIGHTS = ("balanced",)
 #: the package shipped with ee-gym whose import registers its policies
 BUNDLED_POLICIES = "agents"
 _LOAD_FIX = "save the policy again (policy.save(folder)) or train a new one"
@@ -128,6 +130,9 @@ class TrainingBudget:
     seed: int | None = None  # re-seeds the learner's draws
     progress: bool | None = None  # a progress bar
     tensorboard_log: str | None = None  # a folder for TensorBoard scalars (SB3's name for it)
+    # "balanced": each input's exit loss (what the reward pays) scaled by N / (K n_y), so that every
+    # class weighs the same in the reward, as in a class-balanced metric (Matthews, F1); REINFORCE
+    loss_weights: str | None = None
 
     #: older keyword spellings ``learn`` still takes
     ALIASES: ClassVar[dict[str, str]] = {"lr": "learning_rate", "timesteps": "total_timesteps"}
@@ -141,6 +146,10 @@ class TrainingBudget:
             object.__setattr__(self, "learning_rate", rate)
         if self.rollout is not None:
             object.__setattr__(self, "rollout", check_choice("rollout", self.rollout, ROLLOUTS))
+        if self.loss_weights is not None:
+            object.__setattr__(
+                self, "loss_weights", check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS)
+            )
         object.__setattr__(
             self, "tensorboard_log", check_tensorboard("tensorboard_log", self.tensorboard_log)
         )
@@ -531,6 +540,7 @@ def load_policy(path: str | os.PathLike) -> ExitPolicy:
 __all__ = [
     "ENTRY_POINT_GROUP",
     "POLICY_FILE",
+    "LOSS_WEIGHTS",
     "ROLLOUTS",
     "SHAPE_KEYS",
     "ExitPolicy",

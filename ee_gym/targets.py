@@ -81,5 +81,15 @@ class Target:
             return np.abs(predictions.astype(np.float64) - labels.astype(np.float64)) <= self.tolerance
         return predictions == labels
 
+    def balanced_weights(self, labels: np.ndarray, num_labels: int) -> np.ndarray:
+        """[N] float64: N / (K n_y) for each input of class y (sklearn's "balanced"; mean 1 over the
+        inputs), so that each class's inputs weigh the same in total. Classification only."""
+        if self.regression:
+            raise ValueError("class-balanced loss weights need classes; a regression task has none")
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+        present = int((counts > 0).sum())
+        return len(labels) / (present * counts[labels])
+
     def label_dtype(self) -> type:
         return np.float32 if self.regression else np.int64

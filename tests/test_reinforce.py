@@ -312,3 +312,42 @@ def test_the_numpy_path_of_acting_is_the_networks_forward():
     np.testing.assert_allclose(
         net.numpy_logits(states.numpy(), 3), net(states, torch.full((5,), 3)).detach().numpy(), atol=1e-6
     )
+
+
+def test_balanced_loss_weights_by_hand():
+    table = easy_layer_table(n=4)
+    table.labels[:] = [0, 0, 0, 1]
+    w = table.target.balanced_weights(table.labels, 2)
+    np.testing.assert_allclose(w, [4 / 6, 4 / 6, 4 / 6, 2.0])  # N / (K n_y): each class weighs 2 in all
+    weighted = table.with_loss_weights(w)
+    np.testing.assert_allclose(weighted.cross_entropy, table.cross_entropy * w[:, None])
+    assert weighted.states is table.states and weighted.derived is table.derived
+    with pytest.raises(ValueError, match="one weight per input"):
+        table.with_loss_weights(w[:3])
+
+
+def test_balanced_reinforce_pays_the_weighted_loss(tables, monkeypatch):
+    table = tables[0]
+    seen = []
+    original = Reinforce._training_env
+    monkeypatch.setattr(
+        Reinforce, "_training_env", lambda self, env, t, n: seen.append(t) or original(self, env, t, n)
+    )
+    Reinforce(seed=0).learn(train_env(table), epochs=1, progress=False, loss_weights="balanced")
+    w = table.target.balanced_weights(table.labels, 2)
+    assert not np.allclose(w, 1.0)  # the fixture's classes are not exactly even
+    np.testing.assert_allclose(seen[0].cross_entropy, table.cross_entropy * w[:, None])
+    seen.clear()
+    Reinforce(seed=0).learn(train_env(table), epochs=1, progress=False)
+    assert seen[0] is table  # unweighted by default
+
+
+def test_loss_weights_are_checked_and_refused_where_not_read(tables):
+    from ee_gym.policy import TrainingBudget
+    from ee_gym.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_weights"):
+        TrainingBudget(loss_weights="inverse")
+    ppo = agents.make_policy("ppo", seed=0)
+    with pytest.raises(ConfigError, match="REINFORCE's"):
+        ppo.learn(train_env(tables[0]), total_timesteps=64, loss_weights="balanced")

@@ -7,6 +7,7 @@ computed here once, so that a step is an array lookup.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,16 @@ class ExitTable(ExitShapes):
         self.correct = self.target.correct(self.predictions, self.labels)
         # the exit's loss: cross-entropy, or squared error for regression (what the rewards pay)
         self.cross_entropy = self.target.losses(self.logits, self.labels)
+
+    def with_loss_weights(self, weights: np.ndarray) -> ExitTable:
+        """This table with each input's exit losses (what the rewards pay) scaled by ``weights`` [N];
+        every other array, and the derived observations, shared."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.num_inputs,):
+            raise ValueError(f"one weight per input: {self.num_inputs}, got shape {weights.shape}")
+        weighted = copy.copy(self)
+        weighted.cross_entropy = self.cross_entropy * weights[:, None]
+        return weighted
 
     @classmethod
     def from_cache(cls, cache: ExitCache) -> ExitTable:

@@ -302,7 +302,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
             raise ValueError("REINFORCE trains on a cached table: the env has none (live mode?)")
         self._learned_on(env, fresh=self.net is None)  # records (L, d, K), or checks a trained net's
         if budget.get("loss_weights", None) == "balanced":  # every class weighs the same in the reward
-            table = table.with_loss_weights(table.target.balanced_weights(table.labels, table.num_labels))
+            table = table.class_balanced()
         net = self._ensure_network(table)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         envs: dict[int, ConsistentEEVectorEnv] = {}  # one vector env per batch size (the last is short)

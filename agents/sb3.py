@@ -139,7 +139,7 @@ class SB3Policy(ExitPolicy):
         if budget.loss_weights is not None:
             raise ConfigError(
                 f"{self.name} takes its reward from the env: loss_weights is REINFORCE's; build the env on "
-                "table.with_loss_weights(table.target.balanced_weights(table.labels, table.num_labels)) instead"
+                "table.class_balanced() instead"
             )
         seed = budget.get("seed", self.seed)
         venv = self.vec_env_class(self._training_env(env))

@@ -124,6 +124,13 @@ class TableFormat:
             raise ValueError("a file without a header needs 0-based integer column indices")
 
 
+#: stage 1's pooler-and-heads rate on a regression task unless the task says otherwise. A regression
+#: head must move its output from 0 to the label scale (STS-B: mean 2.7, sd 1.5); at the backbone's
+#: 5e-5 it does not get there in 3 epochs (measured on 1,600 STS-B inputs, 2 epochs: train loss 2.52,
+#: dev correlation 0.26 at the last exit; at 1e-3: train loss 0.90, correlation 0.90).
+REGRESSION_HEAD_LEARNING_RATE = 1e-3
+
+
 @dataclass(frozen=True)
 class TaskDefaults:
     """A task's training defaults: what a ``None`` setting of any stage means for this task.
@@ -133,8 +140,8 @@ class TaskDefaults:
     """
 
     learning_rate: float = 3e-5  # stage 1
-    # stage 1's rate for the pooler and heads; None: learning_rate for classification, and
-    # REGRESSION_HEAD_LEARNING_RATE for regression (see task_default)
+    # stage 1's rate for the pooler and heads; None: learning_rate's (a regression task's spec puts
+    # REGRESSION_HEAD_LEARNING_RATE here unless it names its own)
     head_learning_rate: float | None = None
     epochs: int = 3  # stage 1
     max_length: int = 128  # tokens, in every stage, cache and env
@@ -186,6 +193,12 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, not {self.kind!r}")
         if self.kind == "regression":
             self._check_regression()
+            if self.defaults.head_learning_rate is None:  # heads that can reach the label scale
+                setattr_(
+                    self,
+                    "defaults",
+                    dataclasses.replace(self.defaults, head_learning_rate=REGRESSION_HEAD_LEARNING_RATE),
+                )
         else:
             if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
                 raise ValueError(
@@ -1071,21 +1084,11 @@ def check_split(split: Any, spec: TaskSpec | None = None) -> str:
     return split
 
 
-#: stage 1's pooler-and-heads rate on a regression task unless the task says otherwise. A regression
-#: head must move its output from 0 to the label scale (STS-B: mean 2.7, sd 1.5); at the backbone's
-#: 5e-5 it does not get there in 3 epochs (measured on 1,600 STS-B inputs, 2 epochs: train loss 2.52,
-#: dev correlation 0.26 at the last exit; at 1e-3: train loss 0.90, correlation 0.90).
-REGRESSION_HEAD_LEARNING_RATE = 1e-3
-
-
 def task_default(task: str | TaskSpec, name: str):
     """The task's default for setting ``name`` (a :class:`TaskDefaults` field): the one place every
     stage, env, cache and command reads a per-task default from."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)
-    value = getattr(spec.defaults, name)
-    if name == "head_learning_rate" and value is None and spec.is_regression:
-        return REGRESSION_HEAD_LEARNING_RATE
-    return value
+    return getattr(spec.defaults, name)
 
 
 def task_spec_to_dict(spec: TaskSpec) -> dict[str, Any]:

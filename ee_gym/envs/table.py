@@ -67,6 +67,10 @@ class ExitTable(ExitShapes):
         weighted.cross_entropy = self.cross_entropy * weights[:, None]
         return weighted
 
+    def class_balanced(self) -> ExitTable:
+        """:meth:`with_loss_weights` at N / (K n_y) per input of class y (``Target.balanced_weights``)."""
+        return self.with_loss_weights(self.target.balanced_weights(self.labels, self.num_labels))
+
     @classmethod
     def from_cache(cls, cache: ExitCache) -> ExitTable:
         """Load a cache's arrays into memory (float32 states when they fit in 2 GiB)."""

@@ -94,12 +94,22 @@ class PerLayerPolicy(nn.Module):
     def _numpy_views(self, layer: int) -> tuple[np.ndarray, ...]:
         """(W1, b1, W2, b2) of a layer's network as numpy views, kept while the parameters' storage
         is the same (a copied or reloaded network gets fresh views)."""
-        params = list(self.layers[layer - 1].parameters())
         cache = self.__dict__.setdefault("_views", {})
-        key = tuple(p.data_ptr() for p in params)
-        if cache.get(layer, (None,))[0] != key:
-            cache[layer] = (key, tuple(p.detach().numpy() for p in params))
-        return cache[layer][1]
+        entry = cache.get(layer)
+        # walking the module for its parameters costs more than the decision's arithmetic: keep them,
+        # and check only that their storage is still the one the views read
+        if entry is None or tuple(p.data_ptr() for p in entry[0]) != entry[1]:
+            params = tuple(self.layers[layer - 1].parameters())
+            entry = cache[layer] = (
+                params,
+                tuple(p.data_ptr() for p in params),
+                tuple(p.detach().numpy() for p in params),
+            )
+        return entry[2]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self.__dict__.pop("_views", None)  # assign=True replaces the parameters the views were kept for
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """Exit logits [B] of states [B, d] at layers [B] (1-based)."""

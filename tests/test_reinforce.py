@@ -312,6 +312,21 @@ def test_the_numpy_path_of_acting_is_the_networks_forward():
     np.testing.assert_allclose(
         net.numpy_logits(states.numpy(), 3), net(states, torch.full((5,), 3)).detach().numpy(), atol=1e-6
     )
+    # the kept views follow a loaded, a replaced (assign=True) and a copied network's parameters
+    import copy
+
+    other = PerLayerPolicy(16, 4, 8)
+    for assign in (False, True):
+        net.load_state_dict({k: v.clone() + 0.5 for k, v in other.state_dict().items()}, assign=assign)
+        np.testing.assert_allclose(
+            net.numpy_logits(states.numpy(), 3), net(states, torch.full((5,), 3)).detach().numpy(), atol=1e-6
+        )
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.layers[2][2].bias.add_(1.0)
+    np.testing.assert_allclose(
+        twin.numpy_logits(states.numpy(), 3), twin(states, torch.full((5,), 3)).detach().numpy(), atol=1e-6
+    )
 
 
 def test_balanced_loss_weights_by_hand():

@@ -52,6 +52,20 @@ def test_speculative_stops_and_pads_after_eos_as_generate():
     assert torch.equal(fast.exit_layers > 0, full.exit_layers > 0)  # padding after the end is marked 0
 
 
+def test_speculative_ends_where_generate_ends_mid_round():
+    """Batch 1, the end token inside a round of kept drafts: no padding after it, as generate."""
+    decoder = tiny_decoder()
+    ids, mask = prompts([5])
+    first = decoder.generate(ids, mask, max_new_tokens=4, stop_at_eos=False).tokens[0]
+    eos = int(first[2])  # the third token ends the row, inside the first verify round (tokens 2-5)
+    never = lambda view: torch.zeros(view.batch_size, dtype=torch.bool)  # noqa: E731
+    full = decoder.generate(ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    fast = speculative_generate(decoder, never, ids, mask, draft_tokens=3, max_new_tokens=10,
+                                eos_token_id=eos, pad_token_id=0)  # fmt: skip
+    assert full.tokens.shape[1] == 3
+    assert torch.equal(fast.tokens, full.tokens) and torch.equal(fast.exit_layers, full.exit_layers)
+
+
 def test_full_depth_drafts_are_all_accepted():
     """A draft that never exits is the full model: every draft is kept, k + 1 tokens per verify pass."""
     decoder = tiny_decoder()

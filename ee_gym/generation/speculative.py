@@ -106,6 +106,8 @@ def speculative_generate(
         drafted, accepted, rounds = drafted + k, accepted + kept, rounds + 1
         for i in range(min(kept + 1, max_new_tokens - len(emitted))):
             emit(full[:, i])  # full[:, i] == drafts[i] for i < kept; full[:, kept] is the model's own
+            if not bool(unfinished.any()):
+                break  # every row has ended: generate stops here too, with no padding after
     tokens = torch.stack(emitted, 1) if emitted else input_ids.new_empty(B, 0).to(decoder.device)
     ended = torch.cumsum(torch.isin(tokens, eos).long(), dim=1) - torch.isin(tokens, eos).long()
     layers = torch.where(ended > 0, 0, decoder.num_layers)  # 0 after a row's end, as generate marks it

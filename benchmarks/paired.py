@@ -40,7 +40,7 @@ with the metric in points (percent).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,7 @@ __all__ = [
     "compare_policies",
     "difference",
     "metric_difference",
+    "tie_speedups",
     "minimum_detectable_auc",
     "paired_difference",
     "paired_replicates",
@@ -637,6 +638,45 @@ def metric_difference(
     speedup = float(np.mean([setup.num_layers / np.mean(r.exit_layers) for r in policy.runs]))
     return _record(policy.label, reference.label, f"metric@{speedup:.2f}x", our_point - their_point,
                    ours - theirs, settings.confidence)  # fmt: skip
+
+
+#: the speed-up grid on which :func:`tie_speedups` reads every curve
+TIE_GRID_STEP = 0.05
+
+
+def tie_speedups(
+    setup: Setup,
+    curves: Sequence[Curve],
+    reference: str = "full model",
+    settings: BootstrapSettings = BootstrapSettings(),
+) -> dict[str, float]:
+    """Each curve's speed-up at the reference's metric: the largest layer speed-up s (on a grid of
+    :data:`TIE_GRID_STEP`, within the speed-up every seed reaches) such that at every speed-up from
+    1x to s the paired 95 % interval of the curve's metric minus the reference's reaches 0 or above:
+    up to s, the curve is not shown worse than the reference (for the full model: early exit that
+    costs no measurable metric). 1.0 when it is worse at once.
+
+    From one joint draw of the inputs and seeds for every curve, as :func:`compare_policies`; the
+    reference must be one of ``curves`` (a flat one, such as the full model, is its metric as a line).
+    """
+    labels = [c.label for c in curves]
+    if reference not in labels:
+        raise ValueError(f"reference {reference!r} is not among the curves {labels}")
+    grid = np.round(np.arange(1.0, setup.num_layers + TIE_GRID_STEP / 2, TIE_GRID_STEP), 10)
+    dense = replace(settings, speedups=tuple(float(x) for x in grid))
+    reps = paired_replicates(setup, curves, dense)
+    tail = 100 * (1 - settings.confidence) / 2
+    out = {}
+    for label in labels:
+        if label == reference:
+            continue
+        high = np.percentile(reps.at[label] - reps.at[reference], 100 - tail, axis=0)
+        # a curve is only read where it has runs (no credit for the line to its layer-1 anchor)
+        ok = (high >= -1e-12) & (grid <= reps.reach[label] + 1e-9)
+        worse = np.flatnonzero(~ok)
+        stop = int(worse[0]) if len(worse) else len(grid)  # the first grid point it fails
+        out[label] = float(grid[stop - 1]) if stop > 0 else 1.0
+    return out
 
 
 def best_by_auc(reps: Replicates, labels: Sequence[str]) -> str:

@@ -150,6 +150,12 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     aucs = {(p["policy"], p["reference"]): p["delta"] for p in record["paired"] if p["statistic"] == "auc"}
     assert "Minimum detectable AUC difference" in (out / "results.md").read_text()
     assert aucs["ppo", best] == pytest.approx(100 * (by_label_auc["ppo"] - by_label_auc[best]))
+    # how far each curve keeps the full model's metric: 1x at least, oracle-consistent at its own run
+    ties = record["tie_speedups"]
+    assert set(ties) == labels - {"full model"} and all(1.0 <= t <= 4.0 for t in ties.values())
+    oracle_consistent = next(r for r in record["runs"] if r["label"] == "oracle-consistent")
+    assert ties["oracle-consistent"] == pytest.approx(oracle_consistent["speedup"], abs=0.05)
+    assert any("keeps the full model's metric" in claim for claim in record["claims"])
     assert "torch" in record["versions"]
     assert not (out / "runs.partial.jsonl").exists()  # the run log goes once results.json is written
     assert compare._json_value(np.float32(0.5)) == 0.5 and compare._json_value(dict) == "builtins.dict"

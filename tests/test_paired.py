@@ -240,3 +240,28 @@ def test_metric_difference_of_two_settings_at_their_own_exits():
                         Outcome(a.runs[0].predictions, a.runs[0].exit_layers, 1)))  # fmt: skip
     same = paired.metric_difference(setup, twice, Curve("b", (a.runs[0],)))
     assert same["delta"] == same["low"] == same["high"] == 0
+
+
+def test_tie_speedup_is_where_a_curve_stops_keeping_the_full_models_metric():
+    """A policy right on every input the full model is right on, exiting at 2x (layer 6 of 12), and
+    much worse at 4x: it ties the full model up to 2x (past it, the line towards its 4x run loses on
+    inputs every replicate draws some of); a policy worse at once ties only at 1x; a copy of the full
+    model at 3x (what oracle-consistent is) ties up to 3x and is not read past its run."""
+    n = 400
+    rng = np.random.default_rng(5)
+    full_right = rng.random(n) < 0.7
+    full = Outcome(full_right, _at_layer(L, n))
+    first = Outcome(rng.random(n) < 0.3, _at_layer(1, n))
+    setup = Setup("accuracy", 2, L, None, full, first)
+    bad_4x = full_right & (rng.random(n) < 0.5)
+    keeps = Curve("keeps", (Outcome(full_right, _at_layer(6, n)), Outcome(bad_4x, _at_layer(3, n))))
+    worse = Curve("worse", (Outcome(full_right & (rng.random(n) < 0.6), _at_layer(11, n)),))
+    copy = Curve("copy", (Outcome(full_right, _at_layer(4, n)),))
+    flat = Curve("full model", (full,), flat=True)
+    ties = paired.tie_speedups(setup, [keeps, worse, copy, flat], settings=BootstrapSettings(resamples=500))
+    assert set(ties) == {"keeps", "worse", "copy"}
+    assert 2.0 <= ties["keeps"] < 4.0
+    assert ties["worse"] == 1.0
+    assert ties["copy"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="reference"):
+        paired.tie_speedups(setup, [keeps], reference="full model")

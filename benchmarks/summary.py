@@ -103,6 +103,24 @@ def summary_table(results: dict[str, dict]) -> tuple[str, list[str]]:
     return "\n".join(lines), policies
 
 
+def tie_table(results: dict[str, dict], policies: list[str]) -> str | None:
+    """Policy x task: the speed-up up to which the policy keeps the full model's metric (paired) and,
+    in brackets, its share of oracle-consistent's; None when no task's results carry it (older runs)."""
+    tasks = [t for t, rec in results.items() if rec.get("tie_speedups")]
+    if not tasks:
+        return None
+    lines = ["| policy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for policy in [*policies, "oracle-consistent"]:
+        cells = []
+        for task in tasks:
+            ties = results[task]["tie_speedups"]
+            ceiling = ties.get("oracle-consistent")
+            share = f" ({ties[policy] / ceiling:.2f})" if ceiling and policy in ties else ""
+            cells.append(f"{ties[policy]:.2f}x{share}" if policy in ties else "")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_summary(results: dict[str, dict], policies: list[str], path: Path) -> None:
     """One panel per task: each policy's paired AUC difference to the best rule, with its 95% interval."""
     import matplotlib
@@ -192,6 +210,19 @@ def main(argv=None) -> int:
         "",
         f"Setups: {setup}.",
         "",
+        *(
+            [
+                "How far each policy goes at the full model's metric: the largest layer speed-up up to which "
+                "its paired 95% interval against the full model reaches 0 (`benchmarks.paired.tie_speedups`), "
+                "and in brackets its share of oracle-consistent's (the fastest exits that keep every "
+                "full-model answer).",
+                "",
+                ties,
+                "",
+            ]
+            if (ties := tie_table(results, policies))
+            else []
+        ),
         "![paired differences](summary.png)",
         "",
         RECIPE,

@@ -202,7 +202,10 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
         (folder / "results.json").write_text(json.dumps({**record, "task": task}))
     assert summary.main(["--results", str(tmp_path / "all")]) == 0
     page = (tmp_path / "all" / "README.md").read_text()
-    rows = [line for line in page.splitlines() if line.startswith("| ") and "mean rank" not in line]
+    main_table, ties_table = page.split("How far each policy goes at the full model's metric")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "mean rank" not in line]
+    tie_rows = {line.split("|")[1].strip(): line for line in ties_table.splitlines() if line.startswith("| ")}
+    assert f"{record['tie_speedups']['oracle-consistent']:.2f}x (1.00)" in tie_rows["oracle-consistent"]
     deployable = {r["label"] for r in record["table"] if r["deployable"] and r["label"] != "full model"}
     assert {line.split("|")[1].strip() for line in rows} == deployable | {"full model (metric)"}
     assert "| policy | rte | sst2 | mean rank |" in page or "| policy | sst2 | rte | mean rank |" in page

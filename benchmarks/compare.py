@@ -42,6 +42,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.journal import Journal
+from benchmarks.journal import COMPLETE_NAME, Journal
 from ee_gym.config import RESUMABLE_CHANGES
 from ee_gym.validation import ConfigError, check_int
 
@@ -63,7 +64,13 @@ REGRESSION_AGENTS = "reinforce,ppo,a2c,dqn,learned-exit,patience,static,oracle,o
 #: the journal of finished runs in the output folder (benchmarks.journal); gone once results.json is
 JOURNAL_NAME = "runs.partial.jsonl"
 #: comparison settings that change where results go or how a run is timed and reported, not its runs
-_NOT_IN_JOURNAL_KEY = RESUMABLE_CHANGES | {"publish", "wall_batch_size", "wall_limit", "wall_repeat"}
+_NOT_IN_JOURNAL_KEY = RESUMABLE_CHANGES | {
+    "publish",
+    "wall_batch_size",
+    "wall_limit",
+    "wall_repeat",
+    "rescore",
+}
 #: the committed results pages (``--publish`` writes there)
 RESULTS = Path(__file__).resolve().parent / "results"
 #: where a run writes when neither --output-dir nor --publish is given (relative to the working folder)
@@ -96,6 +103,7 @@ class CompareArgs:
     quick: bool = False  # 1 seed, prices x 0.5, 1, 2, 6 swept thresholds; no reward variants, no tuning
     threads: int = 1  # torch threads of the policy work: small networks gain nothing from more
     progress: bool = True
+    rescore: bool = False  # read every run back from the output folder's runs.jsonl: statistics only
 
     def resolved(self) -> CompareArgs:
         from ee_gym.policy import policy_class
@@ -165,6 +173,8 @@ HELP: dict[str, str] = {
     "threads": "torch threads of the policy work, set once for every learner (stage 1 and the caches "
     "run before, on torch's default)",
     "progress": "show progress bars",
+    "rescore": "recompute the statistics, table and plot of a finished comparison from its output folder's "
+    "runs.jsonl (same settings), training nothing; the wall clock is timed again",
 }
 
 
@@ -1093,6 +1103,12 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     args = parse_args(argv).resolved()
     task = args.task
+    complete = Path(args.output_dir) / COMPLETE_NAME
+    if args.rescore and not complete.is_file():
+        raise ConfigError(
+            f"--rescore reads {complete}, the runs of a finished comparison, and there is none: run the "
+            "comparison without --rescore first (or point --output-dir at its folder)"
+        )
     protocol = get_protocol(args.protocol)
     policy_split = args.policy_split or protocol.policy_split
     # where policies are scored: dev, or the protocol's evaluation split carved from train (then dev
@@ -1117,7 +1133,16 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # every finished planned run, so that an interrupted comparison resumes (benchmarks.journal)
-    journal = Journal.open(out / JOURNAL_NAME, journal_key(args, model, train, dev, second))
+    key = journal_key(args, model, train, dev, second)
+    if args.rescore:
+        try:
+            Journal.open(complete, key, start_over=False)
+        except ValueError as error:
+            raise ConfigError(
+                f"{error}: rescore with the command that made it (in its results.json)"
+            ) from None
+        shutil.copyfile(complete, out / JOURNAL_NAME)  # resumed as a whole: every planned run is in it
+    journal = Journal.open(out / JOURNAL_NAME, key)
     if journal.note:
         print(journal.note, file=sys.stderr)
     if journal.settings is not None:
@@ -1185,7 +1210,7 @@ def main(argv=None) -> int:
         "resumed_runs": resumed,  # planned runs an interrupted earlier leg had finished (its time not counted)
     }
     write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=_json_value))
-    journal.remove()
+    journal.finish()
     text = [
         f"# {task}: exit policies compared",
         "",

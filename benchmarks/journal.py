@@ -12,7 +12,10 @@ A comparison (:mod:`benchmarks.compare`) is hundreds of planned runs, hours of t
 Started again with the same settings on the same model and tables, the comparison reads the header's
 choices instead of tuning again and skips every planned run that has its ``done`` line; a run cut off
 mid-write (no ``done``) is run again. A header that differs means other runs: the journal starts over
-and says so. Once ``results.json`` is written the journal and its policies are removed.
+and says so. Once ``results.json`` is written the journal becomes ``runs.jsonl`` (the policies stay
+beside it): every run's per-input outcomes, which ``--rescore`` reads back to recompute the statistics
+and pages with no training. It is never resumed by itself, so that a later comparison after a change to
+a policy's code does not silently reuse old runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+#: what a finished comparison's journal is renamed to (read back only when asked: ``--rescore``)
+COMPLETE_NAME = "runs.jsonl"
 #: the arrays a run carries per evaluation input (lists in the journal)
 _ARRAYS = ("predictions", "exit_layers")
 
@@ -53,8 +58,9 @@ class Journal:
     note: str = ""  # what opening found, for the log
 
     @classmethod
-    def open(cls, path: str | Path, key: dict[str, Any]) -> Journal:
-        """Read the journal at ``path`` if its header matches ``key``, else start a new one there."""
+    def open(cls, path: str | Path, key: dict[str, Any], start_over: bool = True) -> Journal:
+        """Read the journal at ``path`` if its header matches ``key``, else start a new one there
+        (``start_over`` False: ValueError instead, the file left as it is)."""
         journal = cls(Path(path), json.loads(json.dumps(key, default=_plain)))
         if not journal.path.is_file():
             return journal
@@ -64,6 +70,8 @@ class Journal:
         except json.JSONDecodeError:
             header = {}
         if not _same(header.get("key"), journal.key):
+            if not start_over:
+                raise ValueError(f"{journal.path} was made with other settings, model or tables")
             journal.note = f"{journal.path} was made with other settings, model or tables: starting over"
             journal._clear()
             return journal
@@ -113,9 +121,12 @@ class Journal:
     def policies(self) -> Path:
         return self.path.parent / "policies"
 
-    def remove(self) -> None:
-        """The comparison finished: its results hold everything the journal did."""
-        self._clear()
+    def finish(self) -> None:
+        """The comparison finished: the journal becomes :data:`COMPLETE_NAME` beside it (replacing an
+        older one), the policies stay, and nothing resumes from it unless asked."""
+        if self.path.is_file():
+            self.path.replace(self.path.with_name(COMPLETE_NAME))
+        self.finished.clear()
 
     def _append(self, entry: dict[str, Any]) -> None:
         with self.path.open("a") as handle:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import compare
+from ee_gym.validation import ConfigError
 from tests.conftest import new_tiny_model
 
 
@@ -303,7 +304,31 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tokenizer, tiny_data
     ]
     assert len(finished) == 3
     assert (resumed["resumed_runs"], whole["resumed_runs"]) == (3, 0)  # says its time is one leg's
-    assert not (out / compare.JOURNAL_NAME).exists() and not (out / "policies").exists()
+    # the journal of a finished comparison is kept as runs.jsonl, never resumed by itself ...
+    assert not (out / compare.JOURNAL_NAME).exists() and (out / "runs.jsonl").is_file()
+    # ... but --rescore reads every run back from it: no training, no tuning, the same numbers
+    monkeypatch.setattr(
+        agents_main, "train_policy", lambda *a, **k: pytest.fail("trained a policy on --rescore")
+    )
+    assert compare.main([*argv, "--output-dir", str(out), "--rescore"]) == 0
+    rescored = json.loads((out / "results.json").read_text())
+    assert [[r[k] for k in key] for r in rescored["runs"]] == [[r[k] for k in key] for r in whole["runs"]]
+    assert rescored["paired"] == resumed["paired"] and rescored["resumed_runs"] == len(
+        compare.plan_runs(compare.parse_args(argv).resolved(), 4, compare.Settings.from_dict(whole["tuning"]))
+    )
+    # refused before any work: nothing to rescore, or runs of other settings (left as they are)
+    with pytest.raises(ConfigError, match="runs.jsonl"):
+        compare.main([*argv, "--output-dir", str(tmp_path / "empty"), "--rescore"])
+    other = [
+        *argv[: argv.index("--alpha-scales")],
+        "--alpha-scales",
+        "1",
+        *argv[argv.index("--alpha-scales") + 2 :],
+    ]
+    before = (out / "runs.jsonl").read_text()
+    with pytest.raises(ConfigError, match="other settings"):
+        compare.main([*other, "--output-dir", str(out), "--rescore"])
+    assert (out / "runs.jsonl").read_text() == before
 
 
 def test_a_journal_of_other_settings_is_not_resumed(tmp_path):

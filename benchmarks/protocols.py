@@ -8,8 +8,9 @@
 Reads each folder's ``results.json`` (:mod:`benchmarks.compare`) and prints one Markdown table per
 learner: per protocol, the inputs it learnt from, its dev metric at the operating point (95% interval
 over seeds), layer speed-up, the first seed's exit histogram on dev (input-adaptive or one static
-exit?), its AUC and its paired AUC difference to that run's best rule, and the extra stage-1 seconds
-the protocol cost (cross-fit's fold models). Nothing is re-run.
+exit?), its AUC and its paired AUC difference to that run's best rule, how far it keeps the full
+model's metric (``tie_speedups``, where the results carry it), and the extra stage-1 seconds the
+protocol cost (cross-fit's fold models). Nothing is re-run.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def learner_table(records: list[dict], learner: str) -> list[str]:
     lines = [
         f"**{learner}**",
         "",
-        "| protocol | policy inputs | dev metric (95% CI seeds) | speed-up | dev exit histogram | AUC | AUC - best rule (95%) | extra stage-1 s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| protocol | policy inputs | dev metric (95% CI seeds) | speed-up | dev exit histogram | AUC | AUC - best rule (95%) | at the full model's metric up to | extra stage-1 s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         row = next((r for r in record["table"] if r["label"] == learner), None)
@@ -64,10 +65,14 @@ def learner_table(records: list[dict], learner: str) -> list[str]:
             if diff is None
             else f"{diff['delta']:+.1f} ({diff['low']:+.1f} to {diff['high']:+.1f}), vs {record['best_rule']}"
         )
+        ties = record.get("tie_speedups") or {}  # older results do not carry it
+        ceiling = ties.get("oracle-consistent")
+        tie = "" if learner not in ties else f"{ties[learner]:.2f}x" + (
+            f" ({ties[learner] / ceiling:.2f} of oracle-consistent's)" if ceiling else "")  # fmt: skip
         lines.append(
             f"| {record['protocol']} | {record['policy_inputs']} | {100 * row['metric']:.1f}{ci} | "
             f"{row['speedup']:.2f}x | {row.get('exit_histogram', '')} | {100 * row['auc']:.1f} | {paired} | "
-            f"{fold_seconds(record):.0f} |"
+            f"{tie} | {fold_seconds(record):.0f} |"
         )
     return lines
 

@@ -1,7 +1,7 @@
 """Train and evaluate exit policies on one task: ``python -m agents --task rte``.
 
-Learners train on the policy split of ``--protocol`` (default: ``held-out``, stage 1 on
-``train[:90%]`` and policies on ``train[90%:]``; ``paper``: both on ``train``; see
+Learners train on the policy split of ``--protocol`` (default: ``paper``, stage 1 and policies both
+on ``train``; ``held-out``: stage 1 on ``train[:90%]``, policies on ``train[90%:]``; see
 :mod:`ee_gym.protocols`) and every policy is scored on the dev table of the same
 model, each at its default settings; ``--alphas`` adds runs of ``reinforce`` at other layer prices.
 Prints a Markdown table (and writes JSON with ``--json``). The full model (static exit at L) and the

@@ -16,7 +16,7 @@ long inputs exit later than short ones this, not L / mean t, is what the clock c
 each kind (on a shared machine other work only slows a run down); full and early-exit runs alternate.
 
 Default model: the task's stage-1 model under ``--protocol`` (ee_gym.envs.prepare.load_model; for
-the default, held-out: ~/.cache/ee_gym/checkpoints/rte-minilm-l6-stage1-train-to90pct/model). Default data: $EE_GYM_DATA, else the
+the default, paper: ~/.cache/ee_gym/checkpoints/rte-minilm-l6-stage1/model). Default data: $EE_GYM_DATA, else the
 ``shared/data`` folder beside the checkout when it exists, else the Hugging Face hub.
 Threads: ``--threads`` (default 1) as in benchmarks.throughput.
 """
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.wallclock", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="rte")
     p.add_argument("--model", default=None, help="a checkpoint folder (default: the task's stage-1 model)")
-    p.add_argument("--protocol", default=None, help="whose stage-1 model is the default (default: held-out)")
+    p.add_argument("--protocol", default=None, help="whose stage-1 model is the default (default: paper)")
     p.add_argument("--split", default="dev")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--policy", default="maxprob", help="a policy name or a folder saved with ExitPolicy.save")

@@ -10,7 +10,7 @@ ee-gym predict --policy entropy --texts FILE  batched early-exit predictions (or
 
 The options of ``stage1`` and ``train`` are generated from their config dataclasses (nested stage
 sections as ``--stage1.<field>``); ``cache``, ``hardness`` and ``predict`` default to the stage-1
-model of ``--protocol`` (default ``held-out``: the one ``gym.make`` and the benchmarks use);
+model of ``--protocol`` (default ``paper``: the one ``gym.make`` and the benchmarks use);
 ``stage1`` trains on ``--train-split`` (default ``train``, the ``paper`` protocol's) unless
 ``--protocol`` names one.
 """

@@ -148,10 +148,12 @@ def test_one_protocol_definition_read_everywhere():
     from ee_gym.envs import prepare
 
     assert prepare.POLICY_PROTOCOLS is POLICY_PROTOCOLS and prepare.POLICY_PROTOCOL == DEFAULT_PROTOCOL
-    assert set(PROTOCOLS) == {"paper", "held-out", "cross-fit"} and DEFAULT_PROTOCOL == "held-out"
+    assert set(PROTOCOLS) == {"paper", "held-out", "cross-fit"} and DEFAULT_PROTOCOL == "paper"
     assert RunSetup().protocol == PipelineConfig().protocol == DEFAULT_PROTOCOL
     assert pipeline.default_run_dir("rte", "minilm-l6", "ppo").name == "rte-minilm-l6-ppo"
-    assert pipeline.default_run_dir("rte", "minilm-l6", "ppo", "paper").name == "rte-minilm-l6-ppo-paper"
+    assert (
+        pipeline.default_run_dir("rte", "minilm-l6", "ppo", "held-out").name == "rte-minilm-l6-ppo-held-out"
+    )
 
 
 def _tiny_backbone(monkeypatch, tokenizer, counter: list):
@@ -177,8 +179,8 @@ def test_gym_make_after_the_main_jobs_stage1_trains_nothing_new(tokenizer, tiny_
 
     steps: list = []
     _tiny_backbone(monkeypatch, tokenizer, steps)
-    train, dev = policy_tables("sst2", "held-out", data_dir=str(tiny_data), progress=False)  # the main job
-    assert steps and train.split == "train[90%:]"
+    train, dev = policy_tables("sst2", "paper", data_dir=str(tiny_data), progress=False)  # the main job
+    assert steps and train.split == "train"
     checkpoints = sorted(p.name for p in (default_stage1_dir("sst2", "minilm-l6").parent).iterdir())
     steps.clear()
     env = gym.make("ConsistentEE-SST2-v0", data_dir=str(tiny_data), progress=False)
@@ -186,19 +188,19 @@ def test_gym_make_after_the_main_jobs_stage1_trains_nothing_new(tokenizer, tiny_
     assert steps == []  # no stage-1 step ran: the main job's model is used
     assert sorted(p.name for p in default_stage1_dir("sst2", "minilm-l6").parent.iterdir()) == checkpoints
     for table in (env.unwrapped.table, venv.unwrapped.table):
-        assert table.split == "train[90%:]"  # the protocol's policy split, not the heads' inputs
+        assert table.split == "train"  # the default protocol's policy split
         np.testing.assert_array_equal(table.logits, train.logits)  # the same model's outputs
-    paper = gym.make("ConsistentEE-SST2-v0", data_dir=str(tiny_data), progress=False, protocol="paper")
-    assert steps and paper.unwrapped.table.split == "train"  # the paper protocol has its own model
+    held = gym.make("ConsistentEE-SST2-v0", data_dir=str(tiny_data), progress=False, protocol="held-out")
+    assert steps and held.unwrapped.table.split == "train[90%:]"  # held-out has its own model
 
 
 def test_predict_finds_the_protocols_stage1_model(tokenizer, tiny_data, tmp_path, capsys):
-    folder = default_stage1_dir("sst2", "minilm-l6", get_protocol("held-out").stage1_split) / "model"
+    folder = default_stage1_dir("sst2", "minilm-l6", get_protocol("paper").stage1_split) / "model"
     new_tiny_model(tokenizer, task="sst2").save_pretrained(folder)
     argv = ["predict", "--task", "sst2", "--data-dir", str(tiny_data), "--limit", "4", "--max-length", "32"]
     assert cli.main(argv) == 0  # the default protocol's model: found
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
-    assert cli.main([*argv, "--protocol", "paper"]) == 2  # no paper model was trained
+    assert cli.main([*argv, "--protocol", "held-out"]) == 2  # no held-out model was trained
     assert "stage1" in capsys.readouterr().err
 
 

@@ -160,7 +160,7 @@ class ConsistentEEEnv(LayerEpisodeEnv):
         task: str = "rte",
         split: str | None = None,  # None: the protocol's policy split (prepare.env_split)
         *,
-        protocol: str | None = None,  # None: the default, "held-out" (ee_gym.protocols)
+        protocol: str | None = None,  # None: the default, "paper" (ee_gym.protocols)
         model: MultiExitModel | str | os.PathLike | None = None,
         backbone: str | None = None,
         reward: str = "hardness",

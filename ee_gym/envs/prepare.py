@@ -5,10 +5,10 @@ backbone (once, with a progress bar; later calls reuse it), builds the cache of 
 loads it. Every step of that can be pointed elsewhere with the env's keyword arguments.
 
 Which inputs the exit policy learns from is a protocol (:mod:`ee_gym.protocols`): with nothing said,
-``held-out``, so ``gym.make`` uses the same stage-1 model (of ``train[:90%]``, in its default folder)
-and the same policy split (``train[90%:]``) as ``python -m benchmarks.compare`` and ``python -m
-agents``: one model per task, backbone and protocol. :func:`policy_tables` returns the (policy, dev) tables of one. Why held-out is
-the default, measured: ``benchmarks/results/policy-split/README.md``.
+``paper``, so ``gym.make`` uses the same stage-1 model (of ``train``, in its default folder) and the
+same policy split (``train``) as ``python -m benchmarks.compare`` and ``python -m agents``: one model
+per task, backbone and protocol. :func:`policy_tables` returns the (policy, dev) tables of one. Why
+paper is the default, measured: ``docs/protocols.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def load_model(
 ) -> MultiExitModel:
     """A multi-exit model: the one given, a checkpoint folder, or stage 1 of (task, backbone) trained
     on ``train_split`` (None: the stage-1 split of ``protocol``, itself None for the default,
-    ``held-out``): the finished run in its default folder whatever its settings (reported in one
+    ``paper``): the finished run in its default folder whatever its settings (reported in one
     line when they are not the defaults, see :func:`ee_gym.training.finished_stage1_model`), else
     trained (or resumed) with the defaults."""
     protocol_split = get_protocol(protocol).stage1_split  # checked even when a model is given

@@ -109,7 +109,13 @@ def tie_table(results: dict[str, dict], policies: list[str]) -> str | None:
     tasks = [t for t, rec in results.items() if rec.get("tie_speedups")]
     if not tasks:
         return None
-    lines = ["| policy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+
+    def header(task: str) -> str:  # where exiting at layer 1 already ties, the column resolves nothing
+        record = results[task]
+        unresolved = max(record["tie_speedups"].values()) >= record.get("num_layers", np.inf) - 1e-9
+        return f"{task} (layer 1 ties: unresolved)" if unresolved else task
+
+    lines = ["| policy | " + " | ".join(map(header, tasks)) + " |", "|---|" + "---|" * len(tasks)]
     for policy in [*policies, "oracle-consistent"]:
         cells = []
         for task in tasks:

@@ -243,14 +243,14 @@ def test_cli_predict_writes_json_lines(varied_model, tiny_data, tmp_path, capsys
     # a rule named with no settings is calibrated on a validation slice of this model's policy split
     from ee_gym.envs.prepare import load_table
     from ee_gym.evaluation import calibrated_rule, validation_split
+    from ee_gym.protocols import get_protocol
 
     assert main([*argv, "--data-dir", str(tiny_data), "--policy", "maxprob", "--max-length", "32"]) == 0
     printed = capsys.readouterr()
-    table = load_table(varied_model, "rte", "train[90%:]", data_dir=tiny_data, progress=False)
+    split = get_protocol().policy_split  # the default protocol's
+    table = load_table(varied_model, "rte", split, data_dir=tiny_data, progress=False)
     expected = calibrated_rule("maxprob", validation_split(table)[1])
-    assert (
-        f"maxprob calibrated on a validation slice of train[90%:] for this model: {expected}" in printed.err
-    )
+    assert f"maxprob calibrated on a validation slice of {split} for this model: {expected}" in printed.err
     assert main([*argv, "--data-dir", str(tiny_data), "--policy", "maxprob", "--no-calibrate"]) == 0
     assert "calibrated" not in capsys.readouterr().err
 

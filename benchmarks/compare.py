@@ -760,11 +760,13 @@ def claims(rows: list[dict], stats: dict) -> list[str]:
     """The claims the comparison tests, each stated with its numbers: verdicts on the paired
     differences of :func:`paired_statistics` ("beats" where the 95 % interval lies above 0), then
     each learner's AUC gap to oracle-consistent."""
+    from benchmarks.paired import tie_share, ties_unresolved
+
     by_label = {row["label"]: row for row in rows}
     lines = _paired_claims(rows, stats)
-    ties, best = stats.get("tie_speedups", {}), stats.get("best_rule")
+    ties, best = stats["tie_speedups"], stats["best_rule"]
     ceiling = ties.get("oracle-consistent")
-    if ties and max(ties.values()) >= stats.get("num_layers", math.inf) - 1e-9:
+    if ties_unresolved(ties, stats["num_layers"]):
         lines.append(
             "on these inputs a curve that exits at layer 1 still ties the full model (paired), so the "
             "speed-ups at the full model's metric below cannot tell policies apart (nor be read as a "
@@ -776,11 +778,8 @@ def claims(rows: list[dict], stats: dict) -> list[str]:
             and (row["kind"] == "learner" or row["label"] == best)
             and "(" not in row["label"]
         ):
-            share = (
-                f", {ties[row['label']] / ceiling:.2f} of oracle-consistent's {ceiling:.2f}x"
-                if ceiling
-                else ""
-            )
+            share = tie_share(ties, row["label"])
+            share = "" if share is None else f", {share:.2f} of oracle-consistent's {ceiling:.2f}x"
             lines.append(
                 f"{row['label']} keeps the full model's metric (paired 95% interval reaching 0) up to "
                 f"{ties[row['label']]:.2f}x{share}"
@@ -1141,15 +1140,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # every finished planned run, so that an interrupted comparison resumes (benchmarks.journal)
     key = journal_key(args, model, train, dev, second)
-    if args.rescore:
-        try:
-            Journal.open(complete, key, start_over=False)
-        except ValueError as error:
-            raise ConfigError(
-                f"{error}: rescore with the command that made it (in its results.json)"
-            ) from None
-        shutil.copyfile(complete, out / JOURNAL_NAME)  # resumed as a whole: every planned run is in it
-    journal = Journal.open(out / JOURNAL_NAME, key)
+    if args.rescore:  # resumed as a whole (every planned run is in it); runs.jsonl itself stays as it is
+        shutil.copyfile(complete, out / JOURNAL_NAME)
+    try:
+        journal = Journal.open(out / JOURNAL_NAME, key, start_over=not args.rescore)
+    except ValueError:  # only under --rescore: its runs are of other settings
+        (out / JOURNAL_NAME).unlink()
+        raise ConfigError(
+            f"{complete} was made with other settings, model or tables: rescore with the command that "
+            "made it (in its results.json)"
+        ) from None
     if journal.note:
         print(journal.note, file=sys.stderr)
     if journal.settings is not None:

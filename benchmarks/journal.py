@@ -15,7 +15,8 @@ mid-write (no ``done``) is run again. A header that differs means other runs: th
 and says so. Once ``results.json`` is written the journal becomes ``runs.jsonl`` (the policies stay
 beside it): every run's per-input outcomes, which ``--rescore`` reads back to recompute the statistics
 and pages with no training. It is never resumed by itself, so that a later comparison after a change to
-a policy's code does not silently reuse old runs.
+a policy's code does not silently reuse old runs; a comparison that starts afresh in the folder
+removes it with the policies.
 """
 
 from __future__ import annotations
@@ -134,5 +135,7 @@ class Journal:
 
     def _clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        # a finished comparison's runs go with its policies: a new start replaces both
+        self.path.with_name(COMPLETE_NAME).unlink(missing_ok=True)
         shutil.rmtree(self.policies, ignore_errors=True)
         self.finished.clear()

@@ -58,7 +58,9 @@ __all__ = [
     "compare_policies",
     "difference",
     "metric_difference",
+    "tie_share",
     "tie_speedups",
+    "ties_unresolved",
     "minimum_detectable_auc",
     "paired_difference",
     "paired_replicates",
@@ -677,6 +679,19 @@ def tie_speedups(
         stop = int(worse[0]) if len(worse) else len(grid)  # the first grid point it fails
         out[label] = float(grid[stop - 1]) if stop > 0 else 1.0
     return out
+
+
+def tie_share(ties: dict[str, float], label: str, ceiling: str = "oracle-consistent") -> float | None:
+    """``label``'s :func:`tie_speedups` value as a share of ``ceiling``'s (None when either is missing)."""
+    if label not in ties or not ties.get(ceiling):
+        return None
+    return ties[label] / ties[ceiling]
+
+
+def ties_unresolved(ties: dict[str, float], num_layers: int) -> bool:
+    """Whether some curve of :func:`tie_speedups` ties the reference all the way to layer 1 (L x):
+    then the inputs cannot tell the curves' tie speed-ups apart, nor make shares of them."""
+    return bool(ties) and max(ties.values()) >= num_layers - 1e-9
 
 
 def best_by_auc(reps: Replicates, labels: Sequence[str]) -> str:

@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.paired import tie_share
+
 
 def load(folders: list[str]) -> list[dict]:
     records = []
@@ -66,9 +68,9 @@ def learner_table(records: list[dict], learner: str) -> list[str]:
             else f"{diff['delta']:+.1f} ({diff['low']:+.1f} to {diff['high']:+.1f}), vs {record['best_rule']}"
         )
         ties = record.get("tie_speedups") or {}  # older results do not carry it
-        ceiling = ties.get("oracle-consistent")
+        share = tie_share(ties, learner)
         tie = "" if learner not in ties else f"{ties[learner]:.2f}x" + (
-            f" ({ties[learner] / ceiling:.2f} of oracle-consistent's)" if ceiling else "")  # fmt: skip
+            "" if share is None else f" ({share:.2f} of oracle-consistent's)")  # fmt: skip
         lines.append(
             f"| {record['protocol']} | {record['policy_inputs']} | {100 * row['metric']:.1f}{ci} | "
             f"{row['speedup']:.2f}x | {row.get('exit_histogram', '')} | {100 * row['auc']:.1f} | {paired} | "

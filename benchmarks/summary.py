@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.paired import tie_share, ties_unresolved
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_ORDER = ("rte", "mrpc", "cola", "sst2", "stsb", "qnli", "qqp", "mnli")
 
@@ -112,7 +114,7 @@ def tie_table(results: dict[str, dict], policies: list[str]) -> str | None:
 
     def header(task: str) -> str:  # where exiting at layer 1 already ties, the column resolves nothing
         record = results[task]
-        unresolved = max(record["tie_speedups"].values()) >= record.get("num_layers", np.inf) - 1e-9
+        unresolved = ties_unresolved(record["tie_speedups"], record["num_layers"])
         return f"{task} (layer 1 ties: unresolved)" if unresolved else task
 
     lines = ["| policy | " + " | ".join(map(header, tasks)) + " |", "|---|" + "---|" * len(tasks)]
@@ -120,9 +122,12 @@ def tie_table(results: dict[str, dict], policies: list[str]) -> str | None:
         cells = []
         for task in tasks:
             ties = results[task]["tie_speedups"]
-            ceiling = ties.get("oracle-consistent")
-            share = f" ({ties[policy] / ceiling:.2f})" if ceiling and policy in ties else ""
-            cells.append(f"{ties[policy]:.2f}x{share}" if policy in ties else "")
+            share = tie_share(ties, policy)
+            cells.append(
+                ""
+                if policy not in ties
+                else f"{ties[policy]:.2f}x" + ("" if share is None else f" ({share:.2f})")
+            )
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

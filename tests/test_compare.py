@@ -331,6 +331,20 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tokenizer, tiny_data
     assert (out / "runs.jsonl").read_text() == before
 
 
+def test_a_finished_journal_is_kept_until_a_comparison_starts_afresh(tmp_path):
+    from benchmarks.journal import COMPLETE_NAME, Journal
+
+    journal = Journal.open(tmp_path / "runs.partial.jsonl", {"args": {"seeds": 1}})
+    journal.start({"learners": {}, "rules": {}})
+    journal.record(0, [{"label": "x"}])
+    journal.finish()
+    assert (tmp_path / COMPLETE_NAME).is_file() and not journal.path.exists()
+    again = Journal.open(tmp_path / "runs.partial.jsonl", {"args": {"seeds": 1}})
+    assert again.done(0) is None  # never resumed by itself
+    again.start({"learners": {}, "rules": {}})  # a fresh start: the old runs go with their policies
+    assert not (tmp_path / COMPLETE_NAME).exists()
+
+
 def test_a_journal_of_other_settings_is_not_resumed(tmp_path):
     from benchmarks.journal import Journal
 

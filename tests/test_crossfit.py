@@ -180,3 +180,34 @@ def test_cross_fit_with_an_evaluation_split_never_trains_on_it(tokenizer, tiny_d
     assert len(carved) == 16 and not carved & {whole.text_a[i] for i in range(48)}
     for split in trained:
         assert not carved & set(load_split("rte", split, str(tiny_data)).text_a)
+
+
+def test_a_slice_of_the_cross_fitted_split_keeps_the_fold_models_rows(tokenizer, tiny_data, monkeypatch):
+    from types import SimpleNamespace
+
+    from ee_gym import crossfit
+    from ee_gym.envs import prepare
+
+    runs = {}
+
+    def fake_stage1(config, model=None):  # one tiny model per split, reused as a finished run is
+        if config.train_split not in runs:
+            tiny = new_tiny_model(tokenizer, seed=len(runs) + 1).eval()
+            runs[config.train_split] = SimpleNamespace(
+                model=tiny, model_dir=Path(f"/nowhere/{len(runs)}/model")
+            )
+        return runs[config.train_split]
+
+    monkeypatch.setattr(prepare, "train_stage1", fake_stage1)
+    monkeypatch.setattr(crossfit, "train_stage1", fake_stage1)
+    options = dict(data_dir=str(tiny_data), max_length=32, progress=False)
+    model = prepare.load_model("rte", protocol="cross-fit", data_dir=str(tiny_data), progress=False)
+    full = prepare.policy_table(model, "rte", "cross-fit", **options)
+    part = prepare.policy_table(model, "rte", "cross-fit", split="train[10:30]", **options)
+    # rows 10..29 straddle folds 0 and 1: each row is the fold model's, not the evaluated model's
+    assert part.split == "train[10:30]" and part.num_inputs == 20 and part.cross_fit == full.cross_fit
+    np.testing.assert_array_equal(part.logits, full.logits[10:30])
+    plain = prepare.load_table(model, "rte", "train[10:30]", **options)
+    assert not np.allclose(part.logits, plain.logits)
+    with pytest.raises(ConfigError, match="one slice of it"):
+        prepare.policy_table(model, "rte", "cross-fit,eval=25%", split="train[40:]", **options)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ee_gym.backbones import DEFAULT_BACKBONE, max_input_length
 from ee_gym.cache import build_cache
 from ee_gym.envs.table import ExitTable
@@ -22,6 +24,7 @@ from ee_gym.multiexit import MultiExitModel, check_model_task
 from ee_gym.protocols import DEFAULT_PROTOCOL, POLICY_PROTOCOLS, env_split, get_protocol  # noqa: F401 (env_split: re-exported)
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import Stage1Config, finished_stage1_model, train_stage1
+from ee_gym.validation import ConfigError
 
 #: Re-exported from :mod:`ee_gym.protocols` (where every entry point reads them).
 POLICY_PROTOCOL = DEFAULT_PROTOCOL
@@ -124,13 +127,20 @@ def policy_table(
 ) -> ExitTable:
     """The table the exit policy learns from under ``protocol``: ``model``'s table of the protocol's
     policy split (or of ``split``), except under ``cross-fit``, where the policy split's rows come from
-    the fold models of (task, ``backbone``) (:mod:`ee_gym.crossfit`, trained on first use).
+    the fold models of (task, ``backbone``) (:mod:`ee_gym.crossfit`, trained on first use); there
+    ``split`` may be one slice of the policy split (a subset of a large train), whose rows are taken
+    from that table, and anything else is a ConfigError.
     ``table_options`` go to :func:`load_table` (max_length, max_inputs, cache_dir, ...)."""
     chosen = get_protocol(protocol)
     split = chosen.policy_split if split is None else split
     options = dict(data_dir=data_dir, progress=progress, **table_options)
-    if not chosen.cross_fit or split != chosen.policy_split:
+    if not chosen.cross_fit:
         return load_table(model, task, split, **options)
+    if split != chosen.policy_split:  # a slice of the cross-fitted split: its rows of the fold models' table
+        rows = _rows_within(task, split, chosen.policy_split, data_dir)
+        full = policy_table(model, task, protocol, backbone=backbone, data_dir=data_dir, progress=progress,
+                            **table_options)  # fmt: skip
+        return full.select(rows, split=split)
     from ee_gym.crossfit import cross_fit_for
 
     given = tuple(sorted((k, str(v)) for k, v in table_options.items() if v is not None))
@@ -145,6 +155,26 @@ def policy_table(
         table.cross_fit = fitted.summary()  # where each row came from, for the records
         _TABLES[key] = table
     return _TABLES[key]
+
+
+def _rows_within(task: str, split: str, within: str, data_dir) -> np.ndarray:
+    """The rows of ``split`` as positions in ``within`` (the cross-fitted policy split), or ConfigError
+    when ``split`` is not a slice of it: a fold model may have trained on rows outside it."""
+    from ee_gym.crossfit import split_rows
+
+    spec = get_task(task)
+    base, low, high, _ = split_rows(spec, within, data_dir)
+    try:
+        sub_base, sub_low, sub_high, _ = split_rows(spec, split, data_dir)
+    except ValueError:
+        sub_base, sub_low, sub_high = None, 0, 0
+    if sub_base != base or not low <= sub_low <= sub_high <= high:
+        raise ConfigError(
+            f"under a cross-fit protocol the policy split must be {within!r} or one slice of it (rows "
+            f"{low} to {high} of {base!r}), e.g. '{base}[{low}:{low + (high - low) // 4}]', not {split!r}: "
+            "only those rows have a table from a fold model that never saw them"
+        )
+    return np.arange(sub_low - low, sub_high - low)
 
 
 def env_table(

@@ -310,6 +310,7 @@ def open_cache(
     moment is opened whole: either the old one or the new one.
     """
     folder = Path(folder)
+    damaged_once = False  # a file that vanished mid-read may be a swap, not damage: look once more
     for attempt in range(50):
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
@@ -330,6 +331,13 @@ def open_cache(
         except FileNotFoundError:  # the folder was swapped while being read
             if attempt == 49:
                 raise
+            time.sleep(0.1)
+            continue
+        except CorruptFileError:  # an array missing or cut short: damaged, or swapped while being read
+            swapping = _old_sibling(folder).exists() or not manifest_file.is_file()
+            if attempt == 49 or (damaged_once and not swapping):
+                raise
+            damaged_once = True
             time.sleep(0.1)
             continue
         if same:  # else a rebuild swapped the folder between reading the manifest and the arrays

@@ -27,6 +27,7 @@ from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.tasks import get_task, load_split
 from ee_gym.training import Stage1Config, _saved_config, train_stage1
+from ee_gym.validation import ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,24 @@ def split_rows(task, split: str, data_dir) -> tuple[str, int, int, bool]:
     n = len(load_split(task, base, data_dir))
     low, high = slice_bound(start, n, 0), slice_bound(end, n, n)
     return base, low, high, high == n
+
+
+def rows_within(task: str, split: str, within: str, data_dir) -> np.ndarray:
+    """The rows of ``split`` as positions in ``within`` (the cross-fitted policy split), or ConfigError
+    when ``split`` is not a slice of it: a fold model may have trained on rows outside it."""
+    spec = get_task(task)
+    base, low, high, _ = split_rows(spec, within, data_dir)
+    try:
+        sub_base, sub_low, sub_high, _ = split_rows(spec, split, data_dir)
+    except ValueError:
+        sub_base, sub_low, sub_high = None, 0, 0
+    if sub_base != base or not low <= sub_low <= sub_high <= high:
+        raise ConfigError(
+            f"under a cross-fit protocol the policy split must be {within!r} or one slice of it (rows "
+            f"{low} to {high} of {base!r}), e.g. '{base}[{low}:{low + (high - low) // 4}]', not {split!r}: "
+            "only those rows have a table from a fold model that never saw them"
+        )
+    return np.arange(sub_low - low, sub_high - low)
 
 
 @dataclass

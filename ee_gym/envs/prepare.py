@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ee_gym.backbones import DEFAULT_BACKBONE, max_input_length
 from ee_gym.cache import build_cache
 from ee_gym.envs.table import ExitTable
@@ -24,7 +22,6 @@ from ee_gym.multiexit import MultiExitModel, check_model_task
 from ee_gym.protocols import DEFAULT_PROTOCOL, POLICY_PROTOCOLS, env_split, get_protocol  # noqa: F401 (env_split: re-exported)
 from ee_gym.tasks import get_task, load_split, task_default
 from ee_gym.training import Stage1Config, finished_stage1_model, train_stage1
-from ee_gym.validation import ConfigError
 
 #: Re-exported from :mod:`ee_gym.protocols` (where every entry point reads them).
 POLICY_PROTOCOL = DEFAULT_PROTOCOL
@@ -136,12 +133,13 @@ def policy_table(
     options = dict(data_dir=data_dir, progress=progress, **table_options)
     if not chosen.cross_fit:
         return load_table(model, task, split, **options)
+    from ee_gym.crossfit import cross_fit_for, rows_within
+
     if split != chosen.policy_split:  # a slice of the cross-fitted split: its rows of the fold models' table
-        rows = _rows_within(task, split, chosen.policy_split, data_dir)
+        rows = rows_within(task, split, chosen.policy_split, data_dir)  # checked before any stage 1
         full = policy_table(model, task, protocol, backbone=backbone, data_dir=data_dir, progress=progress,
                             **table_options)  # fmt: skip
         return full.select(rows, split=split)
-    from ee_gym.crossfit import cross_fit_for
 
     given = tuple(sorted((k, str(v)) for k, v in table_options.items() if v is not None))
     key = ("cross-fit", chosen.folds, model.fingerprint(), task, str(backbone), str(data_dir), given)
@@ -155,26 +153,6 @@ def policy_table(
         table.cross_fit = fitted.summary()  # where each row came from, for the records
         _TABLES[key] = table
     return _TABLES[key]
-
-
-def _rows_within(task: str, split: str, within: str, data_dir) -> np.ndarray:
-    """The rows of ``split`` as positions in ``within`` (the cross-fitted policy split), or ConfigError
-    when ``split`` is not a slice of it: a fold model may have trained on rows outside it."""
-    from ee_gym.crossfit import split_rows
-
-    spec = get_task(task)
-    base, low, high, _ = split_rows(spec, within, data_dir)
-    try:
-        sub_base, sub_low, sub_high, _ = split_rows(spec, split, data_dir)
-    except ValueError:
-        sub_base, sub_low, sub_high = None, 0, 0
-    if sub_base != base or not low <= sub_low <= sub_high <= high:
-        raise ConfigError(
-            f"under a cross-fit protocol the policy split must be {within!r} or one slice of it (rows "
-            f"{low} to {high} of {base!r}), e.g. '{base}[{low}:{low + (high - low) // 4}]', not {split!r}: "
-            "only those rows have a table from a fold model that never saw them"
-        )
-    return np.arange(sub_low - low, sub_high - low)
 
 
 def env_table(

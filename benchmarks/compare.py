@@ -739,8 +739,17 @@ def stage1_spread(task: str, train, metric: str, tables: dict) -> dict | None:
     for fold in train.cross_fit["folds"]:
         fold_model = MultiExitModel.from_pretrained(Path(fold["run_dir"]) / "model").eval()
         values.append(100 * curve_anchors(load_table(fold_model, task, "dev", **tables))[0])
+    k = train.cross_fit.get("k") or len(values)
+    if len(values) < 2:  # a policy split inside one fold (a subset of a large train) needs one fold model
+        return {
+            "fold_full_dev": values,
+            "std": None,
+            "range": None,
+            "text": f"the policy split lies in one fold, so one fold model was trained (stage 1 on {k - 1}/{k} of "
+            f"train); it scores {values[0]:.1f} {metric} at full depth on dev, and one run measures no spread",
+        }
     text = (
-        f"the {len(values)} fold models (stage 1 on {len(values) - 1}/{len(values)} of train each) score "
+        f"the {len(values)} fold models (stage 1 on {k - 1}/{k} of train each) score "
         f"{', '.join(f'{v:.1f}' for v in values)} {metric} at full depth on dev (spread {np.ptp(values):.1f} points)"
     )
     return {
@@ -1103,7 +1112,7 @@ def main(argv=None) -> int:
     from ee_gym.envs.prepare import load_model, load_table, policy_table
     from ee_gym.evaluation import validation_split
     from ee_gym.files import write_text_atomic
-    from ee_gym.protocols import get_protocol
+    from ee_gym.protocols import check_policy_split, get_protocol
     from ee_gym.rewards import default_alpha
 
     began = time.perf_counter()
@@ -1117,6 +1126,7 @@ def main(argv=None) -> int:
         )
     protocol = get_protocol(args.protocol)
     policy_split = args.policy_split or protocol.policy_split
+    check_policy_split(protocol, task, policy_split, args.data_dir)  # before stage 1: no silent overlap
     # where policies are scored: dev, or the protocol's evaluation split carved from train (then dev
     # is a second reading of the same runs)
     where = protocol.evaluation or "dev"

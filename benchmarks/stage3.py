@@ -3,6 +3,7 @@ keep the full-depth stage-1 model's metric, and at what speed-up?
 
     python -m benchmarks.stage3 --task rte
     python -m benchmarks.stage3 --task mrpc --protocol cross-fit --seeds 3
+    python -m benchmarks.stage3 --task sst2 --protocol 'paper,eval=10%' --policy-split 'train[:16000]'
 
 The paper reports an equal or better metric at about 1.8x. Here, on one stage-1 model:
 
@@ -19,10 +20,14 @@ The paper reports an equal or better metric at about 1.8x. Here, on one stage-1 
    (``learning_rate:epochs``, the stated search budget, batch ``--batch-size``), each from the stage-1
    model and the stage-2 policy; the candidate whose model and policy score best on the validation
    tail (its own table of those rows, the policy's exits) is kept.
-4. The kept settings run with ``--seeds`` seeds (seed 0 is the search's run). On dev: the stage-3
-   model with its policy against the full-depth stage-1 model, and against the stage-2 policy on the
-   stage-1 model (what stage 3 adds), each a paired bootstrap of the metric difference over the dev
-   inputs and the seeds (:func:`benchmarks.paired.metric_difference`).
+4. The kept settings run with ``--seeds`` seeds (seed 0 is the search's run). On the protocol's
+   evaluation split (dev, or the split carved from train by ``,eval=<p>%``, then dev as a second
+   reading): the stage-3 model with its policy against the full-depth stage-1 model, and against the
+   stage-2 policy on the stage-1 model (what stage 3 adds), each a paired bootstrap of the metric
+   difference over the inputs and the seeds (:func:`benchmarks.paired.metric_difference`).
+
+On a large task, ``--policy-split`` takes a slice of the policy split (``train[:16000]`` on SST-2):
+stage 2 and the validation tail come from it, and stage 3 trains on it without the tail.
 
 Written to ``--output-dir`` (default ``ee-gym-results/<task>-stage3``): ``results.md``,
 ``results.json`` (``paired`` in the results contract) and the stage-3 run folders under ``runs/``,
@@ -57,6 +62,7 @@ class Stage3Args:
 
     task: str = "rte"
     protocol: str | None = None  # None: ee_gym.protocols.DEFAULT_PROTOCOL
+    policy_split: str | None = None  # a slice of the protocol's policy split (a large task's subset)
     backbone: str = "minilm-l6"
     model: str | None = None  # a multi-exit model folder instead of stage 1 of (task, backbone)
     data_dir: str | None = None
@@ -86,6 +92,8 @@ class Stage3Args:
 HELP = {
     "task": "the task: a GLUE name (rte, mrpc, sst2, ...)",
     "protocol": "which inputs the policy learns on (ee_gym.protocols; None: DEFAULT_PROTOCOL)",
+    "policy_split": "the policy split instead of the protocol's, e.g. 'train[:16000]': stage 2 fits its head, "
+    "settings are chosen on its tail, and stage 3 trains on it without the tail (None: the protocol's)",
     "backbone": "the backbone whose stage-1 model starts stage 3 (trained on first use)",
     "model": "a multi-exit model folder, used instead of stage 1 of (task, backbone)",
     "data_dir": "the data folder (GLUE layout; None: $EE_GYM_DATA)",
@@ -128,21 +136,26 @@ class Splits:
     seen_by_stage1: bool  # whether the stage-1 model trained on the validation tail (paper, cross-fit)
 
 
-def plan_splits(task: str, protocol, data_dir) -> Splits:
-    """The policy split's validation tail, and stage 3's split without it (:class:`Splits`)."""
-    from ee_gym.crossfit import split_rows
+def plan_splits(task: str, protocol, data_dir, policy_split: str | None = None) -> Splits:
+    """The policy split's validation tail, and stage 3's split without it (:class:`Splits`).
 
-    base, low, high, _ = split_rows(task, protocol.policy_split, data_dir)
+    ``policy_split`` (a slice of the protocol's, checked by :func:`ee_gym.protocols.check_policy_split`)
+    replaces the protocol's, and stage 3 then trains on it without its tail rather than on the whole
+    stage-1 split: on a large task, stage 3 costs what the subset does."""
+    from ee_gym.protocols import check_policy_split
+    from ee_gym.tasks import split_rows
+
+    split = policy_split or protocol.policy_split
+    check_policy_split(protocol, task, split, data_dir)
+    base, low, high, _ = split_rows(task, split, data_dir)
     start = low + math.ceil((1 - VALIDATION_FRACTION) * (high - low))
     if not low < start < high:
-        raise ConfigError(
-            f"the policy split {protocol.policy_split!r} has too few rows for a validation tail"
-        )
+        raise ConfigError(f"the policy split {split!r} has too few rows for a validation tail")
     name, first, last, _ = split_rows(task, protocol.stage1_split, data_dir)
     if name != base:
         raise ConfigError(f"the stage-1 and policy splits of {protocol.name!r} come from different splits")
-    # stage 3 keeps the stage-1 rows outside [start, high)
-    parts = [(first, min(last, start)), (max(first, high), last)]
+    # stage 3 keeps the stage-1 rows outside [start, high), or the given policy split's rows before it
+    parts = [(first, min(last, start)), (max(first, high), last)] if policy_split is None else [(low, start)]
     kept = [f"{base}[{a}:{b}]" for a, b in parts if b > a]
     if not kept:
         raise ConfigError(f"under {protocol.name!r} the validation tail leaves stage 3 no rows")
@@ -182,13 +195,11 @@ def run_stage3(args: Stage3Args, model, policy, splits: Splits, lr: float, epoch
 
 def main(argv=None) -> int:
     from agents.__main__ import train_policy
-    from benchmarks import paired
     from benchmarks.compare import _json_value
     from benchmarks.tuning import choose_learner_settings
     from ee_gym.cli import add_dataclass_arguments
     from ee_gym.envs.prepare import load_model, load_table, policy_table
     from ee_gym.files import write_text_atomic
-    from ee_gym.policy import make_policy
     from ee_gym.protocols import get_protocol
     from ee_gym.rewards import default_alpha
 
@@ -198,13 +209,14 @@ def main(argv=None) -> int:
     args = Stage3Args(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k in fields}).resolved()
     candidates = parse_candidates(args.candidates)
     protocol = get_protocol(args.protocol)
-    splits = plan_splits(args.task, protocol, args.data_dir)  # before any training: bad splits fail here
+    splits = plan_splits(args.task, protocol, args.data_dir, args.policy_split)  # bad splits fail here
     began = time.perf_counter()
 
     model = load_model(args.task, model=args.model, backbone=args.backbone, data_dir=args.data_dir,
                        progress=args.progress, protocol=protocol.name).eval()  # fmt: skip
     tables = dict(data_dir=args.data_dir, progress=args.progress)
-    policy_rows = policy_table(model, args.task, protocol.name, backbone=args.backbone, **tables)
+    policy_rows = policy_table(model, args.task, protocol.name, split=args.policy_split, backbone=args.backbone,
+                               **tables)  # fmt: skip
     # the policy table's own rows of the tail (under cross-fit: the fold models', as the fitting part's)
     fit = policy_rows.select(np.arange(splits.fit_rows))
     validation = policy_rows.select(np.arange(splits.fit_rows, policy_rows.num_inputs))
@@ -232,44 +244,38 @@ def main(argv=None) -> int:
                        "validation": _public(score), "result": result})  # fmt: skip
     best = max(search, key=lambda c: (c["validation"]["metric"], c["validation"]["speedup"]))
 
-    # the kept settings on dev, per seed; the references: full-depth stage 1, stage 2 on stage 1
-    full = _score(make_policy("static", layer=dev.num_layers), dev)  # every input at layer L
-    seeds = []
+    # the kept settings per seed; the references: full-depth stage 1, stage 2 on stage 1
+    kept = []
     for seed in range(args.seeds):
         policy = policy0 if seed == 0 else stage2(seed)
         result = best["result"] if seed == 0 else run_stage3(
             args, model, policy, splits, best["learning_rate"], best["epochs"], seed)[0]  # fmt: skip
-        stage3_dev = load_table(result.model.eval(), args.task, "dev", **tables)
-        seeds.append({"seed": seed, "stage3": _score(result.policy, stage3_dev), "stage2": _score(policy, dev),
-                      "model_dir": str(result.model_dir)})  # fmt: skip
-
-    setup = paired.Setup.for_task(args.task, dev.num_layers, dev.labels, _outcome(full))
-    curve = {
-        name: paired.Curve(name, tuple(_outcome(s[key], s["seed"]) for s in seeds))
-        for name, key in (("stage 3", "stage3"), ("stage 2 (no stage 3)", "stage2"))
-    }
-    reference = paired.Curve("full-depth stage 1", (_outcome(full),))
-    records = [
-        paired.metric_difference(setup, curve["stage 3"], reference),
-        paired.metric_difference(setup, curve["stage 2 (no stage 3)"], reference),
-        paired.metric_difference(setup, curve["stage 3"], curve["stage 2 (no stage 3)"]),
-    ]
+        kept.append((seed, policy, result))
+    # read on the protocol's evaluation split carved from train when it has one (dev, 872 inputs on
+    # SST-2, cannot resolve a point), and on dev
+    where = protocol.evaluation or "dev"
+    readings = {split: read_on(args, model, kept, split, tables) for split in dict.fromkeys([where, "dev"])}
+    main_reading, on_dev = readings[where], readings["dev"] if where != "dev" else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.stage3 " + shlex.join(argv if argv is not None else sys.argv[1:])
     record = {
         "task": args.task,
         "protocol": protocol.name,
-        "metric": setup.metric,
+        "metric": main_reading["metric"],
         "num_layers": dev.num_layers,
-        "dev_inputs": dev.num_inputs,
+        "evaluation": where,  # the split the numbers below are read on (dev, or carved from train)
+        "dev_inputs": main_reading["inputs"],  # of that split
+        "dev": None
+        if on_dev is None
+        else {k: v for k, v in on_dev.items() if k != "metric"},  # a second reading
         "splits": dataclasses.asdict(splits),
         "stage2_tuning": None if choice is None else choice.to_dict(),
         "search": [{k: v for k, v in c.items() if k != "result"} for c in search],
         "kept": {"learning_rate": best["learning_rate"], "epochs": best["epochs"]},
-        "full_depth_stage1": _public(full),
-        "seeds": [{**s, "stage3": _public(s["stage3"]), "stage2": _public(s["stage2"])} for s in seeds],
-        "paired": records,
+        "full_depth_stage1": main_reading["full_depth_stage1"],
+        "seeds": main_reading["seeds"],
+        "paired": main_reading["paired"],
         "command": command,
         "args": dataclasses.asdict(args),
         "seconds": round(time.perf_counter() - began, 1),
@@ -278,6 +284,40 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(_page(record))
     print(_page(record))
     return 0
+
+
+def read_on(args: Stage3Args, model, kept: list, split: str, tables: dict) -> dict[str, Any]:
+    """On ``split``: full-depth stage 1, and per kept seed the stage-3 model with its policy and the
+    stage-2 policy on the stage-1 model, with the paired metric differences (over the inputs and seeds)."""
+    from benchmarks import paired
+    from ee_gym.envs.prepare import load_table
+    from ee_gym.policy import make_policy
+
+    table = load_table(model, args.task, split, **tables)
+    full = _score(make_policy("static", layer=table.num_layers), table)  # every input at layer L
+    seeds = []
+    for seed, policy, result in kept:
+        stage3_table = load_table(result.model.eval(), args.task, split, **tables)
+        seeds.append({"seed": seed, "stage3": _score(result.policy, stage3_table), "stage2": _score(policy, table),
+                      "model_dir": str(result.model_dir)})  # fmt: skip
+    setup = paired.Setup.for_task(args.task, table.num_layers, table.labels, _outcome(full))
+    curve = {
+        name: paired.Curve(name, tuple(_outcome(s[key], s["seed"]) for s in seeds))
+        for name, key in (("stage 3", "stage3"), ("stage 2 (no stage 3)", "stage2"))
+    }
+    reference = paired.Curve("full-depth stage 1", (_outcome(full),))
+    return {
+        "split": split,
+        "inputs": table.num_inputs,
+        "metric": setup.metric,
+        "full_depth_stage1": _public(full),
+        "seeds": [{**s, "stage3": _public(s["stage3"]), "stage2": _public(s["stage2"])} for s in seeds],
+        "paired": [
+            paired.metric_difference(setup, curve["stage 3"], reference),
+            paired.metric_difference(setup, curve["stage 2 (no stage 3)"], reference),
+            paired.metric_difference(setup, curve["stage 3"], curve["stage 2 (no stage 3)"]),
+        ],
+    }
 
 
 def _outcome(score: dict[str, Any], seed: int | None = None):
@@ -293,6 +333,8 @@ def _page(record: dict[str, Any]) -> str:
     def pct(value: float) -> str:
         return f"{100 * value:.1f}"
 
+    where = record.get("evaluation", "dev")
+
     lines = [
         f"# {record['task']}: stage 3 against the full-depth stage-1 model ({record['protocol']} protocol)",
         "",
@@ -303,9 +345,8 @@ def _page(record: dict[str, Any]) -> str:
             if record["splits"]["seen_by_stage1"]
             else "; the stage-1 model never saw the tail"
         )
-        + f"). Dev: "
-        f"{record['dev_inputs']} inputs. Full-depth stage 1 on dev: {pct(record['full_depth_stage1']['metric'])} "
-        f"{record['metric']}.",
+        + f"). Read on `{where}`: {record['dev_inputs']} inputs. Full-depth stage 1 there: "
+        f"{pct(record['full_depth_stage1']['metric'])} {record['metric']}.",
         "",
         "| stage-3 candidate | validation metric | validation speed-up | training s |",
         "|---|---|---|---|",
@@ -316,16 +357,18 @@ def _page(record: dict[str, Any]) -> str:
                      f"{c['validation']['speedup']:.2f}x | {c['seconds']:.0f} |")  # fmt: skip
     lines += [
         "",
-        "| seed | stage 3 on dev | speed-up | stage 2 only on dev | speed-up |",
+        f"| seed | stage 3 on {where} | speed-up | stage 2 only on {where} | speed-up |",
         "|---|---|---|---|---|",
     ]
     for s in record["seeds"]:
         lines.append(f"| {s['seed']} | {pct(s['stage3']['metric'])} | {s['stage3']['speedup']:.2f}x | "
                      f"{pct(s['stage2']['metric'])} | {s['stage2']['speedup']:.2f}x |")  # fmt: skip
-    lines += ["", "Paired differences on dev (95% interval over the dev inputs and seeds):", ""]
-    for r in record["paired"]:
-        lines.append(f"- {r['policy']} {verdict(r)} {r['reference']}: {r['statistic'][:6]} difference "
-                     f"{r['delta']:+.1f} ({r['low']:+.1f} to {r['high']:+.1f}) at {r['statistic'][7:]}")  # fmt: skip
+    readings = [(where, record["paired"])] + ([("dev", record["dev"]["paired"])] if record.get("dev") else [])
+    for split, found in readings:
+        lines += ["", f"Paired differences on `{split}` (95% interval over its inputs and the seeds):", ""]
+        for r in found:
+            lines.append(f"- {r['policy']} {verdict(r)} {r['reference']}: {r['statistic'][:6]} difference "
+                         f"{r['delta']:+.1f} ({r['low']:+.1f} to {r['high']:+.1f}) at {r['statistic'][7:]}")  # fmt: skip
     lines += ["", "## Reproduce", "", f"```bash\n{record['command']}\n```", "",
               f"{record['seconds']:.0f} s; every number in `results.json`.", ""]  # fmt: skip
     return "\n".join(lines)

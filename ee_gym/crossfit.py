@@ -25,7 +25,7 @@ import numpy as np
 
 from ee_gym.envs.table import ExitTable
 from ee_gym.multiexit import MultiExitModel
-from ee_gym.tasks import get_task, load_split
+from ee_gym.tasks import get_task, split_rows
 from ee_gym.training import Stage1Config, _saved_config, train_stage1
 from ee_gym.validation import ConfigError
 
@@ -62,18 +62,7 @@ def make_folds(
     return folds
 
 
-def split_rows(task, split: str, data_dir) -> tuple[str, int, int, bool]:
-    """(base split, first row, one past the last row, whether that is the base split's end) of a
-    split such as ``"train"`` or ``"train[:90%]"``, as :func:`ee_gym.tasks.load_split` slices it."""
-    from ee_gym.tasks import parse_split, slice_bound
-
-    base, start, end = parse_split(split)
-    n = len(load_split(task, base, data_dir))
-    low, high = slice_bound(start, n, 0), slice_bound(end, n, n)
-    return base, low, high, high == n
-
-
-def rows_within(task: str, split: str, within: str, data_dir) -> np.ndarray:
+def rows_within(task: str, split: str, within: str, data_dir) -> range:
     """The rows of ``split`` as positions in ``within`` (the cross-fitted policy split), or ConfigError
     when ``split`` is not a slice of it: a fold model may have trained on rows outside it."""
     spec = get_task(task)
@@ -88,7 +77,7 @@ def rows_within(task: str, split: str, within: str, data_dir) -> np.ndarray:
             f"{low} to {high} of {base!r}), e.g. '{base}[{low}:{low + (high - low) // 4}]', not {split!r}: "
             "only those rows have a table from a fold model that never saw them"
         )
-    return np.arange(sub_low - low, sub_high - low)
+    return range(sub_low - low, sub_high - low)
 
 
 @dataclass
@@ -96,11 +85,12 @@ class CrossFitTable:
     """The cross-fitted table of a split, with where each row came from."""
 
     table: ExitTable  # rows in the split's order
-    folds: list[Fold]
+    folds: list[Fold]  # the folds whose models gave rows (all of them unless a subset was asked for)
     fold_of: np.ndarray  # [N] the fold (and so the fold model) of each row
     fingerprints: list[str]  # fold model i's weights fingerprint
     run_dirs: list[str]  # fold model i's stage-1 run folder
     stage1_seconds: list[float]  # the epochs' training time its run recorded (the extra stage-1 cost)
+    num_folds: int = 0  # k, the folds the split was cut into
 
     def summary(self) -> dict:
         """JSON-ready: the folds, their models' fingerprints and sizes."""
@@ -112,6 +102,7 @@ class CrossFitTable:
                 )
             ],
             "rows": int(len(self.fold_of)),
+            "k": self.num_folds,  # the folds of the split ("folds" lists those whose models gave rows)
         }
 
 
@@ -130,6 +121,8 @@ def cross_fit_table(
     split: str = "train",
     table_for: Callable[[MultiExitModel, str], ExitTable],
     initial_model: Callable[[], MultiExitModel] | None = None,
+    rows: range | None = None,
+    name: str | None = None,
 ) -> CrossFitTable:
     """The cross-fitted table of ``split``: train (or reuse) one stage-1 model per fold, and take each
     fold's rows from its model. ``split`` is a split or a slice of one (``"train[:90%]"``, when an
@@ -138,24 +131,38 @@ def cross_fit_table(
     ``base`` holds the stage-1 settings (its ``train_split`` is ignored); ``table_for(model, split)``
     builds (or reads the cache of) a model's table on a split; ``initial_model`` makes the model each
     fold's stage 1 starts from (a tiny random one in tests; None: the backbone's pretrained weights).
+    ``rows`` (positions in ``split``; default all) keeps only those rows, so that a fold holding none
+    of them is never trained and a fold model's forward pass covers only its rows in the subset; the
+    folds stay those of the whole ``split``. ``name`` names the table's split (default ``split``).
     """
     task = get_task(base.task)
-    name, low, high, to_end = split_rows(task, split, base.data_dir)
-    folds = make_folds(high - low, k, name, offset=low, to_end=to_end)
-    tables, fingerprints, run_dirs, seconds = [], [], [], []
+    base_split, low, high, to_end = split_rows(task, split, base.data_dir)
+    folds = make_folds(high - low, k, base_split, offset=low, to_end=to_end)
+    wanted = range(high - low) if rows is None else rows
+    used, tables, fingerprints, run_dirs, seconds, fold_of = [], [], [], [], [], []
     for fold in folds:
+        start, stop = max(fold.start, wanted.start), min(fold.stop, wanted.stop)
+        if start >= stop:  # none of the wanted rows is in this fold: its model is not needed
+            continue
         config = dataclasses.replace(base, train_split=fold.train_split, output_dir=None)
         # a finished fold run is reused as it is (train_stage1 returns it), an unfinished one resumed
         run = train_stage1(config, model=None if initial_model is None else initial_model())
         model = run.model.eval()
-        tables.append(table_for(model, fold.held_split))
+        held = (
+            fold.held_split
+            if (start, stop) == (fold.start, fold.stop)
+            else f"{base_split}[{low + start}:{low + stop}]"
+        )
+        tables.append(table_for(model, held))
+        used.append(fold)
+        fold_of.append(np.full(stop - start, fold.index, dtype=np.int64))
         fingerprints.append(model.fingerprint())
         run_dirs.append(str(Path(run.model_dir).parent))
         seconds.append(round(sum(r.get("seconds", 0.0) for r in getattr(run, "history", None) or []), 1))
-    fold_of = np.concatenate([np.full(f.stop - f.start, f.index, dtype=np.int64) for f in folds])
     return CrossFitTable(
-        ExitTable.concatenate(tables, split), folds, fold_of, fingerprints, run_dirs, seconds
-    )
+        ExitTable.concatenate(tables, name or split), used, np.concatenate(fold_of), fingerprints, run_dirs,
+        seconds, k,
+    )  # fmt: skip
 
 
 def cross_fit_for(
@@ -167,12 +174,17 @@ def cross_fit_for(
     progress: bool,
     table_for: Callable[[MultiExitModel, str], ExitTable],
     split: str = "train",
+    rows: range | None = None,
+    name: str | None = None,
 ) -> CrossFitTable:
     """:func:`cross_fit_table` of ``split`` for stage 1 of (task, backbone) on ``split`` in its
     default folder (the model ``load_model(..., protocol="cross-fit")`` returns; ``split`` is the
-    protocol's stage-1 and policy split, ``"train[:90%]"`` under ``cross-fit,eval=10%``)."""
+    protocol's stage-1 and policy split, ``"train[:90%]"`` under ``cross-fit,eval=10%``); ``rows`` and
+    ``name`` keep a subset of it (:func:`cross_fit_table`)."""
     base = Stage1Config(
         task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir), progress=progress,
         train_split=split,
     )  # fmt: skip
-    return cross_fit_table(fold_stage1_config(base), k, split=split, table_for=table_for)
+    return cross_fit_table(
+        fold_stage1_config(base), k, split=split, table_for=table_for, rows=rows, name=name
+    )

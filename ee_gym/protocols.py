@@ -193,3 +193,44 @@ def env_split(split: str | None, protocol: str | None, model=None, table=None) -
     if model is None or protocol is not None:
         return get_protocol(protocol).policy_split
     return "train"
+
+
+def check_policy_split(protocol: Protocol, task, split: str, data_dir) -> None:
+    """ConfigError, before any stage 1, when ``split`` cannot be the learners' split under
+    ``protocol`` without a silently wrong result: it shares inputs with the split policies are scored
+    on (the carved evaluation split, or dev); under a protocol whose stage 1 never sees its policy
+    split (``held-out``), it shares inputs with the stage-1 split; under ``cross-fit``, it is not one
+    slice of the cross-fitted split (:func:`ee_gym.crossfit.rows_within`). Reads the split sizes only."""
+    from ee_gym.tasks import split_parts, split_rows
+
+    def rows(name: str) -> list[tuple[str, int, int]]:
+        found = []
+        for part in split_parts(name):
+            base, low, high, _ = split_rows(task, part, data_dir)
+            found.append(("dev" if base == "validation" else base, low, high))
+        return found
+
+    def shared(a: str, b: str) -> int:
+        return sum(
+            max(0, min(h1, h2) - max(l1, l2)) for n1, l1, h1 in rows(a) for n2, l2, h2 in rows(b) if n1 == n2
+        )
+
+    judged = protocol.evaluation or "dev"
+    if overlap := shared(split, judged):
+        raise ConfigError(
+            f"the policy split {split!r} shares {overlap} inputs with {judged!r}, where policies are scored "
+            f"under {protocol.name!r}: take the policy split from the rows before it (the protocol's own is "
+            f"{protocol.policy_split!r})"
+        )
+    if protocol.cross_fit:
+        from ee_gym.crossfit import rows_within
+
+        rows_within(task, split, protocol.policy_split, data_dir)
+    elif not shared(protocol.policy_split, protocol.stage1_split) and (
+        overlap := shared(split, protocol.stage1_split)
+    ):
+        raise ConfigError(
+            f"under {protocol.name!r} stage 1 never sees the policy split, and {split!r} shares {overlap} inputs "
+            f"with its stage-1 split {protocol.stage1_split!r}: take rows of {protocol.policy_split!r}, or "
+            "use the 'paper' protocol to learn on inputs stage 1 trained on"
+        )

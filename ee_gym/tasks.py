@@ -516,6 +516,15 @@ def slice_bound(bound: str | None, n: int, default: int) -> int:
     return min(int(bound), n)
 
 
+def split_rows(task, split: str, data_dir) -> tuple[str, int, int, bool]:
+    """(base split, first row, one past the last row, whether that is the base split's end) of a
+    split such as ``"train"`` or ``"train[:90%]"``, as :func:`load_split` slices it."""
+    base, start, end = parse_split(split)
+    n = len(load_split(task, base, data_dir))
+    low, high = slice_bound(start, n, 0), slice_bound(end, n, n)
+    return base, low, high, high == n
+
+
 def _source(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
     """("glue", folder), ("files", None) or ("hub", None)."""
     if spec.glue_dir is None:

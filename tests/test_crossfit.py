@@ -202,12 +202,36 @@ def test_a_slice_of_the_cross_fitted_split_keeps_the_fold_models_rows(tokenizer,
     monkeypatch.setattr(crossfit, "train_stage1", fake_stage1)
     options = dict(data_dir=str(tiny_data), max_length=32, progress=False)
     model = prepare.load_model("rte", protocol="cross-fit", data_dir=str(tiny_data), progress=False)
-    full = prepare.policy_table(model, "rte", "cross-fit", **options)
     part = prepare.policy_table(model, "rte", "cross-fit", split="train[10:30]", **options)
-    # rows 10..29 straddle folds 0 and 1: each row is the fold model's, not the evaluated model's
-    assert part.split == "train[10:30]" and part.num_inputs == 20 and part.cross_fit == full.cross_fit
+    # rows 10..29 lie in folds 0 and 1 (rows 0..20, 21..41): fold model 2 is never trained
+    assert sorted(runs) == ["train", "train[21:]", "train[:21]+train[42:]"]
+    assert [f["index"] for f in part.cross_fit["folds"]] == [0, 1] and part.cross_fit["rows"] == 20
+    assert part.cross_fit["k"] == 3
+    full = prepare.policy_table(model, "rte", "cross-fit", **options)
+    # each row is the fold model's, not the evaluated model's
+    assert part.split == "train[10:30]" and part.num_inputs == 20
     np.testing.assert_array_equal(part.logits, full.logits[10:30])
+    np.testing.assert_array_equal(part.labels, full.labels[10:30])
     plain = prepare.load_table(model, "rte", "train[10:30]", **options)
     assert not np.allclose(part.logits, plain.logits)
     with pytest.raises(ConfigError, match="one slice of it"):
         prepare.policy_table(model, "rte", "cross-fit,eval=25%", split="train[40:]", **options)
+
+
+def test_a_policy_split_that_sees_scored_or_stage1_inputs_is_refused(tiny_data):
+    from ee_gym.protocols import check_policy_split
+
+    data = str(tiny_data)  # 64 train rows, dev apart
+    carved = get_protocol("paper,eval=25%")  # stage 1 and policies: rows 0..47; scored on rows 48..63
+    check_policy_split(carved, "rte", "train[:16]", data)
+    check_policy_split(carved, "rte", "train[:8]+train[40:48]", data)
+    with pytest.raises(ConfigError, match="shares 4 inputs with 'train\\[75%:\\]'"):
+        check_policy_split(carved, "rte", "train[:8]+train[44:52]", data)
+    with pytest.raises(ConfigError, match="shares 32 inputs with 'dev'"):
+        check_policy_split(get_protocol("paper"), "rte", "validation", data)
+    held = get_protocol("held-out")  # stage 1 on rows 0..56, policies on 57..63
+    check_policy_split(held, "rte", "train[60:]", data)
+    with pytest.raises(ConfigError, match="stage 1 never sees the policy split.*'paper'"):
+        check_policy_split(held, "rte", "train[50:]", data)
+    with pytest.raises(ConfigError, match="one slice of it"):
+        check_policy_split(get_protocol("cross-fit"), "rte", "train[:10]+train[20:30]", data)

@@ -24,6 +24,11 @@ def test_the_validation_tail_is_left_out_of_stage_3(tiny_data):
     for splits in (paper, held, carved):
         tail = set(load_split("rte", splits.validation, str(tiny_data)).text_a)
         assert not tail & set(load_split("rte", splits.stage3, str(tiny_data)).text_a)
+    # a slice of the policy split: stage 3 trains on it without its tail, not on the whole stage-1 split
+    part = stage3.plan_splits("rte", get_protocol("paper,eval=25%"), str(tiny_data), "train[:20]")
+    assert (part.fit_rows, part.validation, part.stage3) == (16, "train[16:20]", "train[0:16]")
+    with pytest.raises(ConfigError, match="shares 8 inputs with 'train\\[75%:\\]'"):
+        stage3.plan_splits("rte", get_protocol("paper,eval=25%"), str(tiny_data), "train[40:56]")
     for bad in ("1e-5", "x:1", "1e-5:0", ""):
         with pytest.raises(ConfigError, match="candidate|learning_rate:epochs|no stage-3"):
             stage3.parse_candidates(bad)
@@ -54,3 +59,22 @@ def test_stage3_benchmark_writes_its_search_and_paired_verdicts(tokenizer, tiny_
     # a re-run reuses the finished stage-3 runs and gives the same numbers
     assert stage3.main(argv) == 0
     assert json.loads((out / "results.json").read_text())["paired"] == record["paired"]
+
+
+def test_stage3_on_a_subset_reads_the_carved_split_then_dev(tokenizer, tiny_data, tmp_path):
+    model = new_tiny_model(tokenizer, task="rte")
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "stage3"
+    argv = [
+        "--task", "rte", "--model", str(tmp_path / "model"), "--data-dir", str(tiny_data),
+        "--protocol", "paper,eval=25%", "--policy-split", "train[:32]", "--candidates", "1e-3:1", "--no-tune",
+        "--batch-size", "8", "--replicas", "2", "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert stage3.main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "runs" / "lr0.001-epochs1-seed0" / "config.json").read_text())
+    assert saved["train_split"] == "train[0:26]" and record["splits"]["validation"] == "train[26:32]"
+    assert record["evaluation"] == "train[75%:]" and record["dev_inputs"] == 16
+    assert record["dev"]["split"] == "dev" and len(record["dev"]["paired"]) == 3
+    page = (out / "results.md").read_text()
+    assert "Paired differences on `train[75%:]`" in page and "Paired differences on `dev`" in page

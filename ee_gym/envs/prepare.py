@@ -135,19 +135,17 @@ def policy_table(
         return load_table(model, task, split, **options)
     from ee_gym.crossfit import cross_fit_for, rows_within
 
-    if split != chosen.policy_split:  # a slice of the cross-fitted split: its rows of the fold models' table
-        rows = rows_within(task, split, chosen.policy_split, data_dir)  # checked before any stage 1
-        full = policy_table(model, task, protocol, backbone=backbone, data_dir=data_dir, progress=progress,
-                            **table_options)  # fmt: skip
-        return full.select(rows, split=split)
-
+    # a slice of the cross-fitted split (a subset of a large train): only the fold models holding its
+    # rows are trained, each over its rows alone
+    rows = None if split == chosen.policy_split else rows_within(task, split, chosen.policy_split, data_dir)
     given = tuple(sorted((k, str(v)) for k, v in table_options.items() if v is not None))
-    key = ("cross-fit", chosen.folds, model.fingerprint(), task, str(backbone), str(data_dir), given)
+    key = ("cross-fit", chosen.folds, model.fingerprint(), task, split, str(backbone), str(data_dir), given)
     if key not in _TABLES:
         max_inputs = options.pop("max_inputs", None)
         fitted = cross_fit_for(
             task, chosen.folds, backbone=backbone, data_dir=data_dir, progress=progress, split=chosen.policy_split,
             table_for=lambda fold_model, fold_split: load_table(fold_model, task, fold_split, **options),
+            rows=rows, name=split,
         )  # fmt: skip
         table = fitted.table if max_inputs is None else fitted.table.head(max_inputs)
         table.cross_fit = fitted.summary()  # where each row came from, for the records

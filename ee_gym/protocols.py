@@ -110,8 +110,9 @@ PROTOCOLS: dict[str, Protocol] = {
 #: learner but DQN exiting at layer 1 on the majority class (Matthews 0), while under paper every RL
 #: learner exits input-adaptively at layers 3-6, REINFORCE moves from -5.5 to +0.2 AUC points against
 #: the best rule and DQN beats it (+2.2, 95% +0.5 to +4.0). Paper also costs no extra stage 1 (cross-fit
-#: 2-3 more runs) and drives a model fit on all of train. On SST-2 (held-out and paper, eval=10%) paper
-#: moves REINFORCE, PPO and DQN from behind max-prob to ties with the best rule (REINFORCE -0.3 -> +0.1).
+#: 2-3 more runs) and drives a model fit on all of train. On SST-2 (all three, eval=10%) paper moves
+#: REINFORCE, PPO and DQN from behind max-prob to ties with the best rule (REINFORCE -0.3 -> +0.1),
+#: and cross-fit (on a 16,000-input subset) costs every learner 0.1-0.5 AUC points against paper.
 DEFAULT_PROTOCOL = "paper"
 #: (stage-1 split, policy split) by name: the plain-data view older code reads.
 POLICY_PROTOCOLS: dict[str, tuple[str, str]] = {

@@ -148,12 +148,8 @@ def cross_fit_table(
         # a finished fold run is reused as it is (train_stage1 returns it), an unfinished one resumed
         run = train_stage1(config, model=None if initial_model is None else initial_model())
         model = run.model.eval()
-        held = (
-            fold.held_split
-            if (start, stop) == (fold.start, fold.stop)
-            else f"{base_split}[{low + start}:{low + stop}]"
-        )
-        tables.append(table_for(model, held))
+        # the fold's held split itself when the whole fold is wanted (make_folds names it alike)
+        tables.append(table_for(model, f"{base_split}[{low + start}:{low + stop}]"))
         used.append(fold)
         fold_of.append(np.full(stop - start, fold.index, dtype=np.int64))
         fingerprints.append(model.fingerprint())

@@ -202,8 +202,11 @@ def check_policy_split(protocol: Protocol, task, split: str, data_dir) -> None:
     on (the carved evaluation split, or dev); under a protocol whose stage 1 never sees its policy
     split (``held-out``), it shares inputs with the stage-1 split; under ``cross-fit``, it is not one
     slice of the cross-fitted split (:func:`ee_gym.crossfit.rows_within`). Reads the split sizes only."""
+    from functools import cache
+
     from ee_gym.tasks import split_parts, split_rows
 
+    @cache  # each split's rows once: split_rows reads the whole split to count them
     def rows(name: str) -> list[tuple[str, int, int]]:
         found = []
         for part in split_parts(name):

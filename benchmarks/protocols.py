@@ -5,6 +5,9 @@
     python -m benchmarks.compare --task rte --protocol cross-fit --output-dir ee-gym-results/rte-cross-fit
     python -m benchmarks.protocols ee-gym-results/rte-paper ee-gym-results/rte-held-out ee-gym-results/rte-cross-fit
 
+The same protocol on several stage-1 models (another ``--seed`` of ``ee-gym stage1``, passed with
+``--model``) measures stage 1's own spread: rows are then named by protocol and model fingerprint.
+
 Reads each folder's ``results.json`` (:mod:`benchmarks.compare`) and prints one Markdown table per
 learner: per protocol, the inputs it learnt from, its dev metric at the operating point (95% interval
 over seeds), layer speed-up, the first seed's exit histogram on dev (input-adaptive or one static
@@ -38,10 +41,23 @@ def load(folders: list[str]) -> list[dict]:
     return records
 
 
+def setup_label(record: dict, records: list[dict]) -> str:
+    """A row's name: its protocol, and its stage-1 model's fingerprint when another record shares the
+    protocol (the same protocol on two stage-1 seeds measures stage 1's own spread)."""
+    protocol = record["protocol"]
+    if sum(r["protocol"] == protocol for r in records) > 1:
+        return f"{protocol}, model {record.get('model_fingerprint', '?')}"
+    return protocol
+
+
 def fold_seconds(record: dict) -> float:
     """The stage-1 training seconds of the protocol's fold models (0 without cross-fitting)."""
     folds = (record.get("cross_fit") or {}).get("folds", [])
     return float(sum(f.get("stage1_seconds", 0.0) for f in folds))
+
+
+def auc_of(record: dict, label: str) -> float:
+    return next(r["auc"] for r in record["table"] if r["label"] == label)
 
 
 def learner_table(records: list[dict], learner: str) -> list[str]:
@@ -72,7 +88,7 @@ def learner_table(records: list[dict], learner: str) -> list[str]:
         tie = "" if learner not in ties else f"{ties[learner]:.2f}x" + (
             "" if share is None else f" ({share:.2f} of oracle-consistent's)")  # fmt: skip
         lines.append(
-            f"| {record['protocol']} | {record['policy_inputs']} | {100 * row['metric']:.1f}{ci} | "
+            f"| {setup_label(record, records)} | {record['policy_inputs']} | {100 * row['metric']:.1f}{ci} | "
             f"{row['speedup']:.2f}x | {row.get('exit_histogram', '')} | {100 * row['auc']:.1f} | {paired} | "
             f"{tie} | {fold_seconds(record):.0f} |"
         )
@@ -85,22 +101,24 @@ def page(records: list[dict], folders: list[str]) -> str:
         r["label"] for record in records for r in record["table"] if r["kind"] == "learner"
     ))  # fmt: skip
     full = " / ".join(
-        f"{rec['protocol']} {100 * next(r['metric'] for r in rec['table'] if r['label'] == 'full model'):.1f}"
+        f"{setup_label(rec, records)} {100 * next(r['metric'] for r in rec['table'] if r['label'] == 'full model'):.1f}"
         for rec in records
     )
     lines = [
         f"# {records[0]['task']}: learners under each protocol",
         "",
         f"Full model dev {records[0]['metric']}: {full}; minimum detectable AUC difference: "
-        + " / ".join(f"{rec['protocol']} {rec['mde_auc']:.2f}" for rec in records)
-        + ". Pages: " + ", ".join(f"[{rec['protocol']}]({Path(f).name}/results.md)" for rec, f in zip(records, folders, strict=True))
+        + " / ".join(f"{setup_label(rec, records)} {rec['mde_auc']:.2f}" for rec in records)
+        + "; best rule's AUC: "
+        + " / ".join(f"{setup_label(rec, records)} {rec['best_rule']} {100 * auc_of(rec, rec['best_rule']):.1f}" for rec in records)
+        + ". Pages: " + ", ".join(f"[{setup_label(rec, records)}]({Path(f).name}/results.md)" for rec, f in zip(records, folders, strict=True))
         + ".",
         "",
     ]  # fmt: skip
     for record in records:
         spread = record.get("stage1_spread")
         if spread:
-            lines += [f"Stage-1 spread ({record['protocol']}): {spread['text']}.", ""]
+            lines += [f"Stage-1 spread ({setup_label(record, records)}): {spread['text']}.", ""]
     for learner in learners:
         lines += [*learner_table(records, learner), ""]
     return "\n".join(lines)
@@ -111,7 +129,9 @@ def main(argv=None) -> int:
         prog="python -m benchmarks.protocols", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "folders", nargs="+", help="benchmarks.compare output folders, one task, several protocols"
+        "folders",
+        nargs="+",
+        help="benchmarks.compare output folders, one task, several protocols or stage-1 models",
     )
     parser.add_argument(
         "--output", default=None, help="also write the page here (README.md beside the folders)"

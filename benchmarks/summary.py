@@ -132,6 +132,52 @@ def tie_table(results: dict[str, dict], policies: list[str]) -> str | None:
     return "\n".join(lines)
 
 
+def stage1_noise(root: Path, results: dict[str, dict]) -> list[str]:
+    """What stage 1 alone moves, per task, read from ``<root>/protocols/<task>/*/results.json``: the
+    cross-fit fold models' full-depth spread, and every record of the task page's protocol on another
+    stage-1 model (another seed): its full model and best rule, and each learner's paired AUC
+    difference to its own best rule beside the page's. The page's intervals hold one stage-1 model;
+    these lines are the noise they leave out."""
+    lines = []
+    for task, page in results.items():
+        for path in sorted((root / "protocols" / task).glob("*/results.json")):
+            record = json.loads(path.read_text())
+            spread = record.get("stage1_spread") or {}
+            if spread.get("std") is not None:
+                lines.append(f"- {task} ({record['protocol']}): {spread['text']}.")
+            other_model = record.get("model_fingerprint") != page.get("model_fingerprint")
+            if record["protocol"] == page["protocol"] and other_model:
+                lines.append(f"- {task}: {seed_comparison(page, record, path.parent.name)}.")
+    return lines
+
+
+def seed_comparison(page: dict, other: dict, name: str) -> str:
+    """One line: the task page's stage-1 model against another of the same protocol (folder ``name``)."""
+
+    def full(record: dict) -> float:
+        return 100 * next(r["metric"] for r in record["table"] if r["label"] == "full model")
+
+    def best(record: dict) -> str:
+        auc = next(r["auc"] for r in record["table"] if r["label"] == record["best_rule"])
+        return f"{record['best_rule']} {100 * auc:.1f}"
+
+    learners = [
+        r["label"] for r in other["table"] if r["kind"] == "learner" and auc_difference(page, r["label"])
+    ]
+    moves = []
+    for learner in learners:
+        a, b = auc_difference(page, learner), auc_difference(other, learner)
+        if b is not None:
+            moves.append(f"{learner} {a['delta']:+.1f} [{a['low']:+.1f}, {a['high']:+.1f}] -> "
+                         f"{b['delta']:+.1f} [{b['low']:+.1f}, {b['high']:+.1f}]")  # fmt: skip
+    return (
+        f"another stage-1 model ([{name}](protocols/{page['task']}/{name}/results.md), "
+        f"`{other.get('model_fingerprint')}`, against the page's `{page.get('model_fingerprint')}`): "
+        f"full model {full(page):.1f} -> {full(other):.1f}, best rule {best(page)} -> {best(other)}; "
+        "AUC difference to the best rule " + ("; ".join(moves) if moves else "(no learner in both)")
+    )
+
+
 def plot_summary(results: dict[str, dict], policies: list[str], path: Path) -> None:
     """One panel per task: each policy's paired AUC difference to the best rule, with its 95% interval."""
     import matplotlib
@@ -232,6 +278,17 @@ def main(argv=None) -> int:
                 "",
             ]
             if (ties := tie_table(results, policies))
+            else []
+        ),
+        *(
+            [
+                "Stage 1's own noise, which the intervals above leave out (each task's page is one stage-1 "
+                "model): fold models of a cross-fit and stage-1 runs with another seed, under `protocols/`.",
+                "",
+                *noise,
+                "",
+            ]
+            if (noise := stage1_noise(root, results))
             else []
         ),
         "![paired differences](summary.png)",

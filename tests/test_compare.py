@@ -224,8 +224,13 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert protocols.main([str(out), str(out), "--output", str(tmp_path / "protocols.md")]) == 0
     text = (tmp_path / "protocols.md").read_text()
     assert "**reinforce**" in text and "**learned-exit**" in text
-    rows = [line for line in text.splitlines() if line.startswith(f"| {record['protocol']} |")]
+    # two records of one protocol (stage 1's spread: the same protocol on two stage-1 models) are told
+    # apart by their model's fingerprint
+    label = f"{record['protocol']}, model {record['model_fingerprint']}"
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
     assert len(rows) == 2 * len({r["label"] for r in record["table"] if r["kind"] == "learner"})
+    best = next(r["auc"] for r in record["table"] if r["label"] == record["best_rule"])
+    assert f"{label} {record['best_rule']} {100 * best:.1f}" in text
 
 
 def test_a_carved_evaluation_split_is_read_first_and_dev_second(tokenizer, tiny_data, tmp_path):
@@ -361,3 +366,38 @@ def test_a_journal_of_other_settings_is_not_resumed(tmp_path):
     with (tmp_path / "j.jsonl").open("a") as handle:  # a run cut off mid-write: run again
         handle.write('{"item": 1, "run": {"lab')
     assert Journal.open(tmp_path / "j.jsonl", {"args": {"seeds": 2}}).done(1) is None
+
+
+def test_the_summary_states_stage_one_noise_beside_the_verdicts(tmp_path):
+    """Fold models' spread and a second stage-1 seed of the page's protocol, read from protocols/."""
+    from benchmarks import summary
+
+    def record(fingerprint: str, protocol: str, delta: float, full: float, spread=None) -> dict:
+        return {
+            "task": "sst2", "protocol": protocol, "model_fingerprint": fingerprint, "best_rule": "entropy",
+            "stage1_spread": spread,
+            "table": [
+                {"label": "full model", "kind": "reference", "metric": full, "auc": full},
+                {"label": "entropy", "kind": "rule", "metric": 0.9, "auc": 0.9},
+                {"label": "reinforce", "kind": "learner", "metric": 0.9, "auc": 0.9 + delta / 100},
+            ],
+            "paired": [{"policy": "reinforce", "reference": "entropy", "statistic": "auc", "delta": delta,
+                        "low": delta - 0.2, "high": delta + 0.2}],
+        }  # fmt: skip
+
+    page = record("aaaa", "paper", 0.1, 0.917)
+    protocols = tmp_path / "protocols" / "sst2"
+    for name, rec in {
+        "paper": page,  # the page's own model: nothing to say
+        "paper-seed7": record("bbbb", "paper", -0.3, 0.912),
+        "held-out": record("cccc", "held-out", -0.5, 0.915),  # another protocol: not stage-1 noise
+        "cross-fit": record("aaaa", "cross-fit", 0.0, 0.917, {"std": 1.0, "text": "fold models 87.2, 88.0"}),
+    }.items():
+        (protocols / name).mkdir(parents=True)
+        (protocols / name / "results.json").write_text(json.dumps(rec))
+    lines = summary.stage1_noise(tmp_path, {"sst2": page})
+    assert lines[0] == "- sst2 (cross-fit): fold models 87.2, 88.0."
+    assert len(lines) == 2 and "`bbbb`" in lines[1] and "held-out" not in lines[1]
+    assert "full model 91.7 -> 91.2" in lines[1]
+    assert "reinforce +0.1 [-0.1, +0.3] -> -0.3 [-0.5, -0.1]" in lines[1]
+    assert summary.stage1_noise(tmp_path / "none", {"sst2": page}) == []

@@ -3,6 +3,8 @@ and the zoo training a user task through ``--gym-packages`` (dummy and subproc v
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -47,8 +49,8 @@ def test_every_id_has_an_entry_and_default_is_the_suites_setting(algo):
         conf_file("sac")
 
 
-def _zoo(algo: str, tmp_path: Path, tokenizer, *extra: str) -> subprocess.CompletedProcess:
-    """Train ``algo`` with the shipped file for a few hundred steps on a tiny user task."""
+def _tiny_task(tmp_path: Path, tokenizer) -> tuple[Path, Path]:
+    """(data folder, model folder) of the tiny user task ``tests.zoo_package`` registers."""
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     for split, n in (("train", 24), ("dev", 12)):
@@ -57,6 +59,12 @@ def _zoo(algo: str, tmp_path: Path, tokenizer, *extra: str) -> subprocess.Comple
     model = tmp_path / "model"
     if not model.exists():
         new_tiny_model(tokenizer, task="zootiny").save_pretrained(model)
+    return data, model
+
+
+def _zoo(algo: str, tmp_path: Path, tokenizer, *extra: str) -> subprocess.CompletedProcess:
+    """Train ``algo`` with the shipped file for a few hundred steps on a tiny user task."""
+    data, model = _tiny_task(tmp_path, tokenizer)
     env = {**os.environ, "EE_GYM_ZOO_DATA": str(data), "EE_GYM_HOME": str(tmp_path / "home"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [
@@ -75,3 +83,41 @@ def test_the_zoo_trains_a_user_task_with_the_shipped_file(algo, vec_env, tmp_pat
     assert "Using 'default' hyperparameters" in done.stdout  # a user task: the default entry
     saved = list((tmp_path / "logs" / algo).glob("ConsistentEE-zootiny-v0_*/ConsistentEE-zootiny-v0.zip"))
     assert len(saved) == 1
+
+
+def test_the_zoo_benchmark_scores_the_shipped_file_and_the_fallback(
+    tmp_path, tokenizer, monkeypatch, request
+):
+    from benchmarks import zoo
+    from ee_gym import tasks
+
+    data, model = _tiny_task(tmp_path, tokenizer)
+    for name, value in (("EE_GYM_ZOO_DATA", data), ("EE_GYM_HOME", tmp_path / "home"), ("HF_HUB_OFFLINE", "1"),
+                        ("OMP_NUM_THREADS", "1")):  # fmt: skip
+        monkeypatch.setenv(name, str(value))  # the zoo's subprocesses and this process alike
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))  # the tiny task stays in this test
+    request.addfinalizer(lambda: gym.registry.pop("ConsistentEE-zootiny-v0", None))
+    request.addfinalizer(lambda: sys.modules.pop("tests.zoo_package", None))  # its data folder is this test's
+    monkeypatch.chdir(ROOT)  # the zoo's subprocesses import tests.zoo_package from here
+    out = tmp_path / "out"
+    common = ["--env", "ConsistentEE-zootiny-v0", "--gym-packages", "tests.zoo_package", "--output-dir", str(out),
+              "--env-kwargs", f"model:'{model}'", "progress:False"]  # fmt: skip
+    with pytest.raises(SystemExit, match="unknown --algo 'sac': ee-gym ships rl-zoo3 files for ppo"):
+        zoo.main([*common, "--algo", "sac"])
+    assert not out.exists()  # refused before any training
+    with pytest.raises(SystemExit, match="not an ee-gym id"):
+        zoo.main(["--env", "CartPole-v1"])
+
+    assert zoo.main([*common, "--algo", "ppo", "--timesteps", "256", "--fallback-timesteps", "256"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert set(record["runs"]) == {"shipped", "fallback"} and record["num_layers"] == 4
+    for name, run in record["runs"].items():
+        assert math.isfinite(run["metric"]) and 1.0 <= run["speedup"] <= record["num_layers"], name
+        assert run["obs_mode"] == "state+layer" and run["timesteps_cap"] == 256 and run["timesteps"] >= 256
+        assert "-n 256" in run["command"]
+    assert record["runs"]["shipped"]["entry"] == record["runs"]["fallback"]["entry"] == "default"
+    assert "--conf-file" in record["runs"]["shipped"]["command"]
+    assert "--conf-file" not in record["runs"]["fallback"]["command"]
+    assert record["runs"]["fallback"]["hyperparameters"]["n_timesteps"] == 1_000_000  # the zoo's own default
+    assert math.isfinite(record["full_model_metric"]) and {"rl_zoo3", "torch"} <= set(record["versions"])
+    assert "capped" in (out / "results.md").read_text()

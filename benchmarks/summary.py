@@ -272,7 +272,8 @@ def main(argv=None) -> int:
                 "How far each policy goes at the full model's metric: the largest layer speed-up up to which "
                 "its paired 95% interval against the full model reaches 0 (`benchmarks.paired.tie_speedups`), "
                 "and in brackets its share of oracle-consistent's (the fastest exits that keep every "
-                "full-model answer).",
+                "full-model answer). A small evaluation split gives wide intervals, which reach 0 further out: "
+                "there a share above 1 is a tie the split cannot resolve, not a policy faster than the oracle.",
                 "",
                 ties,
                 "",

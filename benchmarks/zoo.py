@@ -222,8 +222,8 @@ def train(name: str, command: list[str], folder: Path) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def score(args: ZooArgs, model_path: Path, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The saved model on the env's dev table: (its numbers, the table)."""
+def score(args: ZooArgs, model_path: Path, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """The saved model on the env's dev table: (its numbers, the table, the per-input result)."""
     import gymnasium as gym
 
     from agents.evaluate import evaluate
@@ -255,7 +255,36 @@ def score(args: ZooArgs, model_path: Path, kwargs: dict[str, Any]) -> tuple[dict
         "exit_histogram": result.exit_histogram,
         "timesteps": int(policy.model.num_timesteps),
     }
-    return numbers, env.table
+    return numbers, env.table, result
+
+
+def paired_verdicts(table: Any, results: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Shipped against fallback, and each against the full model: the paired bootstrap of the metric
+    difference over the dev inputs (one training seed each, so the interval holds the inputs only)."""
+    from benchmarks import paired
+    from ee_gym.evaluation import evaluate
+    from ee_gym.policy import make_policy
+
+    full = paired.Outcome.from_eval(evaluate(make_policy("static", layer=table.num_layers), table))
+    setup = paired.Setup.for_task(table.task, table.num_layers, table.labels, full)
+    curves = {name: paired.Curve(name, (paired.Outcome.from_eval(r, seed),)) for name, r in results.items()}
+    reference = paired.Curve("full model", (full,))
+    pairs = [
+        (curves["shipped"], curves["fallback"]),
+        (curves["shipped"], reference),
+        (curves["fallback"], reference),
+    ]
+    return [paired.metric_difference(setup, a, b) for a, b in pairs]
+
+
+def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
+    from benchmarks.paired import verdict
+
+    return [
+        f"- {r['policy']} {verdict(r)} {r['reference']}: {r['delta']:+.1f} (95% {r['low']:+.1f} to {r['high']:+.1f}) "
+        f"at {r['policy']}'s {r['statistic'].split('@')[1]}"
+        for r in records
+    ]
 
 
 def versions() -> dict[str, str]:
@@ -325,13 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # this process only scores; the zoo gets --num-threads
-    runs = {}
+    runs, results = {}, {}
     for name, plan in plans.items():
         seconds, stdout = train(name, plan["command"], out / name)
         if plan["entry_name"] == "default" and "Using 'default' hyperparameters" not in stdout:
             print(f"benchmarks.zoo: warning: the {name} run did not say it used 'default'", file=sys.stderr)
         model_path = latest_model(out / name / "logs", args.algo, args.env)
-        numbers, table = score(args, model_path, plan["kwargs"])
+        numbers, table, results[name] = score(args, model_path, plan["kwargs"])
         runs[name] = {
             "file": str(plan["path"]),
             "entry": plan["entry_name"],
@@ -357,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "dev_inputs": table.num_inputs,
         "full_model_metric": 100 * full[metric],
         "runs": runs,
+        "paired": paired_verdicts(table, results, args.seed),
         "command": command,
         "commands": {name: run["command"] for name, run in runs.items()},
         "args": asdict(args),
@@ -378,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         markdown(record),
         "",
+        f"Paired differences of the {metric} (points; a bootstrap over the {table.num_inputs} dev inputs, one "
+        "training seed per run, so the training seed's own spread is not in the interval):",
+        "",
+        *verdict_lines(record["paired"]),
+        "",
         "## Reproduce",
         "",
         f"```bash\n{command}\n```",
@@ -391,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out / "results.json", json.dumps(record, indent=2, default=str))
     write_text_atomic(out / "results.md", "\n".join(text))
     print("\n" + markdown(record))
+    print("\n".join(["", *verdict_lines(record["paired"])]))
     for line in capped:
         print(f"note: {line}")
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}")

@@ -121,3 +121,11 @@ def test_the_zoo_benchmark_scores_the_shipped_file_and_the_fallback(
     assert record["runs"]["fallback"]["hyperparameters"]["n_timesteps"] == 1_000_000  # the zoo's own default
     assert math.isfinite(record["full_model_metric"]) and {"rl_zoo3", "torch"} <= set(record["versions"])
     assert "capped" in (out / "results.md").read_text()
+    # paired verdicts: shipped against fallback, each against the full model, differences of the points
+    pairs = [(r["policy"], r["reference"]) for r in record["paired"]]
+    assert pairs == [("shipped", "fallback"), ("shipped", "full model"), ("fallback", "full model")]
+    for r in record["paired"]:
+        assert r["low"] <= r["delta"] <= r["high"] and r["statistic"].startswith("metric@")
+    shipped, fallback = record["runs"]["shipped"]["metric"], record["runs"]["fallback"]["metric"]
+    assert record["paired"][0]["delta"] == pytest.approx(shipped - fallback)
+    assert "95%" in (out / "results.md").read_text()

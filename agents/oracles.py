@@ -46,13 +46,16 @@ class Oracle(_EnvPeeker):
 
 
 class OracleConsistent(_EnvPeeker):
-    """Exit at the earliest layer whose prediction equals the last layer's.
+    """Exit at the earliest layer whose prediction agrees with the last layer's: the same label, or
+    for a regression task within the task's tolerance of the last layer's value (the task's own
+    notion of a right answer, with the full model's answer as the label).
 
-    The most speed possible with predictions identical to the full model's. Not deployable: reads
-    the last layer's prediction before getting there.
+    The most speed possible with the full model's answers (classification: identical ones). Not
+    deployable: reads the last layer's prediction before getting there.
     """
 
     name = "oracle-consistent"
 
     def exits(self, table, index, layer0):
-        return table.predictions[index, layer0] == table.predictions[index, -1]
+        # exact equality of real-valued heads never holds before L: agreement is the target's rule
+        return table.target.correct(table.predictions[index, layer0], table.predictions[index, -1])

@@ -210,10 +210,12 @@ def test_a_slice_of_the_cross_fitted_split_keeps_the_fold_models_rows(tokenizer,
     full = prepare.policy_table(model, "rte", "cross-fit", **options)
     # each row is the fold model's, not the evaluated model's
     assert part.split == "train[10:30]" and part.num_inputs == 20
-    np.testing.assert_array_equal(part.logits, full.logits[10:30])
+    # the same fold model on the same rows, batched with other neighbours (padding to another length):
+    # equal up to the float summation order of CPU kernels, which depends on the batch's shape
+    np.testing.assert_allclose(part.logits, full.logits[10:30], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(part.labels, full.labels[10:30])
     plain = prepare.load_table(model, "rte", "train[10:30]", **options)
-    assert not np.allclose(part.logits, plain.logits)
+    assert np.abs(part.logits - plain.logits).max() > 1e-3  # another model's rows are far further apart
     with pytest.raises(ConfigError, match="one slice of it"):
         prepare.policy_table(model, "rte", "cross-fit,eval=25%", split="train[40:]", **options)
 

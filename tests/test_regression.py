@@ -115,6 +115,14 @@ def test_pabee_regression_patience_by_hand():
     assert all("threshold" not in p for p in type(rule).sweep(4))  # classification: patience only
 
 
+def test_oracle_consistent_agrees_within_the_tolerance_on_regression():
+    # STS-B's tolerance is 0.5: the first layer within 0.5 of the last layer's value (not of the label)
+    values = np.array([[3.0, 2.0, 2.2, 2.4], [0.0, 4.0, 4.6, 4.1], [1.0, 3.0, 3.0, 5.0]])
+    table = regression_table(values, np.array([2.0, 0.0, 5.0]))
+    assert evaluate(agents.make("oracle-consistent"), table).exit_layers.tolist() == [2, 2, 4]
+    assert evaluate(agents.make("oracle"), table).exit_layers.tolist() == [2, 1, 4]  # the label's
+
+
 def test_rules_that_read_a_softmax_refuse_a_regression_head():
     table = regression_table(np.array([[1.0, 1.5, 2.0, 2.0]]), np.array([2.0]))
     for name in ("maxprob", "entropy", "normentropy", "top2gap", "pcee"):

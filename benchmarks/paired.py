@@ -682,8 +682,10 @@ def tie_speedups(
 
 
 def tie_share(ties: dict[str, float], label: str, ceiling: str = "oracle-consistent") -> float | None:
-    """``label``'s :func:`tie_speedups` value as a share of ``ceiling``'s (None when either is missing)."""
-    if label not in ties or not ties.get(ceiling):
+    """``label``'s :func:`tie_speedups` value as a share of ``ceiling``'s (None when either is missing,
+    or when the ceiling keeps the full model's metric nowhere past 1x: on a regression task
+    oracle-consistent agrees within a tolerance, not exactly, so it is no ceiling there)."""
+    if label not in ties or not ties.get(ceiling) or ties[ceiling] <= 1.0:
         return None
     return ties[label] / ties[ceiling]
 

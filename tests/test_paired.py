@@ -265,3 +265,12 @@ def test_tie_speedup_is_where_a_curve_stops_keeping_the_full_models_metric():
     assert ties["copy"] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="reference"):
         paired.tie_speedups(setup, [keeps], reference="full model")
+
+
+def test_a_tie_share_needs_a_ceiling_past_one():
+    from benchmarks.paired import tie_share
+
+    assert tie_share({"ppo": 2.0, "oracle-consistent": 4.0}, "ppo") == 0.5
+    assert tie_share({"ppo": 2.0}, "ppo") is None
+    # a ceiling that ties the full model nowhere past 1x (regression's within-tolerance oracle): no share
+    assert tie_share({"ppo": 1.6, "oracle-consistent": 1.0}, "ppo") is None

@@ -1048,10 +1048,12 @@ def _json_value(value: Any) -> Any:
     return repr(value)
 
 
-def versions() -> dict[str, str]:
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python, the platform and the versions of the packages a result depends on (plus ``extra``)."""
     import importlib.metadata as md
 
     names = (
+        *extra,
         "torch",
         "transformers",
         "gymnasium",

@@ -161,13 +161,10 @@ def seed_comparison(page: dict, other: dict, name: str) -> str:
         auc = next(r["auc"] for r in record["table"] if r["label"] == record["best_rule"])
         return f"{record['best_rule']} {100 * auc:.1f}"
 
-    learners = [
-        r["label"] for r in other["table"] if r["kind"] == "learner" and auc_difference(page, r["label"])
-    ]
     moves = []
-    for learner in learners:
+    for learner in (r["label"] for r in other["table"] if r["kind"] == "learner"):
         a, b = auc_difference(page, learner), auc_difference(other, learner)
-        if b is not None:
+        if a is not None and b is not None:
             moves.append(f"{learner} {a['delta']:+.1f} [{a['low']:+.1f}, {a['high']:+.1f}] -> "
                          f"{b['delta']:+.1f} [{b['low']:+.1f}, {b['high']:+.1f}]")  # fmt: skip
     return (

@@ -25,7 +25,8 @@ mode it trained on, and scored by the suite's evaluation (``agents.evaluate.eval
 table: the task metric (points), the layer speed-up (L / mean exit layer), the mean exit layer, the
 timesteps trained, the wall seconds; the full model's dev metric beside them. Written to
 ``--output-dir`` (default ``ee-gym-results/zoo/<env>-<algo>``): ``results.md`` and ``results.json``
-(the exact commands, versions, machine, threads).
+(the exact commands, versions, machine, threads; ``paired``, ``protocol`` and ``curves`` of the results
+contract of :mod:`benchmarks.paired`, each run one point, ``mde_auc`` None and ``mde_metric`` instead).
 """
 
 from __future__ import annotations
@@ -287,14 +288,19 @@ def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    found = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("rl_zoo3", "stable_baselines3", "torch", "sb3-contrib", "gymnasium", "ee-gym"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            found[name] = md.version(name)
-    return found
+def contract_fields(record: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """The results contract's keys (benchmarks.paired) for two single-run policies: ``protocol``,
+    ``curves`` (each run and the full model one ``[layer speed-up, metric]`` point, what the paired
+    verdicts read), ``mde_auc`` None (no curve to integrate) and ``mde_metric``, the half-width of the
+    shipped-against-fallback interval: the smallest metric difference this setup resolves."""
+    first = record["paired"][0]
+    curves = {name: [[run["speedup"], run["metric"]]] for name, run in record["runs"].items()}
+    return {
+        "protocol": protocol,
+        "curves": {**curves, "full model": [[1.0, record["full_model_metric"]]]},
+        "mde_auc": None,
+        "mde_metric": (first["high"] - first["low"]) / 2,
+    }
 
 
 def machine(threads: int, device: str) -> dict[str, Any]:
@@ -330,7 +336,9 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = check_args(args)  # every bad input ends here, before any training
+    from benchmarks.compare import versions
     from ee_gym.files import write_text_atomic
+    from ee_gym.protocols import DEFAULT_PROTOCOL
     from ee_gym.zoo import conf_file
 
     began = time.perf_counter()
@@ -390,10 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "commands": {name: run["command"] for name, run in runs.items()},
         "args": asdict(args),
-        "versions": versions(),
+        "versions": versions(("rl_zoo3", "ee-gym")),
         "machine": machine(args.threads, args.device),
         "seconds": round(time.perf_counter() - began, 1),
     }
+    # the protocol's stage-1 model is the env's (a model= keyword names its own)
+    protocol = f"model {given['model']}" if "model" in given else given.get("protocol", DEFAULT_PROTOCOL)
+    record.update(contract_fields(record, protocol))
     capped = [f"the {n} run was capped at {r['timesteps_cap']:,} timesteps (the zoo's `-n`)"
               for n, r in runs.items() if r["timesteps_cap"]]  # fmt: skip
     text = [

@@ -129,3 +129,9 @@ def test_the_zoo_benchmark_scores_the_shipped_file_and_the_fallback(
     shipped, fallback = record["runs"]["shipped"]["metric"], record["runs"]["fallback"]["metric"]
     assert record["paired"][0]["delta"] == pytest.approx(shipped - fallback)
     assert "95%" in (out / "results.md").read_text()
+    # the results contract: one point per run, the verdicts' own interval as the detectable difference
+    assert record["protocol"] == f"model {model}" and record["mde_auc"] is None  # the env's model= keyword
+    assert record["curves"]["shipped"] == [[record["runs"]["shipped"]["speedup"], shipped]]
+    assert record["mde_metric"] == pytest.approx(
+        (record["paired"][0]["high"] - record["paired"][0]["low"]) / 2
+    )

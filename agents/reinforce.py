@@ -292,6 +292,21 @@ class Reinforce(NetworkWeights, ExitPolicy):
         exits &= layers >= self.min_layer
         return (exits | (layers == self.net.num_layers)).astype(np.int64)
 
+    def exits_at_layer(self, features: np.ndarray, layer: int) -> np.ndarray:
+        """Deterministic ``act`` of B rows that are all at ``layer``, from their features [B, F] (the
+        observation without its layer one-hot, which only picks the layer's network): the same
+        decisions, bool [B], without building the observation. A decoder asks after every layer of
+        every token, so a decision should cost a few numpy calls (``ee_gym.generation.PolicyExit``)."""
+        if self.net is None:
+            raise RuntimeError("the policy has no network yet: call learn(env), bind(env) or load it")
+        rows = len(features)
+        if layer < self.min_layer:
+            return np.zeros(rows, dtype=bool)
+        if layer >= self.net.num_layers:
+            return np.ones(rows, dtype=bool)
+        probs = special.expit(self.net.numpy_logits(features, layer)).astype(np.float32)
+        return probs > self.threshold_in_force  # as act compares them
+
     # -- learning ---------------------------------------------------------------------------------
     def fit(self, env: Any, budget: TrainingBudget) -> None:
         """Train on the table, reward and alpha of ``env`` (any env with ``table``, ``reward_fn``, ``alpha``).

@@ -146,6 +146,40 @@ def test_state_propagation_fills_every_layer(decoder, exit_layer):
             torch.testing.assert_close(state.cache.layers[index].values[0, :, -1:], values)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_propagating_every_skipped_layer_at_once_equals_one_by_one(kind):
+    """propagate_from (one batched product for all skipped layers) appends what propagate does per
+    layer, at batch 2 and 3 positions; with gradients on it takes the per-layer path itself."""
+    decoder = tiny_decoder(kind)
+    adapter = decoder.layer_adapter
+    if kind == "qwen2":  # biases on k and v: make them matter
+        with torch.no_grad():
+            for layer in decoder.layers:
+                layer.self_attn.k_proj.bias.normal_()
+                layer.self_attn.v_proj.bias.normal_()
+    ids, mask = prompts([5, 3])
+    hidden = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[5, 6, 7], [3, 4, 5]])
+    with torch.no_grad():
+        _, batched = decoder.prefill(ids, mask)
+        _, by_layer = decoder.prefill(ids, mask)
+        rotary = decoder.backbone.rotary_emb(hidden, positions)
+        assert adapter._stacked_kv() is not None
+        adapter.propagate_from(1, hidden, rotary, batched.cache)
+        for index in range(1, NUM_LAYERS):
+            adapter.propagate(index, hidden, rotary, by_layer.cache)
+    assert batched.cache.layers[0].keys.shape[-2] == 5  # layer 1 was not skipped
+    for index in range(1, NUM_LAYERS):
+        torch.testing.assert_close(batched.cache.layers[index].keys, by_layer.cache.layers[index].keys)
+        torch.testing.assert_close(batched.cache.layers[index].values, by_layer.cache.layers[index].values)
+    # the stacked copies follow an in-place change of the weights
+    with torch.no_grad():
+        decoder.layers[2].self_attn.v_proj.weight.mul_(2.0)
+        stacked = adapter._stacked_kv()
+    torch.testing.assert_close(stacked[1][2][:, -decoder.layers[2].self_attn.v_proj.out_features :],
+                               decoder.layers[2].self_attn.v_proj.weight.T)  # fmt: skip
+
+
 def test_rows_exit_at_different_layers(decoder):
     """Row 0 leaves at layer 1, row 1 runs to the end: row 1 is untouched, row 0 is propagated."""
     ids, mask = prompts([6, 4])

@@ -147,3 +147,33 @@ def test_candidate_signal_live_equals_the_gap_on_the_tokens_candidates():
     torch.testing.assert_close(
         live_later, rule.gap(decoder.final_norm(later).detach(), picked), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_a_policy_decides_from_the_state_alone_as_from_the_observation(threshold, monkeypatch):
+    """REINFORCE's exits_at_layer (the state, no observation built) decides as act on the joined
+    observation does, at every layer and threshold, and PolicyExit takes that path."""
+    import agents
+    from ee_gym.generation import PolicyExit
+    from ee_gym.generation.view import LayerView
+
+    decoder = tiny_llama_decoder()
+    policy = agents.make("reinforce", seed=3, min_layer=2)
+    rule = PolicyExit(policy.with_threshold(threshold) if threshold else policy, decoder)
+    assert rule._fast is not None
+    with torch.no_grad():  # spread the scores around the threshold, so both answers occur
+        for net in rule.policy.net.layers:
+            net[0].weight.mul_(40.0)
+    hidden = torch.randn(16, decoder.hidden_size, generator=torch.Generator().manual_seed(0))
+    active = torch.ones(16, dtype=torch.bool)
+    answers = set()
+    for layer in range(1, DECODER_LAYERS):
+        fast = rule(LayerView(decoder, layer, hidden, active))
+        fast_path, rule._fast = rule._fast, None
+        slow = rule(LayerView(decoder, layer, hidden, active))
+        rule._fast = fast_path
+        assert torch.equal(fast, slow), layer
+        answers |= set(fast.tolist())
+    assert answers == {False, True}
+    monkeypatch.setattr(rule, "observations", lambda view: pytest.fail("an observation was built"))
+    rule(LayerView(decoder, 2, hidden, active))

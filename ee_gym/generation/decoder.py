@@ -427,23 +427,28 @@ class MultiExitDecoder(nn.Module):
         exited = torch.zeros(B, dtype=torch.bool, device=self.device)
         exit_layers = torch.full((B,), L, dtype=torch.long, device=self.device)
         known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, their exit logits) a rule computed
+        # Python flags mirror `exited`: at batch 1 a layer then costs no bookkeeping op until the exit
+        any_exited = all_exited = False
         for index in range(L):
-            if bool(exited.all()):
-                self.layer_adapter.propagate(index, hidden, position_embeddings, state.cache)
-                continue
+            if all_exited:  # every row has left: the remaining layers only get their keys and values
+                self.layer_adapter.propagate_from(index, hidden, position_embeddings, state.cache)
+                break
             previous = hidden
             out = self.layer_adapter.run(
                 index, hidden, masks[index], position_embeddings, position_ids, state.cache
             )
-            hidden = torch.where(exited[:, None, None], hidden, out)
+            hidden = torch.where(exited[:, None, None], hidden, out) if any_exited else out
             layer = index + 1
             if exit_fn is not None and layer < L:
                 view = LayerView(self, layer, hidden[:, 0], ~exited, previous[:, 0])
                 decision = exit_fn(view)
                 decision = torch.as_tensor(decision, dtype=torch.bool, device=self.device).reshape(B)
+                if not bool(decision.any()):  # the usual answer: nothing to record
+                    continue
                 decision &= ~exited
                 exit_layers[decision] = layer
                 exited |= decision
+                any_exited, all_exited = True, bool(exited.all())
                 # (signals run without gradients: under autograd the head runs again, differentiably)
                 if view.head_logits is not None and bool(decision.any()) and not torch.is_grad_enabled():
                     rows, logits = view.head_logits

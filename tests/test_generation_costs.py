@@ -160,7 +160,7 @@ def test_a_policy_decides_from_the_state_alone_as_from_the_observation(threshold
     decoder = tiny_llama_decoder()
     policy = agents.make("reinforce", seed=3, min_layer=2)
     rule = PolicyExit(policy.with_threshold(threshold) if threshold else policy, decoder)
-    assert rule._fast is not None
+    assert rule.state_path is not None
     with torch.no_grad():  # spread the scores around the threshold, so both answers occur
         for net in rule.policy.net.layers:
             net[0].weight.mul_(40.0)
@@ -169,11 +169,32 @@ def test_a_policy_decides_from_the_state_alone_as_from_the_observation(threshold
     answers = set()
     for layer in range(1, DECODER_LAYERS):
         fast = rule(LayerView(decoder, layer, hidden, active))
-        fast_path, rule._fast = rule._fast, None
+        state_path, rule.state_path = rule.state_path, None
         slow = rule(LayerView(decoder, layer, hidden, active))
-        rule._fast = fast_path
+        rule.state_path = state_path
         assert torch.equal(fast, slow), layer
         answers |= set(fast.tolist())
     assert answers == {False, True}
     monkeypatch.setattr(rule, "observations", lambda view: pytest.fail("an observation was built"))
     rule(LayerView(decoder, 2, hidden, active))
+
+
+def test_decode_costs_benchmark_times_every_variant_against_full_depth(tmp_path, capsys):
+    """benchmarks.decode_costs on a tiny saved decoder and tiny XSum rows: one row per variant, full
+    depth the reference, the policy rows with their decision cost; bad layers refused up front."""
+    from benchmarks import decode_costs
+    from tests.conftest import write_tiny_xsum
+
+    decoder = tiny_llama_decoder()
+    decoder.model.save_pretrained(tmp_path / "tiny")
+    decoder.tokenizer.save_pretrained(tmp_path / "tiny")
+    data = write_tiny_xsum(tmp_path / "data", rows=3)
+    argv = ["--decoder", str(tmp_path / "tiny"), "--data-dir", str(data), "--articles", "2", "--rounds", "2"]
+    rows = decode_costs.main([*argv, "--max-new-tokens", "4", "--static-layer", "2", "--min-layer", "1"])
+    assert [row["variant"] for row in rows][0] == "full depth" and len(rows) == 5
+    assert rows[0]["wall_speedup"] == 1.0
+    policy_rows = [row for row in rows if row["variant"].startswith("policy")]
+    assert len(policy_rows) == 2 and all(row["decision_us"] > 0 for row in policy_rows)
+    assert "decision_us" not in rows[1]  # a static exit decides nothing worth timing
+    with pytest.raises(SystemExit, match="--static-layer"):
+        decode_costs.main([*argv, "--static-layer", str(DECODER_LAYERS)])

@@ -92,6 +92,8 @@ class DecoderLayers:
             )
         self.model = model
         self.config = model.config
+        #: propagate_from's one batched product (False: layer by layer, as a reference to time against)
+        self.batch_propagation = True
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -201,7 +203,7 @@ class DecoderLayers:
         families whose layers this does not cover (Qwen3's k-norm) and while gradients are on (the
         stacked weights are copies). The results equal the per-layer path's up to float rounding.
         """
-        stacked = None if torch.is_grad_enabled() else self._stacked_kv()
+        stacked = self._stacked_kv() if self.batch_propagation and not torch.is_grad_enabled() else None
         if stacked is None:
             for index in range(start, self.num_layers):
                 self.propagate(index, hidden, position_embeddings, cache)

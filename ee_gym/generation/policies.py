@@ -346,10 +346,11 @@ class PolicyExit(GenerationExit):
         sizes = dict(num_layers=self.num_layers, num_labels=decoder.vocab_size, hidden_size=self.hidden_size)
         env = types.SimpleNamespace(**sizes, table=types.SimpleNamespace(**sizes), encoder=self.encoder)
         policy.bind(env)
-        # the policy's exits_at_layer(states, layer) where it has one and the observation is the state
-        # and the layer one-hot (deterministic): the decision without building the observation
+        #: the policy's exits_at_layer(states, layer) where it has one and the observation is the state
+        #: and the layer one-hot (deterministic): the decision without building the observation (None:
+        #: act on the observation, the env's path)
         plain = deterministic and self.encoder.kind.confidence_signal is None
-        self._fast = getattr(policy, "exits_at_layer", None) if plain else None
+        self.state_path = getattr(policy, "exits_at_layer", None) if plain else None
 
     @property
     def reads(self) -> str:  # type: ignore[override]
@@ -371,8 +372,8 @@ class PolicyExit(GenerationExit):
     def __call__(self, view: LayerView) -> torch.Tensor:
         if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)
             return torch.zeros(view.batch_size, dtype=torch.bool)
-        if self._fast is not None:  # the state is the layer network's whole input: no observation built
-            return torch.from_numpy(self._fast(squash(view.numpy_states, self.scale), view.layer))
+        if self.state_path is not None:  # the state is the layer network's whole input: no observation built
+            return torch.from_numpy(self.state_path(squash(view.numpy_states, self.scale), view.layer))
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
         return torch.from_numpy(np.asarray(actions).reshape(view.batch_size) == 1)
 

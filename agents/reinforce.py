@@ -89,22 +89,19 @@ class PerLayerPolicy(nn.Module):
         w1, b1, w2, b2 = self._numpy_views(layer)
         hidden = states @ w1.T + b1
         hidden = 0.5 * hidden * (1.0 + special.erf(hidden * np.float32(1 / np.sqrt(2))))  # exact GELU
-        return hidden @ w2[0] + b2[0]
+        return hidden @ w2 + b2
 
     def _numpy_views(self, layer: int) -> tuple[np.ndarray, ...]:
-        """(W1, b1, W2, b2) of a layer's network as numpy views, kept while the parameters' storage
-        is the same (a copied or reloaded network gets fresh views)."""
+        """(W1 [h, d], b1 [h], w2 [h], b2 [1]) of a layer's network as numpy views, kept while the
+        first weight's storage is the same (a copied, moved or reloaded network gets fresh views)."""
         cache = self.__dict__.setdefault("_views", {})
         entry = cache.get(layer)
         # walking the module for its parameters costs more than the decision's arithmetic: keep them,
-        # and check only that their storage is still the one the views read
-        if entry is None or tuple(p.data_ptr() for p in entry[0]) != entry[1]:
-            params = tuple(self.layers[layer - 1].parameters())
-            entry = cache[layer] = (
-                params,
-                tuple(p.data_ptr() for p in params),
-                tuple(p.detach().numpy() for p in params),
-            )
+        # and check only that their storage is still the one the views read (the weights move together)
+        if entry is None or entry[0].data_ptr() != entry[1]:
+            w1, b1, w2, b2 = (p.detach().numpy() for p in self.layers[layer - 1].parameters())
+            first = self.layers[layer - 1][0].weight
+            entry = cache[layer] = (first, first.data_ptr(), (w1, b1, w2[0], b2))
         return entry[2]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
@@ -304,8 +301,10 @@ class Reinforce(NetworkWeights, ExitPolicy):
             return np.zeros(rows, dtype=bool)
         if layer >= self.net.num_layers:
             return np.ones(rows, dtype=bool)
-        probs = special.expit(self.net.numpy_logits(features, layer)).astype(np.float32)
-        return probs > self.threshold_in_force  # as act compares them
+        logits, threshold = self.net.numpy_logits(features, layer), self.threshold_in_force
+        if 0.0 < threshold < 1.0:  # p > t where logit > logit(t): no sigmoid (equal but at float rounding)
+            return logits > math.log(threshold / (1.0 - threshold))
+        return special.expit(logits).astype(np.float32) > threshold  # as act compares them
 
     # -- learning ---------------------------------------------------------------------------------
     def fit(self, env: Any, budget: TrainingBudget) -> None:

@@ -75,8 +75,16 @@ def _variants(decoder: MultiExitDecoder, args: argparse.Namespace) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    try:
+        with torch.no_grad():
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     decoder = MultiExitDecoder.from_pretrained(args.decoder, head_kind="shared")
     variants = _variants(decoder, args)
     adapter = decoder.layer_adapter

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -313,26 +314,37 @@ class MultiExitDecoder(nn.Module):
         """The model's final norm: the state s_l that every exit head reads."""
         return self.backbone.norm(hidden)
 
-    def numpy_final_norm(self, hidden: torch.Tensor) -> np.ndarray:
-        """:meth:`final_norm` as a float32 numpy array on the CPU, for the cheap exit decisions: for
-        Llama-style RMS norms (weight * h / rms(h)) it is computed in numpy, where one norm of a single
-        row costs a few microseconds instead of torch's per-call overhead; other norms run in torch."""
+    def numpy_final_norm(self, hidden: torch.Tensor, divide_by: float = 1.0) -> np.ndarray:
+        """:meth:`final_norm` (over ``divide_by``) as a float32 numpy array on the CPU, for the cheap
+        exit decisions: for Llama-style RMS norms (weight * h / rms(h)) it is computed in numpy, in as
+        few calls as it takes, since right after a layer has streamed its weights each call into a
+        library costs tens of microseconds (caches cold), far more than its arithmetic; other norms
+        run in torch. ``divide_by`` folds an observation's scale into the norm's weight."""
         if getattr(self, "_numpy_norm", None) is None:  # the norm's weight and epsilon, read once
             norm = self.backbone.norm
             weight = getattr(norm, "weight", None)
             rms_style = type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
             self._numpy_norm = (
-                (weight.detach().float().cpu().numpy().copy(), np.float32(norm.variance_epsilon))
+                (weight.detach().float().cpu().numpy().copy(), float(norm.variance_epsilon), {})
                 if rms_style and weight is not None
                 else False
             )
         if self._numpy_norm is False:
             with torch.no_grad():
-                return self.final_norm(hidden).detach().to("cpu", torch.float32).numpy()
-        weight, eps = self._numpy_norm
-        rows = hidden.detach().to("cpu", torch.float32).numpy()
+                states = self.final_norm(hidden).detach().to("cpu", torch.float32).numpy()
+            return states / np.float32(divide_by) if divide_by != 1.0 else states
+        weight, eps, scaled = self._numpy_norm
+        if divide_by != 1.0:  # weight / c, kept per scale
+            weight = scaled.get(divide_by)
+            if weight is None:
+                weight = scaled[divide_by] = self._numpy_norm[0] / np.float32(divide_by)
+        plain = hidden.dtype is torch.float32 and hidden.is_cpu and not hidden.requires_grad
+        rows = hidden.numpy() if plain else hidden.detach().to("cpu", torch.float32).numpy()
+        if len(rows) == 1:  # one row: its mean square as a Python float, no array arithmetic
+            inverse_rms = 1.0 / math.sqrt(float(rows[0] @ rows[0]) / rows.shape[-1] + eps)
+            return (rows * weight) * np.float32(inverse_rms)
         mean_square = np.einsum("bd,bd->b", rows, rows)[:, None] / np.float32(rows.shape[-1])
-        return weight * (rows / np.sqrt(mean_square + eps))
+        return weight * (rows / np.sqrt(mean_square + np.float32(eps)))
 
     def head(self, layer: int) -> nn.Module:
         """The LM head of exit ``layer`` (1-based); exit L is the model's own."""
@@ -442,6 +454,8 @@ class MultiExitDecoder(nn.Module):
             if exit_fn is not None and layer < L:
                 view = LayerView(self, layer, hidden[:, 0], ~exited, previous[:, 0])
                 decision = exit_fn(view)
+                if isinstance(decision, np.ndarray) and not decision.any():  # the usual answer, no torch op
+                    continue
                 decision = torch.as_tensor(decision, dtype=torch.bool, device=self.device).reshape(B)
                 if not bool(decision.any()):  # the usual answer: nothing to record
                     continue

@@ -373,7 +373,8 @@ class PolicyExit(GenerationExit):
         if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)
             return torch.zeros(view.batch_size, dtype=torch.bool)
         if self.state_path is not None:  # the state is the layer network's whole input: no observation built
-            return torch.from_numpy(self.state_path(squash(view.numpy_states, self.scale), view.layer))
+            observation = view.decoder.numpy_final_norm(view.hidden, divide_by=self.scale)
+            return self.state_path(np.tanh(observation, out=observation), view.layer)  # numpy: see step
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
         return torch.from_numpy(np.asarray(actions).reshape(view.batch_size) == 1)
 

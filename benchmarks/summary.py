@@ -26,14 +26,16 @@ TASK_ORDER = ("rte", "mrpc", "cola", "sst2", "stsb", "qnli", "qqp", "mnli")
 
 
 def load_results(root: Path) -> dict[str, dict]:
-    """task -> its results.json, for every ``<root>/<task>/results.json`` in the results contract."""
+    """page -> its results.json, for every ``<root>/<page>/results.json`` in the results contract. A
+    page is named by its folder: ``rte``, or ``rte-mpnet-base`` for the same task on another backbone
+    (each its own column), ordered by task, then name."""
     found = {}
     for path in sorted(root.glob("*/results.json")):
         record = json.loads(path.read_text())
         if {"table", "paired", "mde_auc", "protocol"} <= set(record):
-            found[record["task"]] = record
+            found[path.parent.name] = record
     order = {t: i for i, t in enumerate(TASK_ORDER)}
-    return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    return dict(sorted(found.items(), key=lambda item: (order.get(item[1]["task"], len(order)), item[0])))
 
 
 def auc_difference(record: dict, policy: str) -> dict | None:
@@ -139,7 +141,7 @@ def stage1_noise(root: Path, results: dict[str, dict]) -> list[str]:
     difference to its own best rule beside the page's. The page's intervals hold one stage-1 model;
     these lines are the noise they leave out."""
     lines = []
-    for task, page in results.items():
+    for task, page in results.items():  # a page of another backbone (rte-mpnet-base) has no protocols folder
         for path in sorted((root / "protocols" / task).glob("*/results.json")):
             record = json.loads(path.read_text())
             spread = record.get("stage1_spread") or {}

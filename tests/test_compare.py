@@ -197,8 +197,9 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     # the summary page reads the same contract: one row per deployable policy, one column per task
     from benchmarks import summary
 
-    for task in ("sst2", "rte"):
-        folder = tmp_path / "all" / task
+    # a page per folder: the same task on another backbone is a column of its own, after the task's
+    for name, task in (("sst2", "sst2"), ("rte", "rte"), ("rte-mpnet-base", "rte")):
+        folder = tmp_path / "all" / name
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps({**record, "task": task}))
     assert summary.main(["--results", str(tmp_path / "all")]) == 0
@@ -209,7 +210,8 @@ def test_compare_writes_a_table_a_plot_and_json_that_agree(tokenizer, tiny_data,
     assert f"{record['tie_speedups']['oracle-consistent']:.2f}x (1.00)" in tie_rows["oracle-consistent"]
     deployable = {r["label"] for r in record["table"] if r["deployable"] and r["label"] != "full model"}
     assert {line.split("|")[1].strip() for line in rows} == deployable | {"full model (metric)"}
-    assert "| policy | rte | sst2 | mean rank |" in page or "| policy | sst2 | rte | mean rank |" in page
+    assert "| policy | rte | rte-mpnet-base | sst2 | mean rank |" in page
+    assert "[rte-mpnet-base](rte-mpnet-base/results.md)" in page
     assert (tmp_path / "all" / "summary.png").stat().st_size > 10_000
     assert summary.main(["--results", str(tmp_path / "nothing")]) == 2
     # a page written to a folder that does not exist yet: made, with its plot beside it

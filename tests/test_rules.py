@@ -211,3 +211,13 @@ def test_sweeps_are_monotone(cls, random_table):
     for means in groups.values():
         assert np.all(np.diff(means) >= 0), means
         assert means[-1] > means[0]
+
+
+def test_pcee_sweep_spans_the_normalized_entropy_range():
+    """pcee's sweep reaches confident-only exits (H / log K near 1, max prob near 1/K) down to the
+    strictest, earliest exits first: a sweep stopping at 0.5 left a 12-layer curve at 1.27x."""
+    from agents.rules import PCEE
+
+    thresholds = [setting["threshold"] for setting in PCEE.sweep(12, 2) if setting["patience"] == 1]
+    assert max(thresholds) >= 0.9 and min(thresholds) <= 0.05
+    assert thresholds == sorted(thresholds, reverse=True)

@@ -75,6 +75,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _rotary(keys: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary position embedding of keys [..., B, heads, T, head_dim] (cos, sin [B, T, head_dim])."""
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return keys * cos + rotate_half(keys) * sin
+
+
 class DecoderLayers:
     """Layer-by-layer calls into a Llama-family causal LM (``model``, held by reference).
 
@@ -171,8 +177,7 @@ class DecoderLayers:
             keys = attn.k_norm(keys)
         keys = keys.transpose(1, 2)
         values = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        return keys * cos + rotate_half(keys) * sin, values
+        return _rotary(keys, position_embeddings), values
 
     def propagate(
         self,
@@ -217,9 +222,7 @@ class DecoderLayers:
             kv = kv + bias[start:, None, None]
         n, batch, length = kv.shape[:3]
         kv = kv.view(n, batch, length, 2, -1, head_dim).permute(3, 0, 1, 4, 2, 5)  # [2, n, B, heads, T, hd]
-        keys, values = kv[0], kv[1]
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        keys = keys * cos + rotate_half(keys) * sin
+        keys, values = _rotary(kv[0], position_embeddings), kv[1]
         for offset in range(n):
             cache.update(keys[offset], values[offset], start + offset)
 

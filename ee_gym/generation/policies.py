@@ -39,7 +39,7 @@ import torch
 
 from ee_gym.generation.confidence import ConfidenceProbe
 from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder, probability_gap
-from ee_gym.generation.table import TokenTable, observation_scale, squash
+from ee_gym.generation.table import TokenTable, observation_scale
 from ee_gym.observations import OBS_MODE_REGISTRY, STATE_OBS_MODES, ObservationEncoder
 
 
@@ -212,7 +212,7 @@ class ProbeExit(ThresholdRule, GenerationExit):
         self.probe, self.scale = probe, observation_scale(decoder)
 
     def _scores(self, view: LayerView) -> np.ndarray:
-        return self.probe.numpy_scores(squash(view.numpy_states, self.scale), view.layer)
+        return self.probe.numpy_scores(view.squashed_states(self.scale), view.layer)
 
     def signal(self, view: LayerView) -> torch.Tensor:
         return torch.from_numpy(self._scores(view))
@@ -359,7 +359,7 @@ class PolicyExit(GenerationExit):
     def observations(self, view: LayerView) -> np.ndarray:
         """The env's observations of the batch at this layer (numpy from the states on: a decision
         is a few small products, which torch's per-call overhead would dominate)."""
-        squashed = squash(view.numpy_states, self.scale)
+        squashed = view.squashed_states(self.scale)
         signal = self.encoder.kind.confidence_signal
         if signal == "top2_gap":
             confidence = view.confidence.cpu().numpy()
@@ -373,8 +373,7 @@ class PolicyExit(GenerationExit):
         if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)
             return torch.zeros(view.batch_size, dtype=torch.bool)
         if self.state_path is not None:  # the state is the layer network's whole input: no observation built
-            observation = view.decoder.numpy_final_norm(view.hidden, divide_by=self.scale)
-            return self.state_path(np.tanh(observation, out=observation), view.layer)  # numpy: see step
+            return self.state_path(view.squashed_states(self.scale), view.layer)  # numpy: see step
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
         return torch.from_numpy(np.asarray(actions).reshape(view.batch_size) == 1)
 

@@ -74,6 +74,15 @@ class LayerView:
             return self.states.detach().to("cpu", torch.float32).numpy()
         return self.decoder.numpy_final_norm(self.hidden)
 
+    def squashed_states(self, scale: float) -> np.ndarray:
+        """tanh(s_l / ``scale``) as float32 numpy: the state observation that the cheap decisions read
+        (``ee_gym.generation.table.squash`` of ``numpy_states``), with the final norm folded with
+        1 / scale, in as few library calls as it takes (each is slow right after a layer)."""
+        if "states" in self.__dict__:  # a signal computed the torch states already
+            return np.tanh(self.numpy_states / np.float32(scale))
+        states = self.decoder.numpy_final_norm(self.hidden, divide_by=scale)
+        return np.tanh(states, out=states)
+
     @cached_property
     def logits(self) -> torch.Tensor:
         logits = self.decoder.head(self.layer)(self.states)

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from agents.weights import HISTORY_FILE, NetworkWeights  # noqa: F401 (HISTORY_FILE: re-exported)
 from ee_gym.envs import ConsistentEEVectorEnv, ExitTable, ObservationEncoder
 from ee_gym.observations import LAYER_ONE_HOT_MODES, OBS_MODE_REGISTRY
-from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget
+from ee_gym.policy import ROLLOUTS, ExitPolicy, TrainingBudget, decides_at
 from ee_gym.runner import NetworkExits, model_env_stand_in
 from ee_gym.scalars import ScalarLog
 from ee_gym.validation import ConfigError, check_float, check_int, check_optional_int
@@ -122,21 +122,28 @@ class PerLayerPolicy(nn.Module):
 
 # -- the two formulas of the policy gradient -------------------------------------------------------
 def trajectory_log_prob(
-    logits: torch.Tensor, exit_layer: torch.Tensor, exit_chosen: torch.Tensor, min_layer: int = 1
+    logits: torch.Tensor,
+    exit_layer: torch.Tensor,
+    exit_chosen: torch.Tensor,
+    min_layer: int = 1,
+    every: int = 1,
 ) -> torch.Tensor:
     """log pi(tau) of each row: sum_{min_layer<=l<t} log(1 - p_l) + log p_t, with p_l = sigmoid(logits[:, l-1]).
 
     logits: [N, L] exit logits (entries after the exit are ignored); exit_layer: [N] t in 1..L;
     exit_chosen: [N] bool, False for a row the env forced out at L after the policy said CONTINUE:
-    such a row adds log(1 - p_L) instead of log p_L. Layers below ``min_layer`` continue whatever the
-    policy says, so they are no decision of the policy and add nothing.
+    such a row adds log(1 - p_L) instead of log p_L. Layers below ``min_layer``, and those between its
+    probes (every ``every``-th from ``min_layer``), continue whatever the policy says, so they are no
+    decision of the policy and add nothing.
     """
     layers = torch.arange(1, logits.shape[1] + 1, device=logits.device)[None, :]
     exit_layer = exit_layer.to(logits.device)[:, None]
     log_continue, log_exit = F.logsigmoid(-logits), F.logsigmoid(logits)
     at_exit = torch.where(exit_chosen.to(logits.device)[:, None].bool(), log_exit, log_continue)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    before = torch.where((layers < exit_layer) & (layers >= min_layer), log_continue, zero).sum(1)
+    before = torch.where(
+        (layers < exit_layer) & decides_at(layers, min_layer, every), log_continue, zero
+    ).sum(1)
     return before + torch.where(layers == exit_layer, at_exit, zero).sum(1)
 
 
@@ -180,6 +187,9 @@ class Reinforce(NetworkWeights, ExitPolicy):
         min_layer: no exit before this layer (1: none forbidden). Below it the policy continues
             whatever its network says, in training and in ``act``; a guard for decoders, where a shallow
             exit's propagated keys and values derail later tokens (``benchmarks/results/xsum-finetuned-heads``).
+        every: decide only at layers min_layer, min_layer + every, ... (1: each layer from min_layer),
+            continuing in between, in training and in ``act`` alike: a decoder then pays for one
+            decision per ``every`` layers (``benchmarks/results/xsum``).
     """
 
     weights_file: ClassVar[str] = WEIGHTS_FILE
@@ -214,6 +224,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
         num_layers: int | None = None,
         obs_mode: str = "state+layer",
         min_layer: int = 1,
+        every: int = 1,
     ):
         check_rollout(rollout)
         kind = OBS_MODE_REGISTRY.get(obs_mode) if isinstance(obs_mode, str) else None
@@ -226,13 +237,14 @@ class Reinforce(NetworkWeights, ExitPolicy):
             raise ConfigError(
                 f"min_layer must be 1 or more (1: exits allowed from the first layer), got {min_layer}"
             )
+        every = check_int("every", every, minimum=1)
         hidden_size = check_int("hidden_size", hidden_size, minimum=1)
         # dropout 1 drops every input (and divides by 1 - p = 0): the loss would be NaN
         dropout = check_float("dropout", dropout, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         seed = check_int("seed", seed, minimum=0)
         state_size = check_optional_int("state_size", state_size, minimum=1)
         num_layers = check_optional_int("num_layers", num_layers, minimum=1)
-        self.obs_mode, self.min_layer = obs_mode, min_layer
+        self.obs_mode, self.min_layer, self.every = obs_mode, min_layer, every
         self.hidden_size, self.dropout, self.rollout, self.seed = hidden_size, dropout, rollout, seed
         self.net: PerLayerPolicy | None = None
         #: one record per training epoch: mean_reward, mean_exit_layer, accuracy, loss, seconds
@@ -280,13 +292,14 @@ class Reinforce(NetworkWeights, ExitPolicy):
 
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         """EXIT where p_l > the threshold in force (0.5 unless ``with_threshold``), or a Bernoulli(p_l)
-        draw when not ``deterministic``; never below ``min_layer``, always at the last layer."""
+        draw when not ``deterministic``; only at the layers it probes (``min_layer`` on, every
+        ``every``-th), always at the last layer."""
         probs, layers = self.exit_probs(obs)
         if deterministic:
             exits = probs > self.threshold_in_force
         else:
             exits = torch.bernoulli(torch.from_numpy(probs), generator=self._torch_rng).numpy() > 0
-        exits &= layers >= self.min_layer
+        exits &= decides_at(layers, self.min_layer, self.every)
         return (exits | (layers == self.net.num_layers)).astype(np.int64)
 
     def exits_at_layer(self, features: np.ndarray, layer: int) -> np.ndarray:
@@ -297,10 +310,10 @@ class Reinforce(NetworkWeights, ExitPolicy):
         if self.net is None:
             raise RuntimeError("the policy has no network yet: call learn(env), bind(env) or load it")
         rows = len(features)
-        if layer < self.min_layer:
-            return np.zeros(rows, dtype=bool)
         if layer >= self.net.num_layers:
             return np.ones(rows, dtype=bool)
+        if not decides_at(layer, self.min_layer, self.every):
+            return np.zeros(rows, dtype=bool)
         logits, threshold = self.net.numpy_logits(features, layer), self.threshold_in_force
         if 0.0 < threshold < 1.0:  # p > t where logit > logit(t): no sigmoid (equal but at float rounding)
             return logits > math.log(threshold / (1.0 - threshold))
@@ -388,7 +401,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
     def _exits(
         self, replicas: int, rollout: str, generator: torch.Generator, dropout: float, **live: Any
     ) -> NetworkExits:
-        """The one place this policy decides exits in training: its network, its min_layer."""
+        """The one place this policy decides exits in training: its network, min_layer and every."""
         return NetworkExits(
             self.net,
             replicas,
@@ -396,6 +409,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
             generator,
             self.min_layer,
             dropout if rollout == "threshold" else 0.0,
+            every=self.every,
             **live,
         )
 
@@ -436,7 +450,9 @@ class Reinforce(NetworkWeights, ExitPolicy):
         input; the loss of stage 2 and of stage 3 alike."""
         logits = rollout.policy_logits
         advantage = rewards.to(logits.device) - group_baseline(rewards.to(logits.device), group)
-        log_prob = trajectory_log_prob(logits, rollout.exit_layer, rollout.exit_chosen, self.min_layer)
+        log_prob = trajectory_log_prob(
+            logits, rollout.exit_layer, rollout.exit_chosen, self.min_layer, self.every
+        )
         return -(advantage * log_prob).mean()
 
     def _training_env(self, env: Any, table: ExitTable, num_envs: int) -> ConsistentEEVectorEnv:
@@ -488,6 +504,7 @@ class Reinforce(NetworkWeights, ExitPolicy):
             "num_layers": None if self.net is None else self.net.num_layers,
             "obs_mode": self.obs_mode,
             "min_layer": self.min_layer,
+            "every": self.every,
         }
 
     def _check_loaded_shapes(self, shapes: dict[str, Any]) -> str | None:

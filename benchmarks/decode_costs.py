@@ -14,7 +14,8 @@ the decoder as it ships (its own LM head at every exit):
   decodes at full depth: what remains against full depth is the decisions' cost. Timed on the
   state-only path (``Reinforce.exits_at_layer``) and on the observation path (``act`` on the joined
   observation), each decision also by :class:`~ee_gym.generation.costs.DecisionTimer` against the
-  layers between them.
+  layers between them; and a policy probing every ``--every`` layers (``every=k``), whose other
+  layers answer with one comparison.
 
 Batch 1, greedy, ``--max-new-tokens`` per article; each round decodes every variant from the same
 prefill in a rotated order, and medians over rounds are printed (tokens per second, and the speed-up
@@ -47,10 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--static-layer", type=int, default=19, help="the static exit timed for propagation")
     parser.add_argument("--min-layer", type=int, default=11, help="the policy's first decision layer")
+    parser.add_argument("--every", type=int, default=2, help="the probing interval of the sparse policy")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.articles < 1 or args.rounds < 1 or args.max_new_tokens < 1:
-        parser.error("--articles, --rounds and --max-new-tokens must be 1 or more")
+    if min(args.articles, args.rounds, args.max_new_tokens, args.every) < 1:
+        parser.error("--articles, --rounds, --max-new-tokens and --every must be 1 or more")
     return args
 
 
@@ -58,11 +60,7 @@ def _variants(decoder: MultiExitDecoder, args: argparse.Namespace) -> dict[str, 
     """name -> (exit rule, batched propagation?, state-only decisions?)."""
     if not 1 <= args.static_layer < decoder.num_layers or not 1 <= args.min_layer < decoder.num_layers:
         raise SystemExit(f"--static-layer and --min-layer must be in 1..{decoder.num_layers - 1}")
-    policy = agents.make("reinforce", seed=0, obs_mode="state+layer", min_layer=args.min_layer)
-    rule = PolicyExit(policy, decoder, label="never exits")
-    with torch.no_grad():  # exit logit -50: a decision at every layer, never an exit
-        for net in rule.policy.net.layers:
-            net[-1].bias.fill_(-50.0)
+    rule, sparse = (never_exiting(decoder, args.min_layer, every) for every in (1, args.every))
     static = StaticExit(args.static_layer)
     return {
         "full depth": (None, True, True),
@@ -70,7 +68,19 @@ def _variants(decoder: MultiExitDecoder, args: argparse.Namespace) -> dict[str, 
         f"static {args.static_layer}, per-layer propagation": (static, False, True),
         "policy, state-only decisions": (rule, True, True),
         "policy, observation decisions": (rule, True, False),
+        f"policy probing every {args.every} layers, state-only decisions": (sparse, True, True),
     }
+
+
+def never_exiting(decoder: MultiExitDecoder, min_layer: int, every: int) -> PolicyExit:
+    """A REINFORCE policy asked at every layer from ``min_layer`` (probing every ``every``-th) whose
+    exit logit is -50: it never exits, so the token decodes at full depth plus its decisions."""
+    policy = agents.make("reinforce", seed=0, obs_mode="state+layer", min_layer=min_layer, every=every)
+    rule = PolicyExit(policy, decoder, label="never exits")
+    with torch.no_grad():
+        for net in rule.policy.net.layers:
+            net[-1].bias.fill_(-50.0)
+    return rule
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -125,6 +135,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
             row["decision_us"] = round(float(np.median([c.decision_us for c in costs[name]])), 1)
             row["layer_us"] = round(float(np.median([c.layer_us for c in costs[name]])), 1)
             row["decision_fraction_of_layer"] = round(row["decision_us"] / row["layer_us"], 4)
+            row["probe_us"] = round(float(np.median([c.probe_us for c in costs[name]])), 1)
         rows.append(row)
         print(json.dumps(row))
     print(json.dumps({"articles": args.articles, "rounds": args.rounds, "threads": args.threads,

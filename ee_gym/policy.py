@@ -87,6 +87,15 @@ class PolicyMismatchError(ValueError):
     """A learned policy was bound to an env whose table has other shapes than the one it learned on."""
 
 
+def decides_at(layer, min_layer: int = 1, every: int = 1):
+    """Whether a policy guarded by ``min_layer`` and probing every ``every``-th layer decides at
+    ``layer`` (an int, or elementwise on an array or tensor of layers): layers min_layer,
+    min_layer + every, ... Elsewhere it continues without reading anything, which is what makes a
+    decision cheap on a decoder (one probe per ``every`` layers). The last layer exits whatever the
+    policy says, so callers treat it apart."""
+    return (layer >= min_layer) & ((layer - min_layer) % every == 0)
+
+
 def env_shapes(env: Any, obs_mode: str) -> dict[str, Any]:
     """The :data:`SHAPE_KEYS` of ``env`` (a vector env, a single env, or anything with ``num_layers``
     and a ``table`` with ``hidden_size`` and ``num_labels``, as ``ee_gym.inference`` binds to).

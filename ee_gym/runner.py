@@ -34,7 +34,7 @@ import torch
 
 from ee_gym.multiexit import MultiExitModel
 from ee_gym.observations import ObservationEncoder
-from ee_gym.policy import ROLLOUTS
+from ee_gym.policy import ROLLOUTS, decides_at
 
 __all__ = [
     "ActingExits",
@@ -179,7 +179,8 @@ class NetworkExits:
 
     ``rollout="sample"``: each replica draws its own Bernoulli(p_l) from ``generator``;
     ``"threshold"``: all exit when p_l > 0.5, and ``dropout`` (the authors' source of exploration on
-    a frozen table) masks the network's input. Below ``min_layer`` no network runs and no row exits.
+    a frozen table) masks the network's input. Below ``min_layer``, and between the layers it probes
+    (every ``every``-th from ``min_layer``), no network runs and no row exits.
     ``features(view)``: what the network reads (default: the detached pooled state);
     ``reads_history``: whether ``features`` needs :attr:`LayerView.history`.
     """
@@ -194,19 +195,20 @@ class NetworkExits:
         dropout: float = 0.0,
         features: Callable[[LayerView], torch.Tensor] | None = None,
         reads_history: bool = False,
+        every: int = 1,
     ):
         if rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {rollout!r}; choose one of {', '.join(ROLLOUTS)}")
         self.net, self.replicas, self.rollout, self.generator = net, replicas, rollout, generator
-        self.min_layer, self.dropout = min_layer, dropout
+        self.min_layer, self.dropout, self.every = min_layer, dropout, every
         self.features = features or (lambda view: view.states)
         self.reads_history = reads_history
 
     def decide(self, layer: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(exit flags [b, replicas] bool, exit logits [b] with the network's graph) at ``layer``;
-        below ``min_layer``: no exit and no logits (None)."""
+        where it decides nothing (below ``min_layer``, between probes): no exit and no logits (None)."""
         b = len(features)
-        if layer < self.min_layer:  # no decision here: every row continues, no network runs
+        if not decides_at(layer, self.min_layer, self.every):  # every row continues, no network runs
             return torch.zeros(b, self.replicas, dtype=torch.bool, device=features.device), None
         features = features.detach()  # the policy's loss never reaches what it reads
         if self.rollout == "threshold" and self.dropout > 0:  # replicas differ only by dropout

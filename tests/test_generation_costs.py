@@ -172,7 +172,7 @@ def test_a_policy_decides_from_the_state_alone_as_from_the_observation(threshold
         state_path, rule.state_path = rule.state_path, None
         slow = rule(LayerView(decoder, layer, hidden, active))
         rule.state_path = state_path
-        assert torch.equal(torch.as_tensor(fast), slow), layer
+        assert torch.equal(torch.as_tensor(fast), torch.as_tensor(slow)), layer
         answers |= set(torch.as_tensor(fast).tolist())
     assert answers == {False, True}
     monkeypatch.setattr(rule, "observations", lambda view: pytest.fail("an observation was built"))
@@ -191,10 +191,13 @@ def test_decode_costs_benchmark_times_every_variant_against_full_depth(tmp_path,
     data = write_tiny_xsum(tmp_path / "data", rows=3)
     argv = ["--decoder", str(tmp_path / "tiny"), "--data-dir", str(data), "--articles", "2", "--rounds", "2"]
     rows = decode_costs.main([*argv, "--max-new-tokens", "4", "--static-layer", "2", "--min-layer", "1"])
-    assert [row["variant"] for row in rows][0] == "full depth" and len(rows) == 5
+    assert [row["variant"] for row in rows][0] == "full depth" and len(rows) == 6
     assert rows[0]["wall_speedup"] == 1.0
     policy_rows = [row for row in rows if row["variant"].startswith("policy")]
-    assert len(policy_rows) == 2 and all(row["decision_us"] > 0 for row in policy_rows)
+    assert len(policy_rows) == 3 and all(row["decision_us"] > 0 for row in policy_rows)
+    assert (
+        "every 2" in policy_rows[2]["variant"] and policy_rows[2]["probe_us"] > policy_rows[2]["decision_us"]
+    )
     assert "decision_us" not in rows[1]  # a static exit decides nothing worth timing
     with pytest.raises(SystemExit, match="--static-layer"):
         decode_costs.main([*argv, "--static-layer", str(DECODER_LAYERS)])

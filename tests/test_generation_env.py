@@ -776,6 +776,31 @@ def test_policy_rule_with_min_layer_asks_nothing_below_it_and_decodes_as_static(
     assert (runs[0].exit_layers[:, 1:] == 3).all() and set(asked) == {3}
 
 
+def test_policy_rule_with_every_asks_at_its_probes_only(prompts):
+    """A REINFORCE policy that always exits, min layer 2, every 2: asked at layers 2 only on a 4-layer
+    decoder (4 is the last), and the decision timer counts its probes apart from the layers asked."""
+    from agents.reinforce import Reinforce
+    from ee_gym.generation.costs import DecisionTimer
+    from ee_gym.generation.policies import set_exit_prior
+
+    decoder = tiny_llama_decoder()
+    policy = Reinforce(min_layer=2, every=2, state_size=32, num_layers=NUM_LAYERS)
+    rule = PolicyExit(policy, decoder)
+    set_exit_prior(policy, 0.999)
+    assert [rule.probes(layer) for layer in range(1, NUM_LAYERS + 1)] == [False, True, False, False]
+    timer = DecisionTimer(rule)
+    batch = decoder.tokenizer(prompts[:1], return_tensors="pt")
+    out = decoder.generate(batch["input_ids"], max_new_tokens=4, exit_fn=timer, stop_at_eos=False)
+    assert (out.exit_layers[:, 1:] == 2).all()
+    assert timer.cost.probes == timer.cost.decisions == 3  # asked at layer 2 of each decided token
+    policy3 = Reinforce(min_layer=1, every=3, state_size=32, num_layers=NUM_LAYERS)
+    set_exit_prior(policy3, 0.001)  # never exits: asked at 1, 2, 3, probing at 1 only
+    timer = DecisionTimer(PolicyExit(policy3, decoder))
+    decoder.generate(batch["input_ids"], max_new_tokens=3, exit_fn=timer, stop_at_eos=False)
+    assert (timer.cost.decisions, timer.cost.probes) == (6, 2)
+    assert timer.cost.probe_us >= timer.cost.decision_us
+
+
 def _expected_exits(decoder, state, token, signal, threshold):
     """Exit layer of each row by hand: run the step without exits, read the rule's signal per layer."""
     seen = []
@@ -1020,6 +1045,16 @@ def test_benchmark_target_check_says_apart_whether_consistentee_meets_it():
     assert target_check(runs)["consistentee_met"]
     runs.append(run("consistentee+confidence (c)", 15.2, 1.52, 1.31, 0.2))  # too costly a decision
     assert target_check(runs)["consistentee_best"] == "consistentee+probe (b)"
+    # a setting trained with two seeds counts only if both rows hold
+    seeded = [full, run("consistentee (a, seed 0)", 15.0, 1.6, 1.35, 0.03),
+              run("consistentee (a, seed 1)", 14.3, 1.6, 1.36, 0.03)]  # fmt: skip
+    check = target_check(seeded)
+    assert not check["consistentee_met"] and check["consistentee_best"] == "consistentee (a)"
+    assert "seed 1" in check["consistentee_detail"] and "-1.20" in check["consistentee_detail"]
+    seeded[2] = run("consistentee (a, seed 1)", 14.6, 1.6, 1.29, 0.03)  # within 1 point, too slow
+    assert "no ConsistentEE policy" in target_check(seeded)["consistentee_detail"]
+    seeded[2] = run("consistentee (a, seed 1)", 14.6, 1.6, 1.31, 0.03)
+    assert target_check(seeded)["consistentee_met"]
     slow = target_check([full, run("consistentee (a)", 15.4, 1.2, 1.1, 0.01)])
     assert (
         not slow["met"]

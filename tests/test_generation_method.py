@@ -154,14 +154,20 @@ def test_compare_exit_policies_without_the_script(tmp_path, data_dir, monkeypatc
     config = ComparisonConfig(
         decoder="unused", data_dir=str(data_dir), eval_rows="0:2", policy_rows="8:10", max_new_tokens=4,
         batch_size=2, static_layers=(2,), speedups=(), alphas=(0.05,), confidence_alphas=(), probe_alphas=(),
-        policy=PolicySetup(min_layer=2, epochs=1, num_envs=4), timing=None,
-        head=HeadSetup(method="regression", rows="4:6"), save_heads=str(tmp_path / "heads"),
+        policy=PolicySetup(min_layer=2, epochs=1, num_envs=4), timing=None, policy_every=(1, 2),
+        policy_seeds=(3, 4), head=HeadSetup(method="regression", rows="4:6"), save_heads=str(tmp_path / "heads"),
     )  # fmt: skip
     decoder = tiny_llama_decoder()  # the tiny model, not a hub name
     monkeypatch.setattr(method, "make_decoder", lambda name, heads=None, setup=None: decoder)
     found = compare_exit_policies(config, progress=False, log=lambda _: None)
     names = [run["name"] for run in found.runs]
-    assert names == ["full depth", ORACLE, "static (layer 2)", "consistentee (alpha=0.05, min layer 2)"]
+    policies = [f"consistentee (alpha=0.05, min layer 2{every}, seed {seed})" for every in ("", ", every 2")
+                for seed in (3, 4)]  # fmt: skip
+    assert names == ["full depth", ORACLE, "static (layer 2)", *policies]
+    for run in found.runs[-2:]:  # every 2 from layer 2 on 4 layers: exits at 2 or at the last layer
+        assert run["exit_histogram"][0] == run["exit_histogram"][2] == 0
+    assert method.setting_name(policies[1]) == "consistentee (alpha=0.05, min layer 2)"
+    assert found.settings["policy_every"] == [1, 2] and found.settings["policy_seeds"] == [3, 4]
     assert set(found.seconds) == {
         "load",
         "heads: training",
@@ -200,6 +206,15 @@ def test_scores_come_before_the_timing_and_only_the_named_policies_are_timed(tmp
     config = dataclasses.replace(config, heads=str(tmp_path / "heads"), save_heads=None)
     again = compare_exit_policies(config, progress=False, log=lambda _: None)
     assert [r["rouge"] for r in again.runs] == [r["rouge"] for r in found.runs]
+
+
+def test_a_comparison_refuses_bad_intervals_and_seeds_before_any_work():
+    with pytest.raises(ValueError, match="policy_every"):
+        ComparisonConfig(policy_every=(0,))
+    with pytest.raises(ValueError, match="seeds are distinct"):
+        ComparisonConfig(policy_seeds=(1, 1))
+    with pytest.raises(ValueError, match="every are 1 or more"):
+        PolicySetup(every=0)
 
 
 def test_the_benchmark_flags_default_to_the_library_settings():

@@ -188,6 +188,32 @@ def test_min_layer_forbids_earlier_exits_in_training_and_acting(tables, tmp_path
         Reinforce(min_layer=NUM_LAYERS + 1).bind(train_env(train))
 
 
+def test_every_decides_at_every_kth_layer_from_min_layer_in_training_and_acting(tables, tmp_path):
+    """every=2 from min layer 2: the policy decides at layers 2 and 4 only (and L = 6 exits)."""
+    train, dev = tables
+    policy = Reinforce(seed=0, min_layer=2, every=2)
+    policy.learn(train_env(train), epochs=3, lr=3e-3, progress=False)
+    assert set(evaluate(policy, dev).exit_layers) <= {2, 4, 6}
+    index = np.repeat(np.arange(16), 4)
+    out = policy._rollout(policy._training_env(train_env(train), train, len(index)), index, "sample")
+    assert set(out.exit_layer.tolist()) <= {2, 4, 6}
+    assert (out.logits[:, [0, 2, 4]] == 0).all()  # no decision between probes, so no logit there
+    with torch.no_grad():
+        for head in policy.net.layers:
+            head[-1].bias.fill_(100.0)  # p_l ~ 1: always EXIT
+    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
+    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
+    np.testing.assert_array_equal(policy.act(obs), [0, 1, 0, 1, 0, 1])
+    features = np.zeros((3, STATE_SIZE), dtype=np.float32)
+    assert [bool(policy.exits_at_layer(features, layer).all()) for layer in range(1, 7)] == [
+        False, True, False, True, False, True,
+    ]  # fmt: skip
+    policy.save(tmp_path / "policy")
+    np.testing.assert_array_equal(load_policy(tmp_path / "policy").act(obs), [0, 1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="every"):
+        Reinforce(every=0)
+
+
 # -- the formulas ------------------------------------------------------------------------------------
 def test_trajectory_log_prob_on_hand_made_trajectories():
     probs = torch.tensor(
@@ -222,6 +248,22 @@ def test_trajectory_log_prob_leaves_out_the_layers_below_min_layer():
     below = F.logsigmoid(-logits[:, :2]).sum(1)  # layers 1, 2: CONTINUE in every trajectory
     np.testing.assert_allclose(
         trajectory_log_prob(logits, exit_layer, chosen, 3).numpy(), (full - below).numpy()
+    )
+
+
+def test_trajectory_log_prob_leaves_out_the_layers_between_probes():
+    logits = torch.randn(5, 6, dtype=torch.float64)
+    exit_layer, chosen = torch.tensor([3, 5, 6, 6, 5]), torch.tensor([True, True, True, False, True])
+    # min layer 1, every 2: decisions at layers 1, 3, 5 (and the forced exit at L = 6)
+    full = trajectory_log_prob(logits, exit_layer, chosen)
+    between = torch.where(
+        torch.tensor([False, True, False, True, False, False])[None, :]
+        & (torch.arange(1, 7)[None, :] < exit_layer[:, None]),
+        F.logsigmoid(-logits),
+        torch.zeros((), dtype=torch.float64),
+    ).sum(1)
+    np.testing.assert_allclose(
+        trajectory_log_prob(logits, exit_layer, chosen, 1, 2).numpy(), (full - between).numpy()
     )
 
 

@@ -6,7 +6,9 @@ exit l's full softmax after every layer can cost more than it saves. Every exit 
 declares what it reads at a layer (``reads``, one of :data:`READS`), and :class:`DecisionTimer`
 measures, during real decoding, the seconds spent in decisions (the rule and every signal it asks
 the :class:`~ee_gym.generation.view.LayerView` for) against the seconds spent in the layers between
-them, in the same run, so the two are comparable on a noisy machine.
+them, in the same run, so the two are comparable on a noisy machine. A decision is counted at
+every layer the rule is asked from its ``min_layer`` on: for a rule that probes every k-th layer that
+is the cost per layer it adds, and ``probe_us`` the cost of one probe.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class DecisionCost:
     decision_seconds: float
     layers: int  # layer calls timed (between two decisions of one step)
     layer_seconds: float
+    probes: int | None = None  # decisions that read a signal (None: the rule does not say)
 
     @property
     def decision_us(self) -> float:
@@ -53,9 +56,19 @@ class DecisionCost:
         """A decision's time over one layer's."""
         return self.decision_us / self.layer_us if self.layers and self.decisions else float("nan")
 
+    @property
+    def probe_us(self) -> float:
+        """Microseconds per decision that read a signal (a rule probing every k-th layer answers the
+        others with one comparison): all decision time over the probes."""
+        if not self.probes:
+            return self.decision_us
+        return 1e6 * self.decision_seconds / self.probes
+
     def to_dict(self) -> dict[str, float]:
         return {
             "decisions": self.decisions,
+            "probes": self.probes,
+            "probe_us": self.probe_us,
             "decision_us": self.decision_us,
             "layer_us": self.layer_us,
             "fraction_of_layer": self.fraction_of_layer,
@@ -80,7 +93,8 @@ class DecisionTimer:
         # layers below the rule's own guard ask it nothing real: not counted as decisions
         self.min_layer = int(getattr(exit_fn, "min_layer", 1))
         self._last: tuple[int, float] | None = None  # (layer, when its decision returned)
-        self.cost = DecisionCost(0, 0.0, 0, 0.0)
+        self._probes = getattr(exit_fn, "probes", None)  # which layers read a signal, if the rule says
+        self.cost = DecisionCost(0, 0.0, 0, 0.0, None if self._probes is None else 0)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         started = time.perf_counter()
@@ -92,5 +106,7 @@ class DecisionTimer:
         if view.layer >= self.min_layer:
             self.cost.decisions += 1
             self.cost.decision_seconds += ended - started
+            if self._probes is not None and self._probes(view.layer):
+                self.cost.probes += 1
         self._last = (view.layer, ended)
         return decision

@@ -63,8 +63,9 @@ class GenerationRun:
     # wall clock (ee_gym.generation.timing), at batch 1 on the first thread count timed; None when untimed
     tokens_per_second: float | None = None  # median over rounds, prompt pass excluded
     wall_speedup: float | None = None  # against full depth in the same rounds
-    decision_us: float | None = None  # one decision at the rule's layers
+    decision_us: float | None = None  # per layer the rule is asked at (from its min layer)
     decision_fraction: float | None = None  # over one decoder layer's time, same run
+    probe_us: float | None = None  # per layer where it read a signal (one in k for a rule probing every k)
     reads: str | None = None  # what a decision reads (ee_gym.generation.costs.READS)
     timing_tokens: int = 0
     timing: list[dict] = field(default_factory=list)  # every thread count and batch size timed
@@ -189,6 +190,7 @@ def _runs(generated: dict, references: list[str], num_layers: int, cells: list[d
                 wall_speedup=main.get("wall_speedup"),
                 decision_us=main.get("decision_us"),
                 decision_fraction=main.get("decision_fraction"),
+                probe_us=main.get("probe_us"),
                 reads=main.get("reads"),
                 timing_tokens=main.get("tokens", 0),
                 timing=mine,

@@ -24,10 +24,12 @@ reaches for it.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,8 @@ class HeadSetup:
 class PolicySetup:
     """How a ConsistentEE exit policy is trained on the token env (reward -CE - alpha t per token).
 
+    ``every`` > 1 lets the policy decide at every ``every``-th layer from ``min_layer`` only, in
+    training and decoding alike: fewer decisions per token, so less decision time next to the layers.
     ``exit_prior`` (None: 1/L) is where every layer's exit probability starts (see
     :func:`~ee_gym.generation.policies.set_exit_prior`: from 0.5 a 30-layer model is never explored
     past its first layers). ``min_layer`` forbids exits below it in training and acting alike: the
@@ -126,11 +130,19 @@ class PolicySetup:
     """
 
     min_layer: int = 11
+    every: int = 1  # decide at min_layer, min_layer + every, ... only (1: each layer from min_layer)
     reward: str = "plain"
     epochs: int = 40
     learning_rate: float = 1e-3
     exit_prior: float | None = None
     num_envs: int = 64  # token episodes stepped together
+
+    def __post_init__(self) -> None:
+        if self.min_layer < 1 or self.every < 1:
+            raise ValueError(
+                f"a policy's min_layer and every are 1 or more (1: no guard, each layer), got "
+                f"{self.min_layer} and {self.every}"
+            )
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,10 @@ class ComparisonConfig:
     alphas: tuple[float, ...] = (0.12, 0.18)  # ConsistentEE policies reading the state
     confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
     probe_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and a learned probe's
+    policy_every: tuple[int, ...] = (
+        1,
+    )  # every ConsistentEE row at each probing interval (PolicySetup.every)
+    policy_seeds: tuple[int, ...] = ()  # every ConsistentEE row trained with each seed (empty: (seed,))
     probe_rules: bool = True  # the probe as a rule too, at each of speedups x calm_min_layers
     candidate_rules: bool = True  # CALM's confidence over k candidates, at each of speedups x calm_min_layers
     probe_training: ProbeTraining = field(default_factory=ProbeTraining)  # fitted on the policy table
@@ -165,6 +181,12 @@ class ComparisonConfig:
     verify_draft_tokens: tuple[int, ...] = (4,)
     verify_drafters: tuple[str, ...] = ("static", "probe", "consistentee")
     seed: int = 0
+
+    def __post_init__(self) -> None:  # before any model is loaded
+        if not self.policy_every or min(self.policy_every) < 1:
+            raise ValueError(f"policy_every: probing intervals of 1 or more, got {self.policy_every}")
+        if min((*self.policy_seeds, self.seed)) < 0 or len(set(self.policy_seeds)) != len(self.policy_seeds):
+            raise ValueError(f"seeds are distinct and 0 or more, got {self.policy_seeds or self.seed}")
 
 
 # --------------------------------------------------------------------------- heads
@@ -361,10 +383,19 @@ class TrainedPolicy:
         return self.table["speedup"]
 
 
-def policy_name(kind: str, alpha: float, min_layer: int) -> str:
-    """A ConsistentEE row's name, e.g. ``consistentee+confidence (alpha=0.18, min layer 11)``."""
+def policy_name(kind: str, alpha: float, min_layer: int, every: int = 1, seed: int | None = None) -> str:
+    """A ConsistentEE row's name, e.g. ``consistentee+confidence (alpha=0.18, min layer 11)`` or
+    ``consistentee (alpha=0.18, min layer 11, every 2, seed 1)``; the seed is named when a comparison
+    trains several (:func:`setting_name` strips it)."""
     guard = f", min layer {min_layer}" if min_layer > 1 else ""
-    return f"{kind} (alpha={alpha:g}{guard})"
+    interval = f", every {every}" if every > 1 else ""
+    seeded = "" if seed is None else f", seed {seed}"
+    return f"{kind} (alpha={alpha:g}{guard}{interval}{seeded})"
+
+
+def setting_name(name: str) -> str:
+    """A row's name without its seed: the rows of one setting trained with different seeds share it."""
+    return re.sub(r", seed \d+\)$", ")", name)
 
 
 def train_token_policy(
@@ -400,7 +431,7 @@ def train_token_policy(
         final_obs=False,
     )  # fmt: skip
     if policy is None:
-        policy = make("reinforce", seed=seed, obs_mode=obs_mode, min_layer=setup.min_layer)
+        policy = make("reinforce", seed=seed, obs_mode=obs_mode, min_layer=setup.min_layer, every=setup.every)
     policy.bind(env)
     if hasattr(getattr(policy, "net", None), "layers"):  # per-layer exit networks: give them the prior
         set_exit_prior(policy, setup.exit_prior or 1.0 / decoder.num_layers)
@@ -530,11 +561,14 @@ def compare_exit_policies(
     speedups = {name: table_speedup(rule, table) for name, rule in rules.items()}
     policy_history = {}
     alphas_of = (config.alphas, config.confidence_alphas, config.probe_alphas)
+    seeds = config.policy_seeds or (config.seed,)
     for kind, alphas in zip(POLICY_KINDS, alphas_of, strict=True):
-        for alpha in alphas:
+        for alpha, every, seed in itertools.product(alphas, config.policy_every, seeds):
+            setup = replace(config.policy, every=every)
+            name = policy_name(kind, alpha, setup.min_layer, every, seed if len(seeds) > 1 else None)
             trained = train_token_policy(
-                decoder, table, alpha, POLICY_KINDS[kind], config.policy, seed=config.seed,
-                name=policy_name(kind, alpha, config.policy.min_layer), progress=progress, probe=probe,
+                decoder, table, alpha, POLICY_KINDS[kind], setup, seed=seed, name=name, progress=progress,
+                probe=probe,
             )  # fmt: skip
             policies[trained.name] = trained.exit
             speedups[trained.name] = trained.table_speedup
@@ -576,6 +610,8 @@ def compare_exit_policies(
         "batch_size": config.batch_size,
         "reward": config.policy.reward,
         "policy_min_layer": config.policy.min_layer,
+        "policy_every": list(config.policy_every),
+        "policy_seeds": list(seeds),
         "policy_epochs": config.policy.epochs,
         "policy_lr": config.policy.learning_rate,
         "exit_prior": config.policy.exit_prior or f"1/{decoder.num_layers}",

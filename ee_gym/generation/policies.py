@@ -41,6 +41,7 @@ from ee_gym.generation.confidence import ConfidenceProbe
 from ee_gym.generation.decoder import DecodeState, LayerView, MultiExitDecoder, probability_gap
 from ee_gym.generation.table import TokenTable, observation_scale
 from ee_gym.observations import OBS_MODE_REGISTRY, STATE_OBS_MODES, ObservationEncoder
+from ee_gym.policy import decides_at
 
 
 def _first_exit(flags: np.ndarray, min_layer: int = 1) -> np.ndarray:
@@ -78,7 +79,7 @@ class ThresholdRule:
 
     def probes(self, layer: int) -> bool:
         """Whether the rule reads its signal at ``layer``."""
-        return layer >= self.min_layer and (layer - self.min_layer) % self.every == 0
+        return bool(decides_at(layer, self.min_layer, self.every))
 
     def signal(self, view: LayerView) -> torch.Tensor:
         """[B] the rule's signal at this layer."""
@@ -308,8 +309,9 @@ class PolicyExit(GenerationExit):
     :func:`~ee_gym.generation.table.observation_scale`, read off the decoder), then in
     ``state+confidence`` exit l's top-2 gap (which costs one LM-head product per layer, as the
     confidence rule does), then in both ``+`` modes the one-hot of l. ``deterministic=True`` is the
-    paper's inference rule. Below the policy's ``min_layer`` (``agents.make("reinforce", min_layer=m)``)
-    no observation is built: the policy would continue there anyway.
+    paper's inference rule. Below the policy's ``min_layer`` (``agents.make("reinforce", min_layer=m)``),
+    and between the layers it probes (``every=k``: every k-th from ``min_layer``), no observation is
+    built: the policy would continue there anyway, so such a layer costs one comparison.
     """
 
     name = "consistentee"
@@ -339,6 +341,7 @@ class PolicyExit(GenerationExit):
             )
         self.policy, self.obs_mode, self.deterministic, self.probe = policy, obs_mode, deterministic, probe
         self.min_layer = int(getattr(policy, "min_layer", 1))  # the policy's own guard, if it has one
+        self.every = int(getattr(policy, "every", 1))  # and its probing interval
         self.num_layers, self.hidden_size = decoder.num_layers, decoder.hidden_size
         self.encoder = ObservationEncoder(obs_mode, self.num_layers, self.hidden_size, decoder.vocab_size)
         self.scale = observation_scale(decoder)
@@ -351,6 +354,10 @@ class PolicyExit(GenerationExit):
         #: act on the observation, the env's path)
         plain = deterministic and self.encoder.kind.confidence_signal is None
         self.state_path = getattr(policy, "exits_at_layer", None) if plain else None
+
+    def probes(self, layer: int) -> bool:
+        """Whether the policy reads the state at ``layer`` (the last layer exits without asking)."""
+        return layer < self.num_layers and bool(decides_at(layer, self.min_layer, self.every))
 
     @property
     def reads(self) -> str:  # type: ignore[override]
@@ -370,8 +377,8 @@ class PolicyExit(GenerationExit):
         return self.encoder.join(squashed, view.layer, confidence)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        if view.layer < self.min_layer:  # the policy would continue: spare the observation (and head product)
-            return torch.zeros(view.batch_size, dtype=torch.bool)
+        if not self.probes(view.layer):  # the policy would continue: spare the observation (and head product)
+            return np.zeros(view.batch_size, dtype=bool)  # numpy, as the state path answers
         if self.state_path is not None:  # the state is the layer network's whole input: no observation built
             return self.state_path(view.squashed_states(self.scale), view.layer)  # numpy: see step
         actions = self.policy.act(self.observations(view), deterministic=self.deterministic)
@@ -422,7 +429,7 @@ def threshold_for_speedup(
         raise ValueError(
             f"min_layer must be in 1..{num_layers - 1} (layer {num_layers} always exits), got {min_layer}"
         )
-    probed = (np.arange(1, values.shape[1] + 1) - int(min_layer)) % int(every) == 0  # the layers read
+    probed = decides_at(np.arange(1, values.shape[1] + 1), int(min_layer), int(every))  # the layers read
     candidates = np.unique(values[:, int(min_layer) - 1 : -1])
     lo, hi = 0, len(candidates) - 1
     best = float(candidates[0])

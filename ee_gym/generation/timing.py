@@ -69,6 +69,7 @@ class TimingCell:
     decision_us: float | None = None  # batch 1: per decision, at the rule's layers
     layer_us: float | None = None  # batch 1: per decoder layer, in the same run
     decision_fraction: float | None = None  # decision_us / layer_us
+    probe_us: float | None = None  # batch 1: per decision that read a signal (rules probing every k-th layer)
     reads: str | None = None
 
     def to_dict(self) -> dict:
@@ -146,7 +147,7 @@ def time_policies(
                     if name in timers:
                         cost = timers[name].cost
                         cell.decision_us, cell.layer_us = cost.decision_us, cost.layer_us
-                        cell.decision_fraction = cost.fraction_of_layer
+                        cell.decision_fraction, cell.probe_us = cost.fraction_of_layer, cost.probe_us
                     cells.append(cell.to_dict())
     finally:
         torch.set_num_threads(before)

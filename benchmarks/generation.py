@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows whose name starts with one of these draft for the verify mode")  # fmt: skip
     p.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results" / "xsum"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render", metavar="DIR", default=None,
+                   help="no run: rewrite DIR/results.md (and the target check) from DIR/results.json, "
+                        "scoring each article's ROUGE-L from the summaries where the record lacks it")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -155,7 +158,7 @@ def markdown(record: dict) -> str:
         f"Wall time: {record['seconds']['total']:.0f} s on {record['settings']['threads']} thread(s) "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds'].items() if k != 'total')}).",
         "",
-        "| policy | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L vs full | mean exit | layer speed-up "
+        "| policy | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L vs full (95% paired CI) | mean exit | layer speed-up "
         f"| tokens/s ({main}) | wall-clock speed-up ({main}) | {' | '.join(f'wall ({c})' for c in others)}"
         f"{' | ' if others else ''}reads | decision (us, % of a layer) | speed-up on policy table |",
         "|---|---|---|---|---|---|---|---|---|" + "---|" * (len(others) + 3),
@@ -170,7 +173,8 @@ def markdown(record: dict) -> str:
             decision += f", {run['probe_us']:.0f} per probe"
         lines.append(
             f"| {run['name']} | {run['rouge']['rouge1']:.2f} | {run['rouge']['rouge2']:.2f} | "
-            f"{run['rouge']['rougeL']:.2f} | {run['rouge']['rougeL'] - full['rouge']['rougeL']:+.2f} | "
+            f"{run['rouge']['rougeL']:.2f} | {run['rouge']['rougeL'] - full['rouge']['rougeL']:+.2f}"
+            f"{_interval_text(rouge_l_interval(run, full))} | "
             f"{run['mean_exit_layer']:.2f} | {run['speedup']:.2f}x | {_fmt(run.get('tokens_per_second'), 1)} | "
             f"{_fmt(run.get('wall_speedup'))}{'x' if run.get('wall_speedup') else ''} | "
             + "".join(f"{_fmt(walls.get(c))}{'x' if walls.get(c) else ''} | " for c in others)
@@ -251,6 +255,33 @@ def speculative_section(record: dict) -> list[str]:
     return [*lines, ""]
 
 
+def rouge_l_interval(
+    run: dict, full: dict, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """The ``confidence`` bootstrap interval (BCa, 10,000 resamples of the articles) of ``run``'s mean
+    ROUGE-L minus ``full``'s over the same articles; None for full depth itself or a record without
+    per-article scores. On 100 articles a summary's ROUGE-L varies by about 10 points, so a mean
+    difference of one point is within the noise unless its interval says otherwise."""
+    import numpy as np
+    from scipy import stats
+
+    ours, theirs = run.get("rouge_l_per_article") or [], full.get("rouge_l_per_article") or []
+    if run is full or not ours or len(ours) != len(theirs):
+        return None
+    differences = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    if np.ptp(differences) == 0:  # every article alike: no spread to resample
+        return float(differences[0]), float(differences[0])
+    found = stats.bootstrap((differences,), np.mean, confidence_level=confidence, n_resamples=10_000,
+                            method="BCa", random_state=np.random.default_rng(seed))  # fmt: skip
+    return float(found.confidence_interval.low), float(found.confidence_interval.high)
+
+
+def _interval_text(interval: tuple[float, float] | None, before: str = " (", after: str = ")") -> str:
+    if interval is None:
+        return ""
+    return f"{before}{interval[0]:+.2f} to {interval[1]:+.2f}{after}"
+
+
 def _fast_enough(run: dict, wall: bool) -> bool:
     if not wall:
         return run["speedup"] >= TARGET_SPEEDUP
@@ -302,7 +333,8 @@ def target_check(runs: list[dict]) -> dict:
         check[f"{key}met"], check[f"{key}best"] = drop <= TARGET_ROUGE_DROP, name
         each = "; ".join(
             f"{r['name'] if len(rows) > 1 else 'it'}: {r['speedup']:.2f}x layers, {_fmt(r.get('wall_speedup'))}x wall, "
-            f"ROUGE-L {r['rouge']['rougeL']:.2f} ({r['rouge']['rougeL'] - full:+.2f})"
+            f"ROUGE-L {r['rouge']['rougeL']:.2f} ({r['rouge']['rougeL'] - full:+.2f}"
+            f"{_interval_text(rouge_l_interval(r, runs[0]), ', 95% CI ', '')})"
             for r in rows
         )
         check[f"{key}detail"] = f"the best {who} at >= {where} is {name} ({each})."
@@ -370,9 +402,38 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def render(folder: str | Path, data_dir: str | None = None) -> dict:
+    """Rewrite ``folder``'s results.md and target check from its results.json, with no decoding; runs
+    recorded before per-article ROUGE-L was kept get it from their summaries and the references of
+    the record's own articles (``data_dir``: default $EE_GYM_DATA)."""
+    from ee_gym.generation.data import load_xsum
+    from ee_gym.generation.evaluate import rouge_per_article
+
+    path = Path(folder) / "results.json"
+    record = json.loads(path.read_text())
+    settings = record["settings"]
+    if any(not run.get("rouge_l_per_article") for run in record["runs"]):
+        articles = load_xsum(settings["eval_rows"], data_dir, settings["articles"])
+        references = [a.reference for a in articles]
+        for run in record["runs"]:
+            if not run.get("rouge_l_per_article"):
+                if len(run.get("summaries") or []) != len(references):
+                    raise ValueError(f"{path}: {run['name']!r} keeps no summary per article to score")
+                run["rouge_l_per_article"] = (
+                    rouge_per_article(run["summaries"], references)["rougeL"].round(4).tolist()
+                )
+    record["target"] = target_check(record["runs"])
+    path.write_text(json.dumps(record, indent=1))
+    text = markdown(record)
+    (Path(folder) / "results.md").write_text(text)
+    return record
+
+
 def main(argv=None) -> dict:
     """Parse the flags, run :func:`ee_gym.generation.method.compare_exit_policies`, write the results."""
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.data_dir)
     threads = limit_threads(args.threads)  # before numpy and torch are imported
     import numpy as np
     import torch
@@ -407,6 +468,7 @@ def main(argv=None) -> dict:
         "speculative": found.speculative,
     }
     (out / "results.json").write_text(json.dumps(record, indent=1))
+    record = json.loads((out / "results.json").read_text())  # the page shows what the file holds (--render)
     partial.unlink(missing_ok=True)
     text = markdown(record)
     (out / "results.md").write_text(text)

@@ -41,6 +41,7 @@ from ee_gym.generation import (
     collect_token_states,
     evaluate_generation,
     observation_scale,
+    rouge_per_article,
     rouge_scores,
     set_exit_prior,
     threshold_for_speedup,
@@ -889,6 +890,8 @@ def test_rouge_on_a_hand_example():
     scores = rouge_scores(["the cat sat on the mat"], ["the cat is on the mat"])
     assert scores == pytest.approx({"rouge1": 500 / 6, "rouge2": 60.0, "rougeL": 500 / 6})
     assert rouge_scores(["a b", "x"], ["a b", "y"])["rouge1"] == pytest.approx(50.0)
+    per_article = rouge_per_article(["a b", "x"], ["a b", "y"])
+    np.testing.assert_allclose(per_article["rouge1"], [100.0, 0.0])
     with pytest.raises(ValueError, match="references"):
         rouge_scores(["a"], [])
 
@@ -974,6 +977,37 @@ def test_benchmark_script_end_to_end(tmp_path, data_dir, heads):
         row["identical_to_full_depth"] and 0 <= row["acceptance"] <= 1 for row in record["speculative"]
     )
     assert "## Lossless verify mode" in markdown
+    # each article's ROUGE-L is kept for paired intervals; --render rebuilds the page from the JSON,
+    # scoring a record kept without them from its summaries, to the same numbers
+    assert all(len(r["rouge_l_per_article"]) == 4 for r in record["runs"])
+    assert "95% paired CI" in markdown
+    for run in record["runs"]:
+        run.pop("rouge_l_per_article")
+    (out / "results.json").write_text(json.dumps(record))
+    rendered = bench.main(["--render", str(out), "--data-dir", str(data_dir)])
+    assert (out / "results.md").read_text() == markdown
+    assert all(len(r["rouge_l_per_article"]) == 4 for r in rendered["runs"])
+
+
+def test_rouge_l_interval_is_paired_over_the_same_articles():
+    """The interval is of the mean per-article difference: a run 2 points below on every article has
+    the interval (-2, -2) however spread the articles are; one that gains on a single article of 40
+    holds 0; one 3 +/- 1 points lower on each article lies between -4 and -2."""
+    from benchmarks.generation import rouge_l_interval
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 40, size=40)
+    full = {"name": "full depth", "rouge_l_per_article": base.tolist()}
+    shifted = {"rouge_l_per_article": (base - 2.0).tolist()}
+    assert rouge_l_interval(shifted, full) == pytest.approx((-2.0, -2.0))
+    assert rouge_l_interval(full, full) is None and rouge_l_interval({}, full) is None
+    one = base.copy()
+    one[0] += 10.0
+    low, high = rouge_l_interval({"rouge_l_per_article": one.tolist()}, full)
+    assert low <= 0.0 <= high
+    noisy = base - 3.0 + rng.normal(0, 1, size=40)
+    low, high = rouge_l_interval({"rouge_l_per_article": noisy.tolist()}, full)
+    assert -4.0 < low < high < -2.0
 
 
 def test_benchmark_reports_how_loaded_heads_were_made(tmp_path, data_dir):

@@ -44,7 +44,7 @@ from ee_gym.generation.decoder import (
     resolve_decoder,
 )
 from ee_gym.generation.distill import TokenStates, collect_token_states
-from ee_gym.generation.evaluate import GenerationRun, evaluate_generation, rouge_scores
+from ee_gym.generation.evaluate import GenerationRun, evaluate_generation, rouge_per_article, rouge_scores
 from ee_gym.generation.method import (
     ComparisonConfig,
     HeadSetup,
@@ -114,6 +114,7 @@ __all__ = [
     "fit_probe",
     "observation_scale",
     "resolve_decoder",
+    "rouge_per_article",
     "rouge_scores",
     "set_exit_prior",
     "speculative_generate",

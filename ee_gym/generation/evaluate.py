@@ -30,8 +30,9 @@ from ee_gym.generation.timing import TimingSettings, time_policies
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure x 100 of ``predictions`` against ``references``."""
+def rouge_per_article(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+    """ROUGE-1/2/L F-measure x 100 of each prediction against its reference: [N] per kind. Paired
+    intervals between two policies resample these (the same articles for both)."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:
@@ -39,13 +40,18 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
+    out = {kind: np.zeros(len(predictions)) for kind in ROUGE_TYPES}
+    for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
         scores = scorer.score(reference, prediction)  # (target, prediction)
         for kind in ROUGE_TYPES:
-            totals[kind] += scores[kind].fmeasure
-    n = max(len(predictions), 1)
-    return {kind: 100.0 * total / n for kind, total in totals.items()}
+            out[kind][i] = 100.0 * scores[kind].fmeasure
+    return out
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure x 100 of ``predictions`` against ``references``."""
+    per_article = rouge_per_article(predictions, references)
+    return {kind: float(values.mean()) if len(values) else 0.0 for kind, values in per_article.items()}
 
 
 @dataclass
@@ -60,6 +66,9 @@ class GenerationRun:
     num_layers: int
     decided_tokens: int  # tokens whose exit a policy decided
     exit_histogram: list[int]  # decided tokens exiting at layer 1..L
+    rouge_l_per_article: list[float] = field(
+        default_factory=list
+    )  # x 100, in article order (paired intervals)
     # wall clock (ee_gym.generation.timing), at batch 1 on the first thread count timed; None when untimed
     tokens_per_second: float | None = None  # median over rounds, prompt pass excluded
     wall_speedup: float | None = None  # against full depth in the same rounds
@@ -176,10 +185,12 @@ def _runs(generated: dict, references: list[str], num_layers: int, cells: list[d
         mean = float(decided.mean()) if decided.size else float(num_layers)
         mine = [c for c in cells if c["policy"] == name]
         main = next((c for c in mine if (c["threads"], c["batch_size"]) == first), {})
+        per_article = rouge_per_article(texts, references)
         runs.append(
             GenerationRun(
                 name=name,
-                rouge=rouge_scores(texts, references),
+                rouge={kind: float(values.mean()) for kind, values in per_article.items()},
+                rouge_l_per_article=per_article["rougeL"].round(4).tolist(),
                 mean_exit_layer=mean,
                 speedup=num_layers / mean,
                 saved_layers=1.0 - mean / num_layers,

@@ -156,6 +156,18 @@ def test_threshold_replicas_differ_only_by_dropout(tables):
     assert (layers[0.1] != layers[0.1][:, :1]).any()  # dropout makes some replicas differ
 
 
+def _acts_when_always_exiting(policy: Reinforce, tmp_path) -> tuple[list[int], list[int]]:
+    """Set every layer's exit probability to ~1, then act once at each layer: (the policy's actions,
+    the actions of its saved and reloaded copy)."""
+    with torch.no_grad():
+        for head in policy.net.layers:
+            head[-1].bias.fill_(100.0)
+    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
+    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
+    policy.save(tmp_path / "policy")
+    return policy.act(obs).tolist(), load_policy(tmp_path / "policy").act(obs).tolist()
+
+
 def test_min_layer_forbids_earlier_exits_in_training_and_acting(tables, tmp_path):
     train, dev = tables
     policy = Reinforce(seed=0, min_layer=4)
@@ -174,14 +186,7 @@ def test_min_layer_forbids_earlier_exits_in_training_and_acting(tables, tmp_path
             assert torch.equal(trained_state[key], initial_state[key]), key
     assert not torch.equal(policy.net.layers[3][0].weight, fresh.net.layers[3][0].weight)
     # act() refuses earlier exits even where the network says EXIT; the setting survives save/load.
-    with torch.no_grad():
-        for head in policy.net.layers:
-            head[-1].bias.fill_(100.0)  # p_l ~ 1: always EXIT
-    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
-    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
-    np.testing.assert_array_equal(policy.act(obs), [0, 0, 0, 1, 1, 1])
-    policy.save(tmp_path / "policy")
-    np.testing.assert_array_equal(load_policy(tmp_path / "policy").act(obs), [0, 0, 0, 1, 1, 1])
+    assert _acts_when_always_exiting(policy, tmp_path) == ([0, 0, 0, 1, 1, 1],) * 2
     with pytest.raises(ValueError, match="min_layer must be 1 or more"):
         Reinforce(min_layer=0)
     with pytest.raises(ValueError, match="beyond the env's last layer"):
@@ -198,18 +203,11 @@ def test_every_decides_at_every_kth_layer_from_min_layer_in_training_and_acting(
     out = policy._rollout(policy._training_env(train_env(train), train, len(index)), index, "sample")
     assert set(out.exit_layer.tolist()) <= {2, 4, 6}
     assert (out.logits[:, [0, 2, 4]] == 0).all()  # no decision between probes, so no logit there
-    with torch.no_grad():
-        for head in policy.net.layers:
-            head[-1].bias.fill_(100.0)  # p_l ~ 1: always EXIT
-    obs = np.zeros((NUM_LAYERS, STATE_SIZE + NUM_LAYERS), dtype=np.float32)
-    obs[:, STATE_SIZE:] = np.eye(NUM_LAYERS)
-    np.testing.assert_array_equal(policy.act(obs), [0, 1, 0, 1, 0, 1])
+    assert _acts_when_always_exiting(policy, tmp_path) == ([0, 1, 0, 1, 0, 1],) * 2
     features = np.zeros((3, STATE_SIZE), dtype=np.float32)
     assert [bool(policy.exits_at_layer(features, layer).all()) for layer in range(1, 7)] == [
         False, True, False, True, False, True,
     ]  # fmt: skip
-    policy.save(tmp_path / "policy")
-    np.testing.assert_array_equal(load_policy(tmp_path / "policy").act(obs), [0, 1, 0, 1, 0, 1])
     with pytest.raises(ValueError, match="every"):
         Reinforce(every=0)
 

@@ -24,14 +24,17 @@ with the time of each phase recorded:
    starting from exit probability 1/L at every layer (``set_exit_prior``: from 0.5 it never explores
    past the first layers of a 30-layer model); the same again at each ``--confidence-alphas`` with
    the ``state+confidence`` observation (the state and exit l's top-2 gap), all with no exit before
-   ``--policy-min-layer``; and, unless ``--no-oracle``, the oracle reference (``OracleExit``, from the
+   ``--policy-min-layer``, each at every ``--policy-every`` (deciding at every k-th layer from the min
+   layer only, so that a token pays for fewer decisions) and with each of ``--policy-seeds`` (a setting
+   meets the target only if every seed's row does); and, unless ``--no-oracle``, the oracle reference (``OracleExit``, from the
    same min layer: each token leaves at the first layer whose head says the full model's next token
    for that history, which it finds by decoding every token twice). The min layers (11 by default)
    guard against shallow exits, whose propagated keys and values derail later tokens
    (``benchmarks/results/xsum-finetuned-heads``);
 4. every policy decodes the first ``--articles`` of ``--eval-rows`` greedily (``--max-new-tokens``),
    from one shared prompt pass per batch: ROUGE-1/2/L (x100) against the references, mean exit layer
-   over the tokens an exit decided, layer speed-up L / mean;
+   over the tokens an exit decided, layer speed-up L / mean; each article's ROUGE-L is kept, so every
+   row's difference from full depth carries a 95% paired bootstrap interval over the articles;
 5. wall clock (``ee_gym.generation.timing``): on the first ``--timing-articles`` articles, every
    deployable policy and full depth decode in ``--timing-rounds`` rounds (the policies' order rotating
    each round) at each ``--timing-threads`` and ``--timing-batch-sizes``; tokens per second and the
@@ -41,7 +44,7 @@ with the time of each phase recorded:
 Writes ``results.md`` (the table, the target check, the settings) and ``results.json`` (everything,
 summaries included) to ``--output-dir`` (default ``benchmarks/results/xsum``). Heads are saved under
 ``$EE_GYM_HOME/generation/heads/`` in a folder per method (``--save-heads`` to choose), never into the
-repository.
+repository. ``--render DIR`` rewrites DIR's page from its results.json, decoding nothing.
 Threads: ``--threads`` (default 1).
 """
 

@@ -177,7 +177,7 @@ def markdown(record: dict) -> str:
         lines.append(
             f"| {run['name']} | {run['rouge']['rouge1']:.2f} | {run['rouge']['rouge2']:.2f} | "
             f"{run['rouge']['rougeL']:.2f} | {run['rouge']['rougeL'] - full['rouge']['rougeL']:+.2f}"
-            f"{_interval_text(rouge_l_interval(run, full))} | "
+            f"{_interval_text(run.get('rouge_l_interval'))} | "
             f"{run['mean_exit_layer']:.2f} | {run['speedup']:.2f}x | {_fmt(run.get('tokens_per_second'), 1)} | "
             f"{_fmt(run.get('wall_speedup'))}{'x' if run.get('wall_speedup') else ''} | "
             + "".join(f"{_fmt(walls.get(c))}{'x' if walls.get(c) else ''} | " for c in others)
@@ -279,6 +279,14 @@ def rouge_l_interval(
     return float(found.confidence_interval.low), float(found.confidence_interval.high)
 
 
+def with_intervals(runs: list[dict]) -> list[dict]:
+    """Store on every run (full depth first) its ``rouge_l_interval`` against full depth, once: the
+    table and the target check read it, and results.json keeps it."""
+    for run in runs:
+        run["rouge_l_interval"] = rouge_l_interval(run, runs[0])
+    return runs
+
+
 def _interval_text(interval: tuple[float, float] | None, before: str = " (", after: str = ")") -> str:
     if interval is None:
         return ""
@@ -337,7 +345,7 @@ def target_check(runs: list[dict]) -> dict:
         each = "; ".join(
             f"{r['name'] if len(rows) > 1 else 'it'}: {r['speedup']:.2f}x layers, {_fmt(r.get('wall_speedup'))}x wall, "
             f"ROUGE-L {r['rouge']['rougeL']:.2f} ({r['rouge']['rougeL'] - full:+.2f}"
-            f"{_interval_text(rouge_l_interval(r, runs[0]), ', 95% CI ', '')})"
+            f"{_interval_text(r.get('rouge_l_interval'), ', 95% CI ', '')})"
             for r in rows
         )
         check[f"{key}detail"] = f"the best {who} at >= {where} is {name} ({each})."
@@ -425,7 +433,7 @@ def render(folder: str | Path, data_dir: str | None = None) -> dict:
                 run["rouge_l_per_article"] = (
                     rouge_per_article(run["summaries"], references)["rougeL"].round(4).tolist()
                 )
-    record["target"] = target_check(record["runs"])
+    record["target"] = target_check(with_intervals(record["runs"]))
     path.write_text(json.dumps(record, indent=1))
     text = markdown(record)
     (Path(folder) / "results.md").write_text(text)
@@ -457,7 +465,7 @@ def main(argv=None) -> dict:
         "command": command,
         "settings": found.settings,
         "seconds": found.seconds,
-        "target": target_check(found.runs),
+        "target": target_check(with_intervals(found.runs)),
         "table_summary": found.table_summary,
         "head_history": found.head_history,
         "policy_history": found.policy_history,
@@ -470,8 +478,9 @@ def main(argv=None) -> dict:
         "runs": found.runs,
         "speculative": found.speculative,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1))
-    record = json.loads((out / "results.json").read_text())  # the page shows what the file holds (--render)
+    text = json.dumps(record, indent=1)
+    (out / "results.json").write_text(text)
+    record = json.loads(text)  # the page shows what the file holds, as --render does
     partial.unlink(missing_ok=True)
     text = markdown(record)
     (out / "results.md").write_text(text)

@@ -50,7 +50,11 @@ def rouge_per_article(predictions: Sequence[str], references: Sequence[str]) -> 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure x 100 of ``predictions`` against ``references``."""
-    per_article = rouge_per_article(predictions, references)
+    return rouge_means(rouge_per_article(predictions, references))
+
+
+def rouge_means(per_article: dict[str, np.ndarray]) -> dict[str, float]:
+    """The means of :func:`rouge_per_article`'s scores (0 for no article)."""
     return {kind: float(values.mean()) if len(values) else 0.0 for kind, values in per_article.items()}
 
 
@@ -66,9 +70,8 @@ class GenerationRun:
     num_layers: int
     decided_tokens: int  # tokens whose exit a policy decided
     exit_histogram: list[int]  # decided tokens exiting at layer 1..L
-    rouge_l_per_article: list[float] = field(
-        default_factory=list
-    )  # x 100, in article order (paired intervals)
+    # ROUGE-L x 100 of each article, in article order (for paired intervals)
+    rouge_l_per_article: list[float] = field(default_factory=list)
     # wall clock (ee_gym.generation.timing), at batch 1 on the first thread count timed; None when untimed
     tokens_per_second: float | None = None  # median over rounds, prompt pass excluded
     wall_speedup: float | None = None  # against full depth in the same rounds
@@ -189,7 +192,7 @@ def _runs(generated: dict, references: list[str], num_layers: int, cells: list[d
         runs.append(
             GenerationRun(
                 name=name,
-                rouge={kind: float(values.mean()) for kind, values in per_article.items()},
+                rouge=rouge_means(per_article),
                 rouge_l_per_article=per_article["rougeL"].round(4).tolist(),
                 mean_exit_layer=mean,
                 speedup=num_layers / mean,

@@ -166,9 +166,8 @@ class ComparisonConfig:
     alphas: tuple[float, ...] = (0.12, 0.18)  # ConsistentEE policies reading the state
     confidence_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and confidence
     probe_alphas: tuple[float, ...] = (0.14, 0.18, 0.22)  # ... reading the state and a learned probe's
-    policy_every: tuple[int, ...] = (
-        1,
-    )  # every ConsistentEE row at each probing interval (PolicySetup.every)
+    # every ConsistentEE row at each probing interval (PolicySetup.every)
+    policy_every: tuple[int, ...] = (1,)
     policy_seeds: tuple[int, ...] = ()  # every ConsistentEE row trained with each seed (empty: (seed,))
     probe_rules: bool = True  # the probe as a rule too, at each of speedups x calm_min_layers
     candidate_rules: bool = True  # CALM's confidence over k candidates, at each of speedups x calm_min_layers
